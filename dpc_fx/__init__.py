@@ -1,0 +1,38 @@
+"""dpc_fx: DPC (Decreasing Precision with layer Capacity) low-precision training as a
+torch.fx compiler pass.
+
+>>> import torch, torchvision, dpc_fx
+>>> model = torchvision.models.resnet18(num_classes=10)
+>>> gm = dpc_fx.compile(model, torch.randn(2, 3, 32, 32))
+>>> len(dpc_fx.layers(gm))
+21
+"""
+
+from dpc_fx.compiler import compile, layers
+from dpc_fx.config import DPCConfig
+from dpc_fx.cost import Cost, cost
+from dpc_fx.errors import ConfigError, DPCError, PassOrderError, PlanError, ShapeError, TraceError
+from dpc_fx.meta import Bits, LayerMeta
+from dpc_fx.plan import Plan, plan_of
+from dpc_fx.report import show
+from dpc_fx.schedule import CyclicSchedule
+
+__all__ = [
+    "Bits",
+    "ConfigError",
+    "Cost",
+    "CyclicSchedule",
+    "DPCConfig",
+    "DPCError",
+    "LayerMeta",
+    "PassOrderError",
+    "Plan",
+    "PlanError",
+    "ShapeError",
+    "TraceError",
+    "compile",
+    "cost",
+    "layers",
+    "plan_of",
+    "show",
+]

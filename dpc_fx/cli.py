@@ -1,0 +1,212 @@
+"""The ``dpc-fx`` command line: ``inspect`` a model's plan, or run the ``demo``.
+
+dpc-fx inspect resnet18 --input 1,3,32,32
+dpc-fx inspect mypkg.models:build_net --input 8,3,64,64 --b-min 3 --delta 0.5
+dpc-fx demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import dpc_fx
+from dpc_fx import report
+from dpc_fx.errors import ConfigError, DPCError
+
+__all__ = ["load_model", "main", "parse_shape"]
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,32,32"`` -> ``(1, 3, 32, 32)``, with an error that shows the expected form."""
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 0 for d in shape):
+        raise ConfigError(f"--input {text!r} is not a shape; write it as e.g. 1,3,32,32.")
+    return shape
+
+
+def load_model(spec: str, num_classes: int | None = None) -> nn.Module:
+    """A model from a torchvision name (``resnet18``) or ``module:callable``."""
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(
+                f"model {spec!r}: cannot import {attr!r} from {module_name!r} ({e}); "
+                "use module:callable with the module on PYTHONPATH."
+            ) from e
+        model = factory()
+    else:
+        import torchvision
+
+        names = torchvision.models.list_models()
+        if spec not in names:
+            close = [n for n in names if spec.lower() in n][:5]
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"model {spec!r} is not a torchvision model name nor module:callable.{hint}"
+            )
+        kwargs = {"num_classes": num_classes} if num_classes else {}
+        model = torchvision.models.get_model(spec, weights=None, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {spec!r} returned {type(model).__name__}, not an nn.Module.")
+    return model
+
+
+def _config(args: argparse.Namespace) -> dpc_fx.DPCConfig:
+    base = dpc_fx.DPCConfig()
+    if args.config:
+        try:
+            base = dpc_fx.DPCConfig.from_dict(json.loads(Path(args.config).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"--config {args.config}: cannot read a JSON config ({e}).") from e
+    fields = {
+        "b_min": args.b_min,
+        "b_max": args.b_max,
+        "grad_bits": args.grad_bits,
+        "delta": args.delta,
+        "capacity": args.capacity,
+        "policy": args.policy,
+        "budget": args.budget,
+    }
+    config = base.replace(**{k: v for k, v in fields.items() if v is not None})
+    if args.no_pin:
+        config = config.replace(pin_first_last=False)
+    return config
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console(width=max(Console().width, 130) if not sys.stdout.isatty() else None)
+    model = load_model(args.model, args.num_classes)
+    model.eval()
+    x = torch.randn(parse_shape(args.input))
+    config = _config(args)
+    plan = dpc_fx.Plan.load(args.plan) if args.plan else None
+    start = time.perf_counter()
+    gm = dpc_fx.compile(model, x, config=config, plan=plan)
+    elapsed = time.perf_counter() - start
+    title = f"{args.model} {tuple(x.shape)}"
+    if args.json:
+        print(json.dumps(report.to_json(gm), indent=2))
+    else:
+        dpc_fx.show(gm, console=console, title=f"{title}: DPC plan")
+        console.print(f"[dim]compiled in {elapsed:.2f} s[/dim]")
+    if args.save_plan:
+        dpc_fx.plan_of(gm).save(args.save_plan)
+        if not args.json:
+            console.print(f"plan written to {args.save_plan}")
+    if args.plot:
+        report.plot(gm, args.plot, title=title)
+        if not args.json:
+            console.print(f"plot written to {args.plot}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torchvision
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from dpc_fx.demo import MNIST1DCNN, evaluate, mnist1d, train
+
+    console = Console()
+    torch.manual_seed(0)
+    console.rule("[bold]1. ResNet-18 at CIFAR size, compiled")
+    resnet = torchvision.models.resnet18(num_classes=10)
+    gm = dpc_fx.compile(resnet, torch.randn(1, 3, 32, 32))
+    dpc_fx.show(gm, console=console, title="ResNet-18 (1, 3, 32, 32): DPC plan")
+
+    console.rule("[bold]2. MNIST-1D CNN: fp32 vs DPC")
+    train_set, test_set = mnist1d()
+    results = []
+    with Progress(
+        TextColumn("{task.description:<6}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        for method in ("fp32", "DPC"):
+            torch.manual_seed(args.seed)
+            model: nn.Module = MNIST1DCNN()
+            saving = "-"
+            if method == "DPC":
+                compiled = dpc_fx.compile(model, train_set.x[:100])
+                saving = f"{dpc_fx.cost(compiled).saving_vs_fp32:.1%}"
+                model = compiled
+            task = progress.add_task(method, total=args.steps, loss=float("nan"))
+
+            def advance(step: int, loss: float, task: TaskID = task) -> None:
+                progress.update(task, completed=step, loss=loss)
+
+            start = time.perf_counter()
+            train(model, train_set, steps=args.steps, seed=args.seed, on_step=advance)
+            seconds = time.perf_counter() - start
+            results.append((method, evaluate(model, test_set), saving, seconds))
+
+    table = Table(title=f"MNIST-1D test accuracy after {args.steps} steps (seed {args.seed})")
+    for col in ("method", "test accuracy", "bit-ops saved vs fp32", "train time"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for method, acc, saving, seconds in results:
+        table.add_row(method, f"{acc:.1%}", saving, f"{seconds:.1f} s")
+    console.print(table)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpc-fx", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    inspect = sub.add_parser("inspect", help="compile a model and print its annotated layers")
+    inspect.add_argument("model", help="torchvision model name (resnet18) or module:callable")
+    inspect.add_argument("--input", required=True, help="example input shape, e.g. 1,3,32,32")
+    inspect.add_argument("--num-classes", type=int, help="classes of a torchvision model")
+    inspect.add_argument("--policy", choices=("dpc", "uniform"))
+    inspect.add_argument("--b-min", type=int)
+    inspect.add_argument("--b-max", type=int)
+    inspect.add_argument("--grad-bits", type=int)
+    inspect.add_argument("--delta", type=float)
+    inspect.add_argument("--capacity", choices=("params", "macs"))
+    inspect.add_argument("--no-pin", action="store_true", help="quantise first and last layers too")
+    inspect.add_argument("--budget", type=float, help="target saving vs static 8-bit, e.g. 0.3")
+    inspect.add_argument("--config", help="a JSON file of DPCConfig fields (flags override it)")
+    inspect.add_argument("--plan", help="apply a saved plan (JSON) instead of a policy")
+    inspect.add_argument("--save-plan", metavar="FILE", help="write the plan as JSON")
+    inspect.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    inspect.add_argument("--plot", metavar="FILE.png", help="draw bits and capacity per layer")
+    inspect.set_defaults(run=_inspect)
+
+    demo = sub.add_parser("demo", help="ResNet-18 plan, then fp32 vs DPC on MNIST-1D")
+    demo.add_argument("--steps", type=int, default=2000)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except DPCError as e:
+        print(f"dpc-fx: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

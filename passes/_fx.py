@@ -1,0 +1,227 @@
+"""Graph helpers the passes share: copying a GraphModule, the networkx view, and which
+nodes are matmul-like (and which of their operands is the activation and which the weight).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from dpc_fx.meta import META_KEY, STATE, DPCState
+
+__all__ = [
+    "MatmulSpec",
+    "copy_graph_module",
+    "get_attr",
+    "layer_nodes",
+    "matmul_spec",
+    "parameter_source",
+    "to_digraph",
+]
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph, sharing its submodules and parameters.
+
+    Node metadata is copied one level deep, so a pass may replace ``meta["dpc"]`` on the copy
+    without touching ``gm``.
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output(out)
+    new = fx.GraphModule(gm, graph, gm.__class__.__name__)
+    new.meta = dict(getattr(gm, "meta", {}))
+    return new
+
+
+def to_digraph(gm: fx.GraphModule) -> nx.DiGraph:
+    """The data-flow graph of ``gm`` as a networkx DiGraph keyed by node name.
+
+    Each node has attributes ``op`` (the FX opcode) and ``layer`` (True for matmul-like
+    nodes).
+    """
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        g.add_node(node.name, op=node.op, layer=matmul_spec(node, gm) is not None)
+        for src in node.all_input_nodes:
+            g.add_edge(src.name, node.name)
+    return g
+
+
+def get_attr(gm: nn.Module, target: fx.Node | str) -> Any:
+    """The object a ``get_attr`` node (or a dotted target) refers to in ``gm``."""
+    obj: Any = gm
+    for part in str(target.target if isinstance(target, fx.Node) else target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The nodes of ``gm`` that carry ``meta["dpc"]``, in graph order.
+
+    A compiled module loaded with ``torch.load`` has a graph rebuilt from code, without node
+    metadata; its records are then restored from its ``DPCState``, matched to the
+    matmul-like nodes in order (the code is the same, so the order is too).
+    """
+    nodes = [node for node in gm.graph.nodes if META_KEY in node.meta]
+    state = getattr(gm, STATE, None)
+    if nodes or not isinstance(state, DPCState) or not state.records:
+        return nodes
+    candidates = [node for node in gm.graph.nodes if matmul_spec(node, gm) is not None]
+    if len(candidates) != len(state.records):
+        return nodes
+    for node, record in zip(candidates, state.records, strict=True):
+        node.meta[META_KEY] = record
+    return candidates
+
+
+@dataclass(frozen=True)
+class Operand:
+    """Where an operand sits in a call: a position, the keyword it may be passed by, and for
+    list arguments (``torch.einsum(eq, [a, b])``) the item in the list."""
+
+    index: int
+    keyword: str | None
+    item: int | None = None
+
+    def get(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The operand in a call's ``args``/``kwargs`` (e.g. ``node.args, node.kwargs``)."""
+        if self.keyword is not None and self.keyword in kwargs:
+            value = kwargs[self.keyword]
+        else:
+            value = args[self.index] if self.index < len(args) else None
+        return value if self.item is None else value[self.item]  # type: ignore[index]
+
+    def put(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], value: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(args, kwargs)`` with this operand replaced by ``value``."""
+        if self.keyword is not None and self.keyword in kwargs:
+            return args, {**kwargs, self.keyword: _put_item(kwargs[self.keyword], self.item, value)}
+        new = list(args)
+        new[self.index] = _put_item(new[self.index], self.item, value)
+        return tuple(new), kwargs
+
+
+def _put_item(container: Any, item: int | None, value: Any) -> Any:
+    if item is None:
+        return value
+    items = list(container)
+    items[item] = value
+    return type(container)(items)
+
+
+@dataclass(frozen=True)
+class MatmulSpec:
+    """How to quantise one matmul-like node.
+
+    Attributes:
+        op: short name (``"conv2d"``, ``"linear"``, ``"matmul"``, ...).
+        act: the operand quantised as an activation (per tensor).
+        weight: the operand quantised as a weight.
+        channel_dim: output-channel dimension of the weight operand when it is a parameter.
+        module: the module for ``call_module`` nodes.
+    """
+
+    op: str
+    act: Operand
+    weight: Operand
+    channel_dim: int | None
+    module: nn.Module | None = None
+
+
+_X, _W = Operand(0, "input"), Operand(1, "weight")
+
+_FUNCTIONS: dict[Callable[..., Any], MatmulSpec] = {
+    F.linear: MatmulSpec("linear", _X, _W, 0),
+    F.conv1d: MatmulSpec("conv1d", _X, _W, 0),
+    F.conv2d: MatmulSpec("conv2d", _X, _W, 0),
+    F.conv3d: MatmulSpec("conv3d", _X, _W, 0),
+    F.conv_transpose1d: MatmulSpec("conv_transpose1d", _X, _W, 1),
+    F.conv_transpose2d: MatmulSpec("conv_transpose2d", _X, _W, 1),
+    F.conv_transpose3d: MatmulSpec("conv_transpose3d", _X, _W, 1),
+    torch.matmul: MatmulSpec("matmul", _X, Operand(1, "other"), -1),
+    operator.matmul: MatmulSpec("matmul", Operand(0, None), Operand(1, None), -1),
+    torch.mm: MatmulSpec("mm", _X, Operand(1, "mat2"), -1),
+    torch.bmm: MatmulSpec("bmm", _X, Operand(1, "mat2"), -1),
+    torch.addmm: MatmulSpec("addmm", Operand(1, "mat1"), Operand(2, "mat2"), -1),
+}
+
+_METHODS: dict[str, MatmulSpec] = {
+    "matmul": MatmulSpec("matmul", Operand(0, None), Operand(1, "other"), -1),
+    "mm": MatmulSpec("mm", Operand(0, None), Operand(1, "mat2"), -1),
+    "bmm": MatmulSpec("bmm", Operand(0, None), Operand(1, "mat2"), -1),
+    "__matmul__": MatmulSpec("matmul", Operand(0, None), Operand(1, None), -1),
+}
+
+# Modules whose forward is exactly one functional call on (input, self.weight, self.bias).
+MODULES: dict[type[nn.Module], tuple[str, int]] = {
+    nn.Linear: ("linear", 0),
+    nn.Conv1d: ("conv1d", 0),
+    nn.Conv2d: ("conv2d", 0),
+    nn.Conv3d: ("conv3d", 0),
+    nn.ConvTranspose1d: ("conv_transpose1d", 1),
+    nn.ConvTranspose2d: ("conv_transpose2d", 1),
+    nn.ConvTranspose3d: ("conv_transpose3d", 1),
+}
+
+
+def _module_kind(mod: nn.Module) -> tuple[str, int] | None:
+    for cls, kind in MODULES.items():
+        # A subclass that overrides forward computes something else: do not rewrite it.
+        if isinstance(mod, cls) and type(mod).forward is cls.forward:
+            return kind
+    return None
+
+
+def matmul_spec(node: fx.Node, gm: fx.GraphModule) -> MatmulSpec | None:
+    """How to quantise ``node``, or ``None`` when it is not matmul-like."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        kind = _module_kind(mod)
+        if kind is None:
+            return None
+        return MatmulSpec(kind[0], Operand(0, "input"), _W, kind[1], module=mod)
+    if node.op == "call_method":
+        return _METHODS.get(str(node.target))
+    if node.op != "call_function":
+        return None
+    if node.target is torch.einsum:
+        return _einsum_spec(node)
+    try:
+        return _FUNCTIONS.get(node.target)  # type: ignore[arg-type]
+    except TypeError:  # unhashable target
+        return None
+
+
+def _einsum_spec(node: fx.Node) -> MatmulSpec | None:
+    """A two-operand einsum is a (batched) matmul; other einsums are left alone."""
+    operands = node.args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        if len(operands[0]) != 2:
+            return None
+        return MatmulSpec("einsum", Operand(1, None, 0), Operand(1, None, 1), None)
+    if len(operands) != 2:
+        return None
+    return MatmulSpec("einsum", Operand(1, None), Operand(2, None), None)
+
+
+def parameter_source(node: fx.Node, hops: int = 4) -> fx.Node | None:
+    """The ``get_attr`` node ``node`` is read from, through up to ``hops`` one-input ops
+    (``w.t()``, ``w.view(...)``), or ``None`` when ``node`` is computed from activations."""
+    for _ in range(hops + 1):
+        if node.op == "get_attr":
+            return node
+        inputs = node.all_input_nodes
+        if len(inputs) != 1 or node.op not in ("call_method", "call_function"):
+            return None
+        node = inputs[0]
+    return None

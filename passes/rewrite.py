@@ -1,0 +1,214 @@
+"""Pass 4, rewrite: insert quantisers around every layer that has bit-widths.
+
+Reads: ``meta["dpc"]`` with ``bits`` (from :func:`~dpc_fx.passes.assign`). Writes: a new
+GraphModule in which each quantised layer reads a fake-quantised activation and weight and
+passes its output through a gradient quantiser. Module calls (``nn.Conv2d``, ``nn.Linear``,
+...) become the equivalent functional call on the module's own parameters, so the weight is
+a graph value that can be quantised; ``state_dict`` keys do not change. Full-precision
+layers are copied as they are.
+
+Quantisers are submodules under ``gm.dpc.<node name>`` (``act_q``, ``weight_q``,
+``grad_q``), so their ``bits`` can be changed between steps without re-tracing. Each role
+is inserted only when its bits are active (not ``None``/32).
+
+Before::
+
+    conv1 = self.conv1(x)
+
+After::
+
+    conv1_act_q    = self.dpc.conv1.act_q(x)                 # per tensor, running range
+    conv1_weight   = self.conv1.weight
+    conv1_weight_q = self.dpc.conv1.weight_q(conv1_weight)   # per output channel
+    conv1_bias     = self.conv1.bias
+    conv1          = torch.conv2d(conv1_act_q, conv1_weight_q, conv1_bias, (2, 2), (3, 3), ...)
+    conv1_grad_q   = self.dpc.conv1.grad_q(conv1)            # quantises d(loss)/d(conv1)
+
+Invariant: with every quantiser's ``bits`` set to ``None`` the new module computes exactly
+what ``gm`` computes, forward and backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from torch import fx, nn
+
+from dpc_fx.errors import DPCError
+from dpc_fx.meta import META_KEY, STATE, DPCState, LayerMeta, layer_meta
+from dpc_fx.passes._fx import Operand, get_attr, layer_nodes, matmul_spec, parameter_source
+from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer, is_active
+
+__all__ = ["QUANTIZERS", "rewrite"]
+
+QUANTIZERS = STATE  # the compiled module's DPCState, which holds the quantiser modules
+
+_FUNCTIONAL = {
+    "linear": F.linear,
+    "conv1d": F.conv1d,
+    "conv2d": F.conv2d,
+    "conv3d": F.conv3d,
+    "conv_transpose1d": F.conv_transpose1d,
+    "conv_transpose2d": F.conv_transpose2d,
+    "conv_transpose3d": F.conv_transpose3d,
+}
+
+_PROVENANCE = ("stack_trace", "nn_module_stack", "source_fn_stack")
+
+
+def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule with quantise/dequantise nodes around ``gm``'s quantised layers.
+
+    Raises:
+        PassOrderError: a layer has no bit-widths (run the assign pass first).
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    quantizers = DPCState()
+    converted: dict[str, nn.Module] = {}
+
+    for node in gm.graph.nodes:
+        meta = layer_meta(node, needed_by="rewrite", bits=True) if META_KEY in node.meta else None
+        if meta is None or meta.bits is None or meta.bits.full_precision:
+            env[node] = graph.node_copy(node, env.__getitem__)
+            continue
+        held = nn.Module()
+        quantizers.add_module(node.name, held)
+        env[node] = _quantize_layer(graph, env, gm, node, meta, held, converted)
+
+    roots: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            target = str(node.target)
+            if target.startswith(QUANTIZERS + "."):
+                roots[target] = quantizers.get_submodule(target.removeprefix(QUANTIZERS + "."))
+            else:
+                roots[target] = get_attr(gm, target)
+    new = fx.GraphModule(roots, graph, gm.__class__.__name__)
+    for path, module in converted.items():
+        new.set_submodule(path, module, strict=False)  # keep the module object, not a stub
+    _keep_module_order(new, gm)
+    new.add_module(QUANTIZERS, quantizers)
+    quantizers.records = tuple(node.meta[META_KEY] for node in layer_nodes(new))
+    quantizers.config = gm.meta.get("dpc_config")
+    new.meta = dict(getattr(gm, "meta", {}))
+    new.training = gm.training
+    quantizers.train(gm.training)
+    new.graph.lint()
+    new.recompile()
+    return new
+
+
+def _quantize_layer(
+    graph: fx.Graph,
+    env: dict[fx.Node, fx.Node],
+    gm: fx.GraphModule,
+    node: fx.Node,
+    meta: LayerMeta,
+    held: nn.Module,
+    converted: dict[str, nn.Module],
+) -> fx.Node:
+    spec = matmul_spec(node, gm)
+    assert spec is not None and meta.bits is not None
+    prefix = f"{QUANTIZERS}.{node.name}"
+    provenance = {k: node.meta[k] for k in _PROVENANCE if k in node.meta}
+
+    def add(role: str, module: nn.Module, value: fx.Node) -> fx.Node:
+        held.add_module(role, module)
+        q = graph.create_node(
+            "call_module", f"{prefix}.{role}", (value,), name=f"{node.name}_{role}"
+        )
+        q.meta.update(provenance)
+        return q
+
+    args = fx.map_arg(node.args, env.__getitem__)
+    kwargs = fx.map_arg(node.kwargs, env.__getitem__)
+    if spec.module is not None:
+        target, args, kwargs = _functional_call(graph, node, meta.op, spec.module, args, kwargs)
+        converted[str(node.target)] = spec.module
+        weight_dim: int | None = spec.channel_dim
+    else:
+        target = node.target
+        weight_node = spec.weight.get(node.args, node.kwargs)
+        from_param = isinstance(weight_node, fx.Node) and parameter_source(weight_node) is not None
+        weight_dim = spec.channel_dim if from_param else None
+
+    act, weight = spec.act.get(args, kwargs), spec.weight.get(args, kwargs)
+    if is_active(meta.bits.a) and isinstance(act, fx.Node):
+        args, kwargs = spec.act.put(args, kwargs, add("act_q", ActQuantizer(meta.bits.a), act))
+    if is_active(meta.bits.w) and isinstance(weight, fx.Node):
+        q = add("weight_q", WeightQuantizer(meta.bits.w, weight_dim), weight)
+        args, kwargs = spec.weight.put(args, kwargs, q)
+
+    out = graph.create_node(
+        "call_function" if spec.module is not None else node.op,
+        target,
+        args,
+        kwargs,
+        name=node.name,
+    )
+    out.meta = dict(node.meta)
+    if is_active(meta.bits.g):
+        out = add("grad_q", GradQuantizer(meta.bits.g), out)
+    return out
+
+
+def _functional_call(
+    graph: fx.Graph,
+    node: fx.Node,
+    op: str,
+    mod: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """The functional call a conv/linear module makes, with its parameters as graph values."""
+    path = str(node.target)
+    x = Operand(0, "input").get(args, kwargs)
+    if len(args) + len(kwargs) != 1:
+        raise DPCError(
+            f"rewrite: module '{path}' ({type(mod).__name__}) is called with extra arguments "
+            f"{list(kwargs) or len(args) - 1}; dpc_fx rewrites only calls on the input alone. "
+            "For ConvTranspose, set output_padding on the module instead of passing output_size."
+        )
+    weight = graph.get_attr(f"{path}.weight")
+    bias = graph.get_attr(f"{path}.bias") if getattr(mod, "bias", None) is not None else None
+    fn = _FUNCTIONAL[op]
+    if isinstance(mod, nn.Linear):
+        return fn, (x, weight, bias), {}
+    assert isinstance(mod, nn.modules.conv._ConvNd), type(mod)
+    if mod.transposed:
+        return (
+            fn,
+            (
+                x,
+                weight,
+                bias,
+                mod.stride,
+                mod.padding,
+                mod.output_padding,
+                mod.groups,
+                mod.dilation,
+            ),
+            {},
+        )
+    padding: Any = mod.padding
+    if mod.padding_mode != "zeros":
+        x = graph.call_function(
+            F.pad, (x, mod._reversed_padding_repeated_twice), {"mode": mod.padding_mode}
+        )
+        padding = 0
+    return fn, (x, weight, bias, mod.stride, padding, mod.dilation, mod.groups), {}
+
+
+def _keep_module_order(new: nn.Module, old: nn.Module) -> None:
+    """Order ``new``'s submodules as in ``old``, so ``state_dict`` keys come in the same order."""
+    for name, module in list(new.named_modules()):
+        try:
+            order = list(old.get_submodule(name)._modules)
+        except AttributeError:
+            continue
+        rank = {key: i for i, key in enumerate(order)}
+        module._modules = dict(
+            sorted(module._modules.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+        )

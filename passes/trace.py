@@ -1,0 +1,112 @@
+"""Pass 1, trace: capture an ``nn.Module`` as a ``torch.fx.GraphModule``.
+
+Reads: the model. Writes: a new GraphModule (the model itself is left alone; the graph
+module shares its submodules and parameters, as ``torch.fx.symbolic_trace`` does).
+
+If tracing fails, the error names the innermost submodule whose ``forward`` was running,
+with FX's own reason, and how to get past it.
+
+Before: ``model`` (any nn.Module). After:
+
+    x ──► conv1 ──► bn1 ──► relu ──► ... ──► fc ──► output      (one node per call)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import fx, nn
+
+from dpc_fx.errors import ConfigError, TraceError
+
+__all__ = ["trace"]
+
+
+class _Tracer(fx.Tracer):
+    """A tracer that remembers where it failed and treats chosen submodules as leaves."""
+
+    def __init__(self, leaf_modules: frozenset[str]) -> None:
+        super().__init__()
+        self.leaf_paths = leaf_modules
+        self.failed_at: tuple[str, str] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.leaf_paths or super().is_leaf_module(
+            m, module_qualified_name
+        )
+
+    def call_module(
+        self,
+        m: nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:  # the innermost module sees the error first
+                self.failed_at = (self.path_of_module(m), type(m).__name__)
+            raise
+
+
+def trace(
+    model: nn.Module,
+    *,
+    leaf_modules: Sequence[str] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Symbolically trace ``model`` into a GraphModule.
+
+    Args:
+        model: the module to trace; it is not modified.
+        leaf_modules: module paths to keep as single opaque calls (not traced into).
+        concrete_args: forwarded to ``torch.fx.Tracer.trace`` to specialise arguments
+            (e.g. a flag that drives control flow).
+
+    Raises:
+        TraceError: naming the submodule that could not be traced and why.
+
+    >>> gm = trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    >>> [n.op for n in gm.graph.nodes]
+    ['placeholder', 'call_module', 'call_module', 'output']
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"trace: expected an nn.Module, got {type(model).__name__}; "
+            "pass the model object (e.g. torchvision.models.resnet18())."
+        )
+    names = {name for name, _ in model.named_modules()}
+    unknown = sorted(set(leaf_modules) - names)
+    if unknown:
+        raise ConfigError(
+            f"trace: leaf_modules {unknown} are not submodules of {type(model).__name__}; "
+            "use paths as model.named_modules() lists them."
+        )
+    tracer = _Tracer(frozenset(leaf_modules))
+    try:
+        graph = tracer.trace(model, concrete_args)
+    except Exception as e:
+        path, cls = tracer.failed_at or ("", type(model).__name__)
+        where = f"submodule '{path}' ({cls})" if path else f"the forward of {cls} itself"
+        fix = (
+            f"keep it whole with DPCConfig(leaf_modules=('{path}',))"
+            if path
+            else "move the untraceable code into a submodule and list it in DPCConfig(leaf_modules=...)"
+        )
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: {where} failed with "
+            f"{type(e).__name__}: {_first_line(e)}. To get past it, {fix}, or make the "
+            "code traceable (no Python control flow on tensor values; torch.fx.wrap for "
+            "helper functions; concrete_args for flags)."
+        ) from e
+    name = model.__class__.__name__
+    gm = fx.GraphModule(tracer.root, graph, name)
+    gm.meta["dpc_source"] = name
+    return gm
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else "(no message)"

@@ -1,0 +1,100 @@
+"""The ways a user steers the assignment: overrides, budget, automatic bounds, centre."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import dpc_fx
+from dpc_fx import Bits, DPCConfig
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10)
+
+
+X = torch.randn(1, 3, 32, 32)
+
+
+def bits_of(gm: torch.fx.GraphModule) -> dict[str, Bits | None]:
+    return {m.layer: m.bits for m in dpc_fx.layers(gm)}
+
+
+def test_overrides_by_path_glob_and_type(resnet18: nn.Module) -> None:
+    config = DPCConfig(overrides={"Conv2d": 7, "*.downsample.*": 8, "fc": (8, 6, None)})
+    bits = bits_of(dpc_fx.compile(resnet18, X, config=config))
+    assert bits["layer2.0.downsample.0"] == Bits(8, 8, 8)
+    assert bits["layer3.1.conv2"] == Bits(7, 7, 8)
+    assert bits["conv1"] == Bits(7, 7, 8)  # an override un-pins the first layer
+    assert bits["fc"] == Bits(8, 6, None)
+
+
+def test_later_override_wins(resnet18: nn.Module) -> None:
+    config = DPCConfig(overrides=(("layer1.*", 5), ("layer1.0.conv1", None)))
+    bits = bits_of(dpc_fx.compile(resnet18, X, config=config))
+    assert bits["layer1.0.conv1"] == Bits(None, None, None)
+    assert bits["layer1.0.conv2"] == Bits(5, 5, 8)
+
+
+def test_override_matching_nothing_is_an_error(resnet18: nn.Module) -> None:
+    with pytest.raises(
+        dpc_fx.ConfigError, match=r"overrides \['layer9.\*'\] match no matmul-like layer"
+    ):
+        dpc_fx.compile(resnet18, X, config=DPCConfig(overrides={"layer9.*": 4}))
+
+
+@pytest.mark.parametrize("budget", [0.16, 0.30])
+def test_budget_is_met_within_one_point(resnet18: nn.Module, budget: float) -> None:
+    gm = dpc_fx.compile(resnet18, X, config=DPCConfig(budget=budget))
+    assert dpc_fx.cost(gm).saving_vs_8bit == pytest.approx(budget, abs=0.01)
+    resolved = gm.dpc.config
+    assert resolved.budget == budget and isinstance(resolved.b_min, int)
+
+
+def test_unreachable_budget_says_what_is_reachable(resnet18: nn.Module) -> None:
+    with pytest.raises(
+        dpc_fx.ConfigError,
+        match=r"budget=0.90 is out of reach.*closest saving versus static 8-bit is 0\.\d+",
+    ):
+        dpc_fx.compile(resnet18, X, config=DPCConfig(budget=0.9))
+
+
+def test_budget_needs_inputs(resnet18: nn.Module) -> None:
+    with pytest.raises(dpc_fx.ConfigError, match="budget=0.3 needs MACs.*pass example_inputs"):
+        dpc_fx.compile(resnet18, config=DPCConfig(budget=0.3))
+
+
+def test_auto_b_min_keeps_weights_similar(resnet18: nn.Module) -> None:
+    gm = dpc_fx.compile(resnet18, X, config=DPCConfig(b_min="auto", similarity=0.95))
+    chosen = gm.dpc.config.b_min
+    assert isinstance(chosen, int) and 1 <= chosen <= 8
+    conv = resnet18.layer3[0].conv2.weight.detach()
+
+    def similarity(bits: int) -> float:
+        q = dpc_fx.quant.fake_quantize(conv, bits, channel_dim=0)
+        return float(nn.functional.cosine_similarity(conv.flatten(), q.flatten(), dim=0))
+
+    assert similarity(chosen) >= 0.95
+    stricter = dpc_fx.compile(resnet18, X, config=DPCConfig(b_min="auto", similarity=0.999))
+    assert stricter.dpc.config.b_min > chosen
+
+
+def test_mean_centre_differs_from_median() -> None:
+    from dpc_fx.passes.assign import dpc_bits
+
+    caps = [10.0, 20.0, 30.0, 10_000.0]
+    assert dpc_bits(caps, b_min=4, b_max=8, centre="median") != dpc_bits(
+        caps, b_min=4, b_max=8, centre="mean"
+    )
+
+
+def test_capacity_by_macs_ranks_by_macs(resnet18: nn.Module) -> None:
+    gm = dpc_fx.compile(resnet18, X, config=DPCConfig(capacity="macs"))
+    for m in dpc_fx.layers(gm):
+        assert m.capacity == m.macs
+    # Downsample convs are small in MACs, so they get the most bits.
+    assert bits_of(gm)["layer2.0.downsample.0"] == Bits(8, 8, 8)
