@@ -8,7 +8,7 @@ torch.fx compiler pass.
 21
 """
 
-from dpc_fx.compiler import compile, layers
+from dpc_fx.compiler import compile, coverage, layers
 from dpc_fx.config import DPCConfig
 from dpc_fx.cost import Cost, cost
 from dpc_fx.errors import ConfigError, DPCError, PassOrderError, PlanError, ShapeError, TraceError
@@ -32,6 +32,7 @@ __all__ = [
     "TraceError",
     "compile",
     "cost",
+    "coverage",
     "layers",
     "plan_of",
     "show",

@@ -8,7 +8,9 @@ dpc-fx demo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import inspect
 import json
 import sys
 import time
@@ -58,8 +60,11 @@ def load_model(spec: str, num_classes: int | None = None) -> nn.Module:
             raise ConfigError(
                 f"model {spec!r} is not a torchvision model name nor module:callable.{hint}"
             )
-        kwargs = {"num_classes": num_classes} if num_classes else {}
-        model = torchvision.models.get_model(spec, weights=None, **kwargs)
+        kwargs: dict[str, object] = {"num_classes": num_classes} if num_classes else {}
+        builder = torchvision.models.get_model_builder(spec)
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            kwargs["weights_backbone"] = None  # random weights throughout: nothing to download
+        model = builder(weights=None, **kwargs)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model {spec!r} returned {type(model).__name__}, not an nn.Module.")
     return model
@@ -100,10 +105,15 @@ def _inspect(args: argparse.Namespace) -> int:
     gm = dpc_fx.compile(model, x, config=config, plan=plan)
     elapsed = time.perf_counter() - start
     title = f"{args.model} {tuple(x.shape)}"
+    coverage = dpc_fx.coverage(gm)
     if args.json:
-        print(json.dumps(report.to_json(gm), indent=2))
+        data = report.to_json(gm)
+        data["coverage"] = dataclasses.asdict(coverage)
+        print(json.dumps(data, indent=2))
     else:
         dpc_fx.show(gm, console=console, title=f"{title}: DPC plan")
+        for line in coverage.lines():
+            console.print(line, markup=False, highlight=False)
         console.print(f"[dim]compiled in {elapsed:.2f} s[/dim]")
     if args.save_plan:
         dpc_fx.plan_of(gm).save(args.save_plan)

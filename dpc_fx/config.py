@@ -49,6 +49,9 @@ class DPCConfig:
             percentage point. Needs example inputs.
         similarity: the cosine-similarity threshold of ``b_min="auto"``.
         leaf_modules: module paths that tracing keeps whole (not traced into, not quantised).
+        lower: run linear layers of at most 8 bits (weights, activations and gradients) on
+            integer kernels (``torch._int_mm``) in forward and backward. Their weights are
+            then quantised per tensor, as integer products need.
 
     Bit-widths run from 1 to 32; 32 means full precision.
 
@@ -74,6 +77,7 @@ class DPCConfig:
     budget: float | None = None
     similarity: float = 0.95
     leaf_modules: tuple[str, ...] = ()
+    lower: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("policy", self.policy, ("dpc", "uniform"))
@@ -98,10 +102,11 @@ class DPCConfig:
                 "(0, 1)",
                 fix="e.g. budget=0.3 for 30% fewer bit-operations than static 8-bit",
             )
-        if not isinstance(self.pin_first_last, bool):
-            raise ConfigError(
-                f"DPCConfig: pin_first_last={self.pin_first_last!r} must be True or False."
-            )
+        for flag in ("pin_first_last", "lower"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(
+                    f"DPCConfig: {flag}={getattr(self, flag)!r} must be True or False."
+                )
         object.__setattr__(self, "overrides", _normalise_overrides(self.overrides))
         leaves = self.leaf_modules
         if isinstance(leaves, str) or not all(isinstance(p, str) for p in leaves):

@@ -18,11 +18,32 @@ class ConfigError(DPCError, ValueError):
 
 
 class TraceError(DPCError):
-    """``torch.fx`` could not trace the model; the message names the submodule that broke."""
+    """``torch.fx`` could not trace the model; the message names the submodule that broke.
+
+    Attributes:
+        path: module path of the innermost submodule whose ``forward`` was running when
+            tracing failed, ``""`` when the model's own ``forward`` failed.
+        reason: FX's own reason, one line.
+    """
+
+    def __init__(self, message: str, *, path: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
 
 
 class ShapeError(DPCError):
-    """The example inputs do not fit the model; the message names the failing node."""
+    """The example inputs do not fit the model; the message names the failing node.
+
+    Attributes:
+        node: name of the graph node that failed (``""`` if none).
+        module: module path the failing code belongs to (``""`` if unknown).
+    """
+
+    def __init__(self, message: str, *, node: str = "", module: str = "") -> None:
+        super().__init__(message)
+        self.node = node
+        self.module = module
 
 
 class PassOrderError(DPCError):

@@ -35,6 +35,11 @@ class Bits:
     a: int | None
     g: int | None
 
+    def __post_init__(self) -> None:
+        for role in ("w", "a", "g"):  # 32 bits is full precision: one spelling for it
+            if getattr(self, role) == 32:
+                object.__setattr__(self, role, None)
+
     @property
     def full_precision(self) -> bool:
         return self.w is None and self.a is None and self.g is None
@@ -63,6 +68,7 @@ class LayerMeta:
         capacity: the figure the policy ranked layers by (set by the assign pass).
         bits: the assigned bit-widths (set by the assign pass).
         pinned: kept in full precision because it is the first or last layer.
+        lowered: runs on integer kernels (set by the lower pass).
     """
 
     layer: str
@@ -76,6 +82,7 @@ class LayerMeta:
     capacity: float | None = None
     bits: Bits | None = None
     pinned: bool = False
+    lowered: bool = False
 
     def replace(self, **changes: object) -> LayerMeta:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -27,10 +27,13 @@ tensor([0.0000, 0.0000, 0.6667, 1.0000])
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from dpc_fx import kernels
 
 __all__ = [
     "ActQuantizer",
@@ -47,40 +50,49 @@ def is_active(bits: int | None) -> bool:
     return bits is not None and bits < 32
 
 
+def _working(x: Tensor) -> Tensor:
+    """Half-precision tensors are quantised in float32: their own mantissa cannot count levels."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _flat(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``x`` as a 1-D view (a copy only if its memory is not dense) and the way back.
+
+    Per-tensor kernels do not care about shape; giving them one rank keeps the number of
+    compiled variants small.
+    """
+    if torch.compiler.is_compiling():  # the outer compiler traces shapes; nothing to save
+        return x, lambda out: out
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    dense = x.permute(order)
+    if not dense.is_contiguous():
+        dense = dense.contiguous()
+    inverse = [order.index(d) for d in range(x.dim())]
+    shape = dense.shape
+    return dense.view(-1), lambda out: out.view(shape).permute(inverse)
+
+
+def _rows(x: Tensor, dim: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``x`` as a (channels, rest) matrix for per-channel kernels, and the way back."""
+    moved = x.movedim(dim, 0)
+    shape = moved.shape
+    return moved.reshape(shape[0], -1), lambda out: out.reshape(shape).movedim(0, dim)
+
+
 def tensor_range(x: Tensor, channel_dim: int | None = None) -> tuple[Tensor, Tensor]:
     """Min and max of the finite values of ``x``, per tensor or per slice along ``channel_dim``.
 
     The results broadcast against ``x``. Where a slice has no finite value the range is
     ``[0, 0]``.
     """
-    x = x.detach()
-    if channel_dim is None:
-        lo, hi = torch.aminmax(x)
-    else:
-        flat = x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1)
-        lo, hi = torch.aminmax(flat, dim=1)
-        shape = [1] * x.dim()
-        shape[channel_dim] = -1
-        lo, hi = lo.view(shape), hi.view(shape)
-    if torch.isfinite(lo).all() and torch.isfinite(hi).all():
-        return lo, hi
-    return _finite_range(x, channel_dim)
-
-
-def _finite_range(x: Tensor, channel_dim: int | None) -> tuple[Tensor, Tensor]:
-    """The slow path of :func:`tensor_range`, for tensors holding ``inf`` or ``nan``."""
-    finite = torch.isfinite(x)
-    inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
-    lo_src = torch.where(finite, x, inf)
-    hi_src = torch.where(finite, x, -inf)
-    if channel_dim is None:
-        lo, hi = lo_src.amin(), hi_src.amax()
-    else:
-        dims = [d for d in range(x.dim()) if d != channel_dim % x.dim()]
-        lo, hi = lo_src.amin(dim=dims, keepdim=True), hi_src.amax(dim=dims, keepdim=True)
-    empty = lo > hi  # no finite value in this slice
-    zero = x.new_zeros(())
-    return torch.where(empty, zero, lo), torch.where(empty, zero, hi)
+    x = _working(x.detach())
+    if channel_dim is None or x.dim() == 0:
+        return kernels.tensor_range(_flat(x)[0])
+    rows, _ = _rows(x, channel_dim)
+    lo, hi = kernels.channel_range(rows)
+    shape = [1] * x.dim()
+    shape[channel_dim] = -1
+    return lo.view(shape), hi.view(shape)
 
 
 def fake_quantize(
@@ -96,35 +108,68 @@ def fake_quantize(
 
     Without ``lo``/``hi`` the range is measured from ``x`` (per slice of ``channel_dim`` if
     given). Values outside the range are clamped to it; ``nan`` stays ``nan``. Stochastic
-    rounding rounds up with probability equal to the fractional part, so it is unbiased.
+    rounding (per tensor) rounds up with probability equal to the fractional part, so it is
+    unbiased.
     """
-    if lo is None or hi is None:
-        lo, hi = tensor_range(x, channel_dim)
-    levels = float(2**bits - 1)
-    span = hi - lo
-    scale = torch.where(span > 0, span / levels, torch.ones_like(span))
-    q = (x - lo) / scale
+    if x.numel() == 0:
+        return x.clone()
+    work = _working(x.detach())
+    levels = kernels.levels_tensor(bits, work)
+    if channel_dim is not None and x.dim() > 0 and lo is None:
+        if stochastic:
+            raise ValueError("fake_quantize: stochastic rounding is per tensor; drop channel_dim")
+        rows, back = _rows(work, channel_dim)
+        return back(kernels.fake_quant_channels(rows, levels)).to(x.dtype)
+    if lo is not None and hi is not None and (lo.numel() > 1 or hi.numel() > 1):
+        return kernels.fake_quant(work, lo.to(work.dtype), hi.to(work.dtype), levels).to(x.dtype)
+    flat, back = _flat(work)
     if stochastic:
-        q = torch.floor(q + torch.rand_like(q))
+        if lo is not None:
+            raise ValueError(
+                "fake_quantize: stochastic rounding measures its own range; drop lo/hi"
+            )
+        out = kernels.fake_quant_stochastic(flat, levels, kernels.new_seed())
+    elif lo is not None and hi is not None:
+        out = kernels.fake_quant(
+            flat, lo.reshape(()).to(work.dtype), hi.reshape(()).to(work.dtype), levels
+        )
     else:
-        q = torch.round(q)
-    return q.clamp_(0.0, levels) * scale + lo
+        out = kernels.fake_quant_tensor(flat, levels)[0]
+    return back(out).to(x.dtype)
 
 
 class _FakeQuantSTE(torch.autograd.Function):
-    """Nearest-rounding fake-quantise in forward, straight-through in backward."""
+    """Nearest-rounding fake-quantise in forward, straight-through in backward.
+
+    ``lo``/``hi`` given: quantise over that range; else measure it (per slice of
+    ``channel_dim``, or per tensor)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, bits: int, lo: Tensor, hi: Tensor) -> Tensor:
-        return fake_quantize(x, bits, lo, hi)
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        bits: int,
+        lo: Tensor | None,
+        hi: Tensor | None,
+        channel_dim: int | None,
+    ) -> Tensor:
+        return fake_quantize(x, bits, lo, hi, channel_dim=channel_dim)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        return grad, None, None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        return grad, None, None, None, None
+
+
+def _quantize_grad(grad: Tensor, bits: int) -> Tensor:
+    return grad if grad.numel() == 0 else fake_quantize(grad, bits, stochastic=True)
+
+
+def _grad_hook(bits: int) -> Callable[[Tensor], Tensor]:
+    return lambda grad: _quantize_grad(grad, bits)
 
 
 class _QuantizeGrad(torch.autograd.Function):
-    """Identity in forward; stochastic per-tensor fake-quantise of the gradient in backward."""
+    """Identity in forward; the gradient quantised in backward (for leaf tensors)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, bits: int) -> Tensor:
@@ -133,9 +178,7 @@ class _QuantizeGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        if grad.numel() == 0:
-            return grad, None
-        return fake_quantize(grad, ctx.bits, stochastic=True), None
+        return _quantize_grad(grad, ctx.bits), None
 
 
 class Quantizer(nn.Module):
@@ -168,9 +211,8 @@ class WeightQuantizer(Quantizer):
         if not self.active or w.numel() == 0:
             return w
         assert self.bits is not None
-        channel_dim = self.channel_dim if w.dim() > 0 else None
-        lo, hi = tensor_range(w, channel_dim)
-        return _FakeQuantSTE.apply(w, self.bits, lo, hi)
+        channel_dim = self.channel_dim if w.dim() > 1 else None  # a vector is one channel
+        return _FakeQuantSTE.apply(w, self.bits, None, None, channel_dim)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, channel_dim={self.channel_dim}"
@@ -205,10 +247,10 @@ class ActQuantizer(Quantizer):
             lo, hi = tensor_range(x)
             self._observe(lo, hi)
         elif self.observed:
-            lo, hi = self.running_min.to(x.dtype), self.running_max.to(x.dtype)
+            lo, hi = self.running_min, self.running_max
         else:
-            lo, hi = tensor_range(x)
-        return _FakeQuantSTE.apply(x, self.bits, lo, hi)
+            return _FakeQuantSTE.apply(x, self.bits, None, None, None)
+        return _FakeQuantSTE.apply(x, self.bits, lo, hi, None)
 
     @torch.no_grad()
     def _observe(self, lo: Tensor, hi: Tensor) -> None:
@@ -225,11 +267,23 @@ class ActQuantizer(Quantizer):
 
 
 class GradQuantizer(Quantizer):
-    """Identity in forward; quantises the gradient flowing back through it (stochastic)."""
+    """Identity in forward; quantises the gradient flowing back through it (stochastic).
+
+    A layer's output comes back itself with a gradient hook on it, not a new tensor: no
+    copy, and it may still be modified in place (``nn.ReLU(inplace=True)``); a hook
+    registered before an in-place op receives the gradient of the value it was put on. The
+    hook dies with the autograd graph. A leaf tensor (whose hooks would outlive the step)
+    goes through an autograd function instead. The bit-width is the one in force at
+    forward time.
+    """
 
     role = "gradient"
 
     def forward(self, y: Tensor) -> Tensor:
-        if not self.active or not y.requires_grad:
+        if not (self.active and y.requires_grad):
             return y
-        return _QuantizeGrad.apply(y, self.bits)
+        assert self.bits is not None
+        if y.grad_fn is None:
+            return _QuantizeGrad.apply(y, self.bits)
+        y.register_hook(_grad_hook(self.bits))
+        return y

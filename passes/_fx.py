@@ -14,15 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from dpc_fx.errors import PassOrderError
 from dpc_fx.meta import META_KEY, STATE, DPCState
 
 __all__ = [
+    "LEAVES",
     "MatmulSpec",
+    "attach",
+    "attached",
     "copy_graph_module",
     "get_attr",
+    "keep_unused",
     "layer_nodes",
     "matmul_spec",
     "parameter_source",
+    "require_graph",
     "to_digraph",
 ]
 
@@ -39,7 +45,44 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     graph.output(out)
     new = fx.GraphModule(gm, graph, gm.__class__.__name__)
     new.meta = dict(getattr(gm, "meta", {}))
+    keep_unused(new, gm)
     return new
+
+
+def keep_unused(dst: nn.Module, src: nn.Module) -> None:
+    """Give ``dst`` the submodules, parameters and buffers of ``src`` that it lacks.
+
+    ``fx.GraphModule`` keeps only what its graph reads; a model's unused parts (a spare head,
+    a buffer read only in another mode) would drop out of ``state_dict``, and checkpoints
+    would no longer load either way.
+    """
+    for name, child in src._modules.items():
+        mine = dst._modules.get(name)
+        if mine is None and child is not None:
+            dst.add_module(name, child)
+        elif mine is not None and child is not None and mine is not child:
+            keep_unused(mine, child)
+    for name, param in src._parameters.items():
+        if name not in dst._parameters and not hasattr(dst, name):
+            dst.register_parameter(name, param)
+    for name, buf in src._buffers.items():
+        if name not in dst._buffers and not hasattr(dst, name):
+            dst.register_buffer(name, buf, persistent=name not in src._non_persistent_buffers_set)
+
+
+def require_graph(gm: object, needed_by: str) -> None:
+    """A :class:`PassOrderError` unless ``gm`` is a GraphModule whose layers were measured."""
+    if not isinstance(gm, fx.GraphModule):
+        raise PassOrderError(
+            f"{needed_by}: expected a torch.fx.GraphModule, got {type(gm).__name__}; "
+            "run dpc_fx.passes.trace on the model first."
+        )
+    for node in gm.graph.nodes:
+        if META_KEY not in node.meta and matmul_spec(node, gm) is not None:
+            raise PassOrderError(
+                f"{needed_by}: node '{node.name}' has no meta['{META_KEY}']; "
+                "run dpc_fx.passes.capacity on the graph first."
+            )
 
 
 def to_digraph(gm: fx.GraphModule) -> nx.DiGraph:
@@ -64,13 +107,56 @@ def get_attr(gm: nn.Module, target: fx.Node | str) -> Any:
     return obj
 
 
-def layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+LEAVES = "_dpc_leaves"  # set by dpc_fx.fallback on modules holding compiled parts in leaves
+
+
+def attach(module: nn.Module, key: str, value: Any) -> None:
+    """Keep ``value`` with ``module`` across ``copy.deepcopy`` and ``torch.save``, as a plain
+    attribute (never a submodule, so ``state_dict`` keys do not change). A GraphModule's
+    deepcopy keeps only its ``meta`` of such attributes, and ``torch.load`` all but its
+    ``meta``: it gets both."""
+    module.__dict__[key] = value
+    if isinstance(module, fx.GraphModule):
+        module.meta[key] = value
+
+
+def attached(module: nn.Module, key: str, default: Any = None) -> Any:
+    """What :func:`attach` kept with ``module`` under ``key``, else ``default``."""
+    meta = module.__dict__.get("meta")
+    if isinstance(module, fx.GraphModule) and isinstance(meta, dict) and key in meta:
+        return meta[key]
+    return module.__dict__.get(key, default)
+
+
+def layer_nodes(gm: nn.Module) -> list[fx.Node]:
     """The nodes of ``gm`` that carry ``meta["dpc"]``, in graph order.
 
     A compiled module loaded with ``torch.load`` has a graph rebuilt from code, without node
     metadata; its records are then restored from its ``DPCState``, matched to the
     matmul-like nodes in order (the code is the same, so the order is too).
+
+    A module compiled part by part (:mod:`dpc_fx.fallback`) has parts inside untraceable
+    leaves: their nodes come where the leaf is called, or in the leaf's child order.
     """
+    leaves = attached(gm, LEAVES)
+    if leaves is None:
+        return _own_layer_nodes(gm) if isinstance(gm, fx.GraphModule) else []
+    if not isinstance(gm, fx.GraphModule):
+        return [node for child in gm.children() for node in layer_nodes(child)]
+    own = _own_layer_nodes(gm)
+    if not leaves:
+        return own
+    mine = set(own)
+    out = []
+    for node in gm.graph.nodes:
+        if node in mine:
+            out.append(node)
+        elif node.op == "call_module" and node.target in leaves:
+            out.extend(layer_nodes(gm.get_submodule(str(node.target))))
+    return out
+
+
+def _own_layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     nodes = [node for node in gm.graph.nodes if META_KEY in node.meta]
     state = getattr(gm, STATE, None)
     if nodes or not isinstance(state, DPCState) or not state.records:
@@ -175,6 +261,10 @@ MODULES: dict[type[nn.Module], tuple[str, int]] = {
 
 
 def _module_kind(mod: nn.Module) -> tuple[str, int] | None:
+    from dpc_fx.int8 import Int8Linear  # a lowered linear (passes/lower.py)
+
+    if isinstance(mod, Int8Linear):
+        return ("linear", 0)
     for cls, kind in MODULES.items():
         # A subclass that overrides forward computes something else: do not rewrite it.
         if isinstance(mod, cls) and type(mod).forward is cls.forward:
@@ -214,14 +304,54 @@ def _einsum_spec(node: fx.Node) -> MatmulSpec | None:
     return MatmulSpec("einsum", Operand(1, None), Operand(2, None), None)
 
 
-def parameter_source(node: fx.Node, hops: int = 4) -> fx.Node | None:
-    """The ``get_attr`` node ``node`` is read from, through up to ``hops`` one-input ops
-    (``w.t()``, ``w.view(...)``), or ``None`` when ``node`` is computed from activations."""
+_VIEW_METHODS = frozenset(
+    {
+        "t",
+        "transpose",
+        "permute",
+        "view",
+        "reshape",
+        "expand",
+        "expand_as",
+        "unsqueeze",
+        "squeeze",
+        "flatten",
+        "contiguous",
+        "to",
+        "float",
+        "half",
+        "bfloat16",
+        "double",
+    }
+)
+_VIEW_FUNCTIONS = frozenset(
+    {
+        torch.t,
+        torch.transpose,
+        torch.permute,
+        torch.reshape,
+        torch.unsqueeze,
+        torch.squeeze,
+        torch.flatten,
+    }
+)
+
+
+def parameter_source(node: fx.Node, hops: int = 6) -> fx.Node | None:
+    """The ``get_attr`` node ``node`` is read from, through up to ``hops`` view-like ops
+    (``w.t()``, ``w.unsqueeze(0).expand(n, -1, -1)``) or one-input ops, or ``None`` when
+    ``node`` is computed from activations."""
     for _ in range(hops + 1):
         if node.op == "get_attr":
             return node
-        inputs = node.all_input_nodes
-        if len(inputs) != 1 or node.op not in ("call_method", "call_function"):
+        view = (node.op == "call_method" and node.target in _VIEW_METHODS) or (
+            node.op == "call_function" and node.target in _VIEW_FUNCTIONS
+        )
+        first = node.args[0] if node.args else None
+        if view and isinstance(first, fx.Node):
+            node = first
+        elif len(node.all_input_nodes) == 1 and node.op in ("call_method", "call_function"):
+            node = node.all_input_nodes[0]
+        else:
             return None
-        node = inputs[0]
     return None

@@ -40,6 +40,7 @@ from dpc_fx.passes._fx import (
     layer_nodes,
     matmul_spec,
     parameter_source,
+    require_graph,
 )
 from dpc_fx.plan import Plan, fingerprint
 from dpc_fx.quant import fake_quantize
@@ -59,6 +60,7 @@ def assign(
             example inputs, an override that matches no layer, an unreachable budget.
         PlanError: the plan names layers the model lacks or misses layers it has.
     """
+    require_graph(gm, "assign")
     new = copy_graph_module(gm)
     metas = {node: layer_meta(node, needed_by="assign") for node in layer_nodes(new)}
     if plan is not None:
@@ -159,7 +161,8 @@ def dpc_bits(
         if c <= 0:
             out.append(b_max)
             continue
-        log = math.log(c / mid, base) if base > 1 else 0.0
+        # Equal capacities give base == 1 (or 1 + an ulp, from the mean): no spread.
+        log = math.log(c / mid, base) if base > 1 + 1e-9 else 0.0
         # Round away float noise before ceil: 6.000000000001 must stay 6.
         raw = round(half - delta / 2 * (b_max - b_min) * log, 9)
         out.append(min(b_max, max(b_min, math.ceil(raw))))

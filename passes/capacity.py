@@ -18,6 +18,7 @@ Before:                       After:
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import networkx as nx
@@ -27,7 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-from dpc_fx.errors import ShapeError
+from dpc_fx.errors import PassOrderError, ShapeError
 from dpc_fx.meta import META_KEY, LayerMeta
 from dpc_fx.passes._fx import (
     MatmulSpec,
@@ -38,25 +39,39 @@ from dpc_fx.passes._fx import (
     to_digraph,
 )
 
-__all__ = ["capacity", "example_tuple"]
+__all__ = ["capacity", "example_tuple", "module_path"]
 
 
-def capacity(gm: fx.GraphModule, example_inputs: Any = None) -> fx.GraphModule:
+def capacity(
+    gm: fx.GraphModule, example_inputs: Any = None, *, fake: bool = True
+) -> fx.GraphModule:
     """Annotate each matmul-like node of (a copy of) ``gm`` with its capacity figures.
+
+    With example inputs, ``gm.meta["dpc_macs"]`` of the copy holds the MACs of the whole
+    graph (every op ``torch.utils.flop_counter`` counts, not only the layers').
 
     Args:
         gm: a traced module (see :func:`dpc_fx.passes.trace`); it is not modified.
-        example_inputs: a tensor or a tuple of the model's positional inputs; only their
-            shapes and dtypes are used.
+        example_inputs: a tensor, or a tuple of the model's positional inputs (each a
+            tensor or a list, tuple or dict of them); only their shapes and dtypes are used.
+        fake: run the graph on fake tensors (no arithmetic). ``False`` runs it on the
+            example inputs themselves, for graphs that keep untraceable submodules as
+            leaves: those may branch on tensor values, which fake tensors do not have.
 
     Raises:
         ShapeError: the inputs do not fit the model; names the failing node and shapes.
     """
+    if not isinstance(gm, fx.GraphModule):
+        raise PassOrderError(
+            f"capacity: expected a torch.fx.GraphModule, got {type(gm).__name__}; "
+            "run dpc_fx.passes.trace on the model first."
+        )
     new = copy_graph_module(gm)
     specs = {node: spec for node in new.graph.nodes if (spec := matmul_spec(node, new))}
     measured: dict[str, tuple[int, tuple[int, ...] | None]] = {}
     if example_inputs is not None:
-        measured = _propagate(new, example_tuple(example_inputs), set(specs))
+        measured, total = _propagate(new, example_tuple(example_inputs), set(specs), fake=fake)
+        new.meta["dpc_macs"] = total // 2
     depths = _depths(new)
     for node, spec in specs.items():
         flops, shape = measured.get(node.name, (None, None))
@@ -114,44 +129,69 @@ class _FakeProp(fx.Interpreter):
         self.layers = layers
         self.measured: dict[str, tuple[int, tuple[int, ...] | None]] = {}
 
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        # The generated code passes fresh lists and dicts; FX's immutable ones break
+        # functions that write to their arguments (torchvision's swin3d window sizes).
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return _mutable(args), _mutable(kwargs)
+
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops()
         try:
             out = super().run_node(n)
         except Exception as e:
-            raise ShapeError(_shape_message(n, self, e)) from e
+            raise ShapeError(_shape_message(n, self, e), node=n.name, module=module_path(n)) from e
         if n in self.layers:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
             self.measured[n.name] = (self.counter.get_total_flops() - before, shape)
         return out
 
 
+def _mutable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_mutable(v) for v in value)
+    if isinstance(value, list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    return value
+
+
 def _propagate(
-    gm: fx.GraphModule, inputs: tuple[Any, ...], layers: set[fx.Node]
-) -> dict[str, tuple[int, tuple[int, ...] | None]]:
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = tree_map(lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, inputs)
+    gm: fx.GraphModule, inputs: tuple[Any, ...], layers: set[fx.Node], *, fake: bool
+) -> tuple[dict[str, tuple[int, tuple[int, ...] | None]], int]:
+    """Per layer node: (FLOPs, output shape); and the FLOPs of the whole graph."""
+    mode: Any = FakeTensorMode(allow_non_fake_inputs=True) if fake else torch.no_grad()
+    if fake:
+        inputs = tree_map(
+            lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, inputs
+        )
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     required = [n for n in placeholders if not n.args]  # no default value
-    if not len(required) <= len(fake) <= len(placeholders):
+    if not len(required) <= len(inputs) <= len(placeholders):
         raise ShapeError(
             f"example inputs: {gm.__class__.__name__}.forward takes "
             f"{len(required)}..{len(placeholders)} positional inputs "
-            f"({', '.join(n.name for n in placeholders)}), got {len(fake)}; "
+            f"({', '.join(n.name for n in placeholders)}), got {len(inputs)}; "
             "pass a tuple with one tensor per input."
         )
     # Eval mode: shapes are the same, and batch norm accepts a batch of one and updates no
     # running statistics. The modes are restored afterwards.
     modes = {m: m.training for m in gm.modules()}
     gm.eval()
+    # Fake-tensor mode logs a traceback of its own for an op that fails; ShapeError says it.
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
     try:
         with mode, FlopCounterMode(display=False) as counter:
             prop = _FakeProp(gm, counter, layers)
-            prop.run(*fake)
+            prop.run(*inputs)
     finally:
+        fake_log.setLevel(level)
         for m, training in modes.items():
             m.training = training
-    return prop.measured
+    return prop.measured, counter.get_total_flops()
 
 
 def _shape_message(n: fx.Node, prop: fx.Interpreter, e: Exception) -> str:
@@ -163,17 +203,27 @@ def _shape_message(n: fx.Node, prop: fx.Interpreter, e: Exception) -> str:
             shapes.append(
                 f"{src.name}: {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
             )
+    lines = str(e).strip().splitlines()
+    reason = lines[0].rstrip(".") if lines else "(no message)"
     return (
         f"example inputs do not fit the model: node '{n.name}' ({where}) failed on inputs "
-        f"[{', '.join(shapes)}] with {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}. "
+        f"[{', '.join(shapes)}] with {type(e).__name__}: {reason}. "
         "Check the shape and dtype of the example inputs (batch first, as the model expects)."
     )
 
 
-def _module_of(n: fx.Node) -> str:
+def module_path(n: fx.Node) -> str:
+    """The path of the module whose code made node ``n`` (``""``: the model's own code)."""
+    if n.op == "call_module":
+        return str(n.target)
     stack = n.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1]
-        path = path[0] if isinstance(path, tuple) else path
-        return f"in module '{path}'"
+    if not stack:
+        return ""
+    path = list(stack.values())[-1]
+    return str(path[0] if isinstance(path, tuple) else path)
+
+
+def _module_of(n: fx.Node) -> str:
+    if n.meta.get("nn_module_stack"):
+        return f"in module '{module_path(n)}'"
     return f"{n.op} {getattr(n.target, '__name__', n.target)}"

@@ -17,10 +17,10 @@ Before::
 
 After::
 
-    conv1_act_q    = self.dpc.conv1.act_q(x)                 # per tensor, running range
     conv1_weight   = self.conv1.weight
-    conv1_weight_q = self.dpc.conv1.weight_q(conv1_weight)   # per output channel
     conv1_bias     = self.conv1.bias
+    conv1_act_q    = self.dpc.conv1.act_q(x)                 # per tensor, running range
+    conv1_weight_q = self.dpc.conv1.weight_q(conv1_weight)   # per output channel
     conv1          = torch.conv2d(conv1_act_q, conv1_weight_q, conv1_bias, (2, 2), (3, 3), ...)
     conv1_grad_q   = self.dpc.conv1.grad_q(conv1)            # quantises d(loss)/d(conv1)
 
@@ -35,9 +35,18 @@ from typing import Any
 import torch.nn.functional as F
 from torch import fx, nn
 
-from dpc_fx.errors import DPCError
+from dpc_fx.errors import ConfigError, DPCError
 from dpc_fx.meta import META_KEY, STATE, DPCState, LayerMeta, layer_meta
-from dpc_fx.passes._fx import Operand, get_attr, layer_nodes, matmul_spec, parameter_source
+from dpc_fx.passes._fx import (
+    Operand,
+    get_attr,
+    keep_unused,
+    layer_nodes,
+    matmul_spec,
+    parameter_source,
+    require_graph,
+)
+from dpc_fx.passes.lower import lowerable
 from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer, is_active
 
 __all__ = ["QUANTIZERS", "rewrite"]
@@ -63,6 +72,13 @@ def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
     Raises:
         PassOrderError: a layer has no bit-widths (run the assign pass first).
     """
+    require_graph(gm, "rewrite")
+    clash = getattr(gm, QUANTIZERS, None)
+    if clash is not None and not isinstance(clash, DPCState):
+        raise ConfigError(
+            f"rewrite: the model has its own attribute '{QUANTIZERS}' ({type(clash).__name__}), "
+            f"where dpc_fx keeps the quantisers; rename that attribute of the model to compile it."
+        )
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     quantizers = DPCState()
@@ -88,6 +104,7 @@ def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
     new = fx.GraphModule(roots, graph, gm.__class__.__name__)
     for path, module in converted.items():
         new.set_submodule(path, module, strict=False)  # keep the module object, not a stub
+    keep_unused(new, gm)
     _keep_module_order(new, gm)
     new.add_module(QUANTIZERS, quantizers)
     quantizers.records = tuple(node.meta[META_KEY] for node in layer_nodes(new))
@@ -133,6 +150,8 @@ def _quantize_layer(
         weight_node = spec.weight.get(node.args, node.kwargs)
         from_param = isinstance(weight_node, fx.Node) and parameter_source(weight_node) is not None
         weight_dim = spec.channel_dim if from_param else None
+    if lowerable(meta, gm.meta.get("dpc_config")):
+        weight_dim = None  # integer kernels need one weight scale (see passes/lower.py)
 
     act, weight = spec.act.get(args, kwargs), spec.weight.get(args, kwargs)
     if is_active(meta.bits.a) and isinstance(act, fx.Node):

@@ -19,8 +19,9 @@ from typing import Any
 from torch import fx, nn
 
 from dpc_fx.errors import ConfigError, TraceError
+from dpc_fx.passes._fx import keep_unused
 
-__all__ = ["trace"]
+__all__ = ["keep_module_order", "trace"]
 
 
 class _Tracer(fx.Tracer):
@@ -85,8 +86,11 @@ def trace(
             "use paths as model.named_modules() lists them."
         )
     tracer = _Tracer(frozenset(leaf_modules))
+    saved = {m: dict(vars(m)) for m in model.modules()}
     try:
         graph = tracer.trace(model, concrete_args)
+        # Before restoring: FX keeps tensor constants as attributes of the model.
+        gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     except Exception as e:
         path, cls = tracer.failed_at or ("", type(model).__name__)
         where = f"submodule '{path}' ({cls})" if path else f"the forward of {cls} itself"
@@ -95,16 +99,48 @@ def trace(
             if path
             else "move the untraceable code into a submodule and list it in DPCConfig(leaf_modules=...)"
         )
+        reason = f"{type(e).__name__}: {_first_line(e)}"
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {where} failed with "
-            f"{type(e).__name__}: {_first_line(e)}. To get past it, {fix}, or make the "
+            f"{reason}. To get past it, {fix}, or make the "
             "code traceable (no Python control flow on tensor values; torch.fx.wrap for "
-            "helper functions; concrete_args for flags)."
+            "helper functions; concrete_args for flags).",
+            path=path,
+            reason=reason,
         ) from e
+    finally:
+        _restore(saved)
     name = model.__class__.__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
+    keep_module_order(gm, model)
+    keep_unused(gm, model)  # same state_dict keys as the model, used by forward or not
     gm.meta["dpc_source"] = name
     return gm
+
+
+def keep_module_order(gm: nn.Module, model: nn.Module) -> None:
+    """Order ``gm``'s submodules as in ``model`` (FX adds them in order of first use), so
+    ``state_dict`` keys come in the model's order."""
+    for name, module in list(gm.named_modules()):
+        try:
+            order = list(model.get_submodule(name)._modules)
+        except AttributeError:
+            continue
+        rank = {key: i for i, key in enumerate(order)}
+        module._modules = dict(
+            sorted(module._modules.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+        )
+
+
+def _restore(saved: dict[nn.Module, dict[str, Any]]) -> None:
+    """Undo attributes a forward set while being traced: some modules cache values on their
+    first call (torchvision's ``MultiScaleRoIAlign.scales``), which would keep proxies."""
+    for module, attrs in saved.items():
+        now = vars(module)
+        for key in [k for k in now if k not in attrs]:
+            del now[key]
+        for key, value in attrs.items():
+            if now.get(key) is not value:
+                now[key] = value
 
 
 def _first_line(e: BaseException) -> str:

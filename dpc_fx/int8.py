@@ -1,0 +1,136 @@
+"""Linear layers trained with real 8-bit integer matmuls (``torch._int_mm``).
+
+A quantised value is ``x_hat = s * q + m`` with an int8 code ``q``, a scale ``s`` and an
+offset ``m`` (the asymmetric quantiser of :mod:`dpc_fx.quant`, shifted into int8). For
+``y = x_hat @ w_hat.T`` with per-tensor ``(s_x, m_x)`` and ``(s_w, m_w)`` and inner size K:
+
+    y = s_x s_w (Qx @ Qw.T) + s_x m_w rowsum(Qx) + m_x s_w rowsum(Qw) + K m_x m_w
+
+The integer product is exact (int32 accumulation); the three corrections are cheap. Backward
+does the same for ``dx = g_hat @ w_hat`` and ``dw = g_hat.T @ x_hat`` with the stochastically
+rounded output gradient ``g_hat``. Every quantised value equals what the simulated graph
+uses, so the two differ only by float rounding of the sums (see tests/test_lower.py).
+
+Saved for backward: the int8 codes of the input and weight, a quarter of fp32's memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dpc_fx import kernels
+from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer, tensor_range
+
+__all__ = ["Int8Linear"]
+
+
+@kernels.fused
+def _dequantised_product(
+    acc: Tensor,
+    qa: Tensor,
+    qb: Tensor,
+    sa: Tensor,
+    ma: Tensor,
+    sb: Tensor,
+    mb: Tensor,
+    bias: Tensor | None,
+) -> Tensor:
+    """The float product (plus ``bias``) from the int32 product ``acc = qa @ qb``, in one
+    fused pass over ``acc``."""
+    rows = qa.sum(1, dtype=torch.int32).unsqueeze(1).float()
+    cols = qb.sum(0, dtype=torch.int32).unsqueeze(0).float()
+    y = sa * sb * acc.float() + sa * mb * rows + ma * sb * cols + qa.shape[1] * ma * mb
+    return y if bias is None else y + bias
+
+
+def _codes(x: Tensor, lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    q, scale, mid = kernels.quantize_int8(x.reshape(-1), lo, hi, kernels.levels_tensor(bits, x))
+    return q.view(x.shape), scale, mid
+
+
+def _codes_stochastic(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    levels = kernels.levels_tensor(bits, x)
+    q, scale, mid = kernels.quantize_int8_stochastic(x.reshape(-1), levels, kernels.new_seed())
+    return q.view(x.shape), scale, mid
+
+
+def _product(
+    qa: Tensor,
+    sa: Tensor,
+    ma: Tensor,
+    qb: Tensor,
+    sb: Tensor,
+    mb: Tensor,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """``(sa*qa + ma) @ (sb*qb + mb) + bias`` for int8 codes ``qa`` (n, k) and ``qb`` (k, j)."""
+    return _dequantised_product(torch._int_mm(qa, qb), qa, qb, sa, ma, sb, mb, bias)
+
+
+class _Int8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        lo: Tensor,
+        hi: Tensor,
+        a_bits: int,
+        w_bits: int,
+        g_bits: int,
+    ) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+        qx, sx, mx = _codes(x2, lo, hi, a_bits)
+        w = weight.float().contiguous()
+        wlo, whi = kernels.tensor_range(w.view(-1))
+        qw, sw, mw = _codes(w, wlo, whi, w_bits)
+        y = _product(qx, sx, mx, qw.t(), sw, mw, None if bias is None else bias.float())
+        ctx.save_for_backward(qx, sx, mx, qw, sw, mw)
+        ctx.g_bits, ctx.x_shape, ctx.has_bias = g_bits, x.shape, bias is not None
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        qx, sx, mx, qw, sw, mw = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).float().contiguous()
+        qg, sg, mg = _codes_stochastic(g, ctx.g_bits)
+        dx = _product(qg, sg, mg, qw, sw, mw).reshape(ctx.x_shape).to(ctx.dtypes[0])
+        dw = _product(qg.t(), sg, mg, qx, sx, mx).to(ctx.dtypes[1])
+        db = None
+        if ctx.has_bias:
+            db = (sg * qg.sum(0, dtype=torch.int32).float() + qg.shape[0] * mg).to(ctx.dtypes[1])
+        return dx, dw, db, None, None, None, None, None
+
+
+class Int8Linear(nn.Module):
+    """A lowered linear layer: owns the layer's three quantisers, runs ``_int_mm``.
+
+    Called in the graph as ``self.dpc.<layer>(x, weight, bias)`` in place of the simulated
+    ``act_q -> weight_q -> linear -> grad_q`` chain. The quantisers keep their roles: their
+    ``bits`` are read on every call (so schedules work) and ``act_q`` keeps the running range.
+    """
+
+    def __init__(self, act_q: ActQuantizer, weight_q: WeightQuantizer, grad_q: GradQuantizer):
+        super().__init__()
+        self.act_q, self.weight_q, self.grad_q = act_q, weight_q, grad_q
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        bits = (self.act_q.bits, self.weight_q.bits, self.grad_q.bits)
+        if x.numel() == 0 or any(b is None or b > 8 for b in bits):
+            # Schedules may lift a layer above 8 bits: fall back to the simulated chain.
+            y = nn.functional.linear(self.act_q(x), self.weight_q(weight), bias)
+            return self.grad_q(y)
+        act = self.act_q
+        if act.training:
+            lo, hi = tensor_range(x.float())
+            act._observe(lo, hi)
+        elif act.observed:
+            lo, hi = act.running_min.float(), act.running_max.float()
+        else:
+            lo, hi = tensor_range(x.float())
+        return _Int8LinearFn.apply(x, weight, bias, lo, hi, *bits)

@@ -1,0 +1,212 @@
+"""The quantisers' arithmetic, written once in plain torch ops and fused with ``torch.compile``.
+
+Each kernel reads its input once to measure the range and once more to quantise: the two
+memory passes that are the floor for a quantiser whose range depends on the whole tensor.
+Eager PyTorch would make a temporary for every op (about eight passes); compiled, the
+range is one fused reduction and the quantise-dequantise one fused pointwise loop.
+
+The kernels are compiled lazily on first use, once per dtype (shapes are dynamic; callers
+pass per-tensor inputs as 1-D views and per-channel ones as matrices, so ranks do not
+multiply the variants).
+Set ``DPC_FX_KERNELS=eager`` to run them uncompiled (same results, slower; useful where no C
+compiler is available). Inside a ``torch.compile`` of the user's own model they are traced
+as plain ops, so the model's compiler can fuse them further.
+
+Ranges ignore ``inf``/``nan``; an empty or all-non-finite slice gets the range [0, 0];
+a constant slice (``hi == lo``) comes back unchanged.
+
+Stochastic rounding draws its uniform noise from a counter-based hash of the element index
+and a seed taken from torch's default generator: the same in eager and compiled code, and
+reproducible under ``torch.manual_seed``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "channel_range",
+    "fake_quant",
+    "fake_quant_channels",
+    "fake_quant_stochastic",
+    "fake_quant_tensor",
+    "fused",
+    "tensor_range",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _mode() -> str:
+    mode = os.environ.get("DPC_FX_KERNELS", "fused")
+    return mode if mode in ("fused", "eager") else "fused"
+
+
+def fused(fn: F) -> F:
+    """``fn`` compiled with ``torch.compile(dynamic=True)`` on first call.
+
+    Runs ``fn`` itself when ``DPC_FX_KERNELS=eager``, while another ``torch.compile`` is
+    tracing (so the outer compiler sees plain ops), and, with a warning, from then on if
+    compiling fails (no C compiler, say): the results are the same, only slower.
+    """
+    compiled: list[Callable[..., Any]] = []
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Any:
+        if torch.compiler.is_compiling() or _mode() == "eager" or _broken:
+            return fn(*args)
+        if not compiled:
+            compiled.append(torch.compile(fn, dynamic=True))
+        try:
+            return compiled[0](*args)
+        except Exception as e:  # a compiler failure must not stop training
+            if isinstance(e, (ValueError, TypeError, IndexError)):
+                raise
+            _broken.append(f"{type(e).__name__}: {e}")
+            warnings.warn(
+                f"dpc_fx: compiling the quantisation kernels failed ({_broken[0][:200]}); "
+                "running them uncompiled (DPC_FX_KERNELS=eager silences this).",
+                stacklevel=2,
+            )
+            return fn(*args)
+
+    wrapper.eager = fn  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
+
+
+_broken: list[str] = []
+
+
+def _minmax(x: Tensor, dims: list[int] | None) -> tuple[Tensor, Tensor]:
+    finite = torch.isfinite(x)
+    lo_src = torch.where(finite, x, float("inf"))
+    hi_src = torch.where(finite, x, float("-inf"))
+    if dims is None:
+        lo, hi = lo_src.amin(), hi_src.amax()
+    else:
+        lo, hi = lo_src.amin(dim=dims, keepdim=True), hi_src.amax(dim=dims, keepdim=True)
+    empty = lo > hi  # no finite value in this slice
+    return torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
+
+
+def _scale(lo: Tensor, hi: Tensor, levels: Tensor) -> Tensor:
+    span = hi - lo
+    return torch.where(span > 0, span / levels, 1.0)
+
+
+def _dequant(q: Tensor, lo: Tensor, scale: Tensor, levels: Tensor, hi: Tensor) -> Tensor:
+    # An empty range [lo, lo] has one level: everything maps to lo.
+    top = torch.where(hi > lo, levels, 0.0)
+    return torch.minimum(q.clamp_min(0.0), top) * scale + lo
+
+
+def _uniform(x: Tensor, seed: Tensor) -> Tensor:
+    """Uniform [0, 1) noise shaped like ``x``: a murmur3-style mix of (index, seed)."""
+    mask = 0xFFFFFFFF
+    h = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
+    h = (h ^ seed) * 0x9E3779B1 & mask
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & mask
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & mask
+    h = h ^ (h >> 16)
+    return (h >> 8).to(x.dtype) * (1.0 / (1 << 24))
+
+
+@fused
+def tensor_range(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Min and max of the finite values of ``x``, as 0-d tensors."""
+    return _minmax(x, None)
+
+
+@fused
+def channel_range(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Min and max of the finite values of each row of the matrix ``x``, shaped (rows, 1)."""
+    return _minmax(x, [1])
+
+
+@fused
+def fake_quant(x: Tensor, lo: Tensor, hi: Tensor, levels: Tensor) -> Tensor:
+    """Nearest-rounding quantise-dequantise of ``x`` onto ``levels + 1`` steps of [lo, hi]."""
+    scale = _scale(lo, hi, levels)
+    return _dequant(torch.round((x - lo) / scale), lo, scale, levels, hi)
+
+
+@fused
+def fake_quant_tensor(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-tensor range and nearest-rounding quantise in one call: ``(x_hat, lo, hi)``."""
+    lo, hi = _minmax(x, None)
+    scale = _scale(lo, hi, levels)
+    return _dequant(torch.round((x - lo) / scale), lo, scale, levels, hi), lo, hi
+
+
+@fused
+def fake_quant_channels(x: Tensor, levels: Tensor) -> Tensor:
+    """Per-row range of the matrix ``x`` and nearest-rounding quantise, in one call."""
+    lo, hi = _minmax(x, [1])
+    scale = _scale(lo, hi, levels)
+    return _dequant(torch.round((x - lo) / scale), lo, scale, levels, hi)
+
+
+@fused
+def fake_quant_stochastic(x: Tensor, levels: Tensor, seed: Tensor) -> Tensor:
+    """Per-tensor range and stochastic-rounding quantise (unbiased within the range)."""
+    lo, hi = _minmax(x, None)
+    scale = _scale(lo, hi, levels)
+    return _dequant(torch.floor((x - lo) / scale + _uniform(x, seed)), lo, scale, levels, hi)
+
+
+_LEVELS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+
+def levels_tensor(bits: int, like: Tensor) -> Tensor:
+    """``2**bits - 1`` as a 0-d tensor (a tensor, so new bit-widths do not recompile)."""
+    if torch.compiler.is_compiling():  # a constant of the traced graph; no cache to mutate
+        return torch.full((), float(2**bits - 1), dtype=like.dtype, device=like.device)
+    key = (bits, like.dtype, like.device)
+    if key not in _LEVELS:
+        _LEVELS[key] = torch.tensor(float(2**bits - 1), dtype=like.dtype, device=like.device)
+    return _LEVELS[key]
+
+
+def new_seed() -> Tensor:
+    """A seed for :func:`fake_quant_stochastic` from torch's default generator."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+
+
+@fused
+def quantize_int8(
+    x: Tensor, lo: Tensor, hi: Tensor, levels: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Integer codes of :func:`fake_quant`, shifted into int8: ``(codes, scale, mid)``.
+
+    ``x_hat = scale * codes + mid`` reproduces :func:`fake_quant`'s output (for ``levels`` up
+    to 255, i.e. at most 8 bits), so integer matmuls of codes give the simulated products.
+    Elementwise: callers pass 1-D views (one compiled variant for every shape).
+    """
+    scale = _scale(lo, hi, levels)
+    offset = torch.floor(levels / 2 + 0.5)
+    q = torch.minimum(
+        torch.round((x - lo) / scale).clamp_min(0.0), torch.where(hi > lo, levels, 0.0)
+    )
+    return (q - offset).to(torch.int8), scale, lo + scale * offset
+
+
+@fused
+def quantize_int8_stochastic(
+    x: Tensor, levels: Tensor, seed: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-tensor range, stochastic rounding, int8 codes: ``(codes, scale, mid)``."""
+    lo, hi = _minmax(x, None)
+    scale = _scale(lo, hi, levels)
+    offset = torch.floor(levels / 2 + 0.5)
+    q = torch.floor((x - lo) / scale + _uniform(x, seed))
+    q = torch.minimum(q.clamp_min(0.0), torch.where(hi > lo, levels, 0.0))
+    return (q - offset).to(torch.int8), scale, lo + scale * offset

@@ -1,0 +1,203 @@
+"""Pass 1, trace: nn.Module -> GraphModule, and the errors it raises."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.fx
+from helpers import check_pass, examples, quantizers_off
+from hypothesis import given
+from strategies import models
+from torch import Tensor, nn
+
+import dpc_fx
+from dpc_fx import ConfigError, TraceError
+from dpc_fx.passes import trace
+
+
+class DataDependent(nn.Module):
+    """Python control flow on a tensor value: symbolic tracing cannot follow it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.sum() > 0:
+            return x
+        return -x
+
+
+class Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.gate = DataDependent()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.gate(self.lin(x))
+
+
+class Outer(nn.Module):
+    """The untraceable module sits two levels down, at ``body.1.gate``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 4)
+        self.body = nn.Sequential(nn.Linear(4, 4), Inner(), nn.Linear(4, 4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(self.stem(x)))
+
+
+class RootDataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.lin(x)
+        if y.max() > 1:
+            y = y / 2
+        return y
+
+
+@examples(25)
+@given(models())
+def test_trace_is_pure_and_computes_the_same_function(model_x: tuple[nn.Module, Tensor]) -> None:
+    model, x = model_x
+    gm = check_pass(trace, model, inputs=(x,))
+    ops = {n.op for n in gm.graph.nodes}
+    assert ops <= {
+        "placeholder",
+        "call_module",
+        "call_function",
+        "call_method",
+        "get_attr",
+        "output",
+    }
+    assert [n.op for n in gm.graph.nodes].count("placeholder") == 1
+    assert not any("dpc" in n.meta for n in gm.graph.nodes), "trace measures nothing"
+
+
+def test_trace_shares_submodules_and_parameters() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    gm = trace(model)
+    assert gm.get_submodule("0") is model[0]
+    assert gm.get_parameter("2.weight") is model[2].weight
+    assert [n.op for n in gm.graph.nodes] == [
+        "placeholder",
+        "call_module",
+        "call_module",
+        "call_module",
+        "output",
+    ]
+
+
+def test_untraceable_submodule_raises_trace_error_naming_its_path() -> None:
+    with pytest.raises(
+        TraceError,
+        match=r"could not trace Outer: submodule 'body\.1\.gate' \(DataDependent\) failed with "
+        r"TraceError: symbolically traced variables cannot be used as inputs to control flow",
+    ) as info:
+        trace(Outer())
+    # FX's own error is kept as the cause.
+    assert isinstance(info.value.__cause__, torch.fx.proxy.TraceError)
+    assert isinstance(info.value, dpc_fx.DPCError)
+
+
+def test_untraceable_root_forward_is_named_as_such() -> None:
+    with pytest.raises(
+        TraceError,
+        match=r"could not trace RootDataDependent: the forward of RootDataDependent itself failed",
+    ):
+        trace(RootDataDependent())
+
+
+def test_leaf_modules_keep_an_untraceable_submodule_whole() -> None:
+    model = Outer()
+    gm = check_pass(trace, model, leaf_modules=("body.1.gate",), inputs=(torch.randn(3, 4),))
+    calls = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    assert calls == ["stem", "body.0", "body.1.lin", "body.1.gate", "body.2", "head"]
+
+
+def test_leaf_modules_path_that_does_not_exist_is_a_config_error() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"trace: leaf_modules \['body\.9', 'nope'\] are not submodules of Outer; "
+        r"use paths as model\.named_modules\(\) lists them\.",
+    ):
+        trace(Outer(), leaf_modules=("nope", "body.1.gate", "body.9"))
+
+
+@pytest.mark.parametrize("not_a_module", [lambda x: x, "resnet18", torch.randn(2)])
+def test_not_a_module_is_a_config_error(not_a_module: object) -> None:
+    name = type(not_a_module).__name__
+    with pytest.raises(
+        ConfigError, match=rf"trace: expected an nn\.Module, got {name}; pass the model object"
+    ):
+        trace(not_a_module)  # type: ignore[arg-type]
+    with pytest.raises(
+        ConfigError, match=rf"dpc_fx\.compile: model must be an nn\.Module, got {name}\."
+    ):
+        dpc_fx.compile(not_a_module)  # type: ignore[arg-type]
+
+
+def test_concrete_args_specialise_a_flag() -> None:
+    class Flagged(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x: Tensor, use_b: bool = True) -> Tensor:
+            return self.b(x) if use_b else self.a(x)
+
+    gm = trace(Flagged(), concrete_args={"use_b": False})
+    assert [str(n.target) for n in gm.graph.nodes if n.op == "call_module"] == ["a"]
+
+
+def test_trace_error_suggests_a_fix_that_works() -> None:
+    """The message proposes ``DPCConfig(leaf_modules=(...))``; following it compiles the
+    model with that submodule kept whole, and nothing left to warn about."""
+    model = Outer()
+    with pytest.raises(TraceError) as info:
+        trace(model)
+    assert "DPCConfig(leaf_modules=('body.1.gate',))" in str(info.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = dpc_fx.compile(model, config=dpc_fx.DPCConfig(leaf_modules=("body.1.gate",)))
+    assert any(n.op == "call_module" and n.target == "body.1.gate" for n in gm.graph.nodes)
+    x = torch.randn(3, 4)
+    assert gm(x).shape == model(x).shape
+
+
+def test_compile_keeps_untraceable_submodules_as_leaves() -> None:
+    """DESIGN.md, pipeline step 1: an untraceable submodule does not end the run; it is
+    kept whole, its traceable siblings and parent are compiled, and compile says so."""
+    model = Outer()
+    with pytest.warns(
+        UserWarning,
+        match=r"Outer: torch\.fx cannot trace submodule 'body\.1\.gate' \(DataDependent\): "
+        r"TraceError: .*its traceable children are compiled",
+    ):
+        gm = dpc_fx.compile(model, torch.randn(3, 4))
+    assert [m.layer for m in dpc_fx.layers(gm)] == [
+        "stem",
+        "body.0",
+        "body.1.lin",
+        "body.2",
+        "head",
+    ]
+    assert sum(not m.pinned for m in dpc_fx.layers(gm)) == 3
+    x = torch.randn(3, 4)
+    assert torch.equal(quantizers_off(gm)(x), model(x))
+
+
+def test_compile_runs_an_untraceable_root_as_it_is() -> None:
+    model = RootDataDependent()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = dpc_fx.compile(model)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "cannot trace its forward (RootDataDependent)" in messages
+    x = torch.randn(3, 4) * 3
+    assert torch.equal(gm(x), model(x))

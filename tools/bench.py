@@ -1,0 +1,446 @@
+"""Benchmarks, side by side in one process: write docs/BENCHMARKS.md.
+
+    python tools/bench.py            # everything (about 15 minutes on 2 cores)
+    python tools/bench.py --quick    # fewer repetitions, no very large model
+
+Every number is a median of per-pair ratios: the two contenders run alternately, the order
+flipping each repetition, so a noisy neighbour slows both sides of a pair alike.
+
+Sections:
+  compile   dpc_fx.compile vs torch.ao's prepare_qat_fx (224x224 models, random weights)
+  step      training step time and saved-for-backward memory: fp32 vs dpc_fx (w/a/g
+            quantised) vs torch.ao QAT (w/a only), CIFAR-size ResNet-18 and MobileNetV2
+            (batch 64) and a Transformer encoder block
+  kernel    one activation quantiser against two memory passes over its tensor
+  lower     8-bit integer kernels (DPCConfig(lower=True)) vs fp32: an MLP block, a small GPT
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+
+import dpc_fx
+from dpc_fx import DPCConfig
+
+console = Console(stderr=True)
+warnings.filterwarnings("ignore")
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def paired(
+    a: Callable[[], object], b: Callable[[], object], reps: int, warmup: int = 2
+) -> tuple[float, float, float]:
+    """(median seconds of a, median seconds of b, median of the per-pair ratios b/a)."""
+    for _ in range(warmup):
+        a()
+        b()
+    ta, tb, ratios = [], [], []
+    for i in range(reps):
+        if i % 2:
+            y, x = timed(b), timed(a)
+        else:
+            x, y = timed(a), timed(b)
+        ta.append(x)
+        tb.append(y)
+        ratios.append(y / x)
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
+
+
+def saved_bytes(step: Callable[[], object]) -> int:
+    """Bytes of tensors autograd saves for backward during one step (the training-memory driver)."""
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        if t.device.type == "cpu" and not isinstance(t, nn.Parameter):
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return total
+
+
+def qat(model: nn.Module, x: Tensor) -> nn.Module:
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    return prepare_qat_fx(
+        copy.deepcopy(model).train(), get_default_qat_qconfig_mapping("x86"), (x,)
+    )
+
+
+# ---------------------------------------------------------------------------- compile
+
+
+def bench_compile(quick: bool) -> list[list[str]]:
+    names = ["resnet50", "mobilenet_v2", "vit_b_16"] + ([] if quick else ["vit_h_14"])
+    rows = []
+    x = torch.randn(1, 3, 224, 224)
+    for name in names:
+        console.print(f"compile: {name}")
+        model = torchvision.models.get_model(name, weights=None).eval()
+        reps = 3 if name == "vit_h_14" else (3 if quick else 5)
+        try:
+            ta, tb, ratio = paired(
+                lambda m=model: qat(m, x), lambda m=model: dpc_fx.compile(m, x), reps, warmup=1
+            )
+            rows.append(
+                [
+                    name,
+                    f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M",
+                    f"{ta:.2f} s",
+                    f"{tb:.2f} s",
+                    f"{ratio:.2f}x",
+                    _verdict(ratio, 0.2),
+                ]
+            )
+        except Exception as e:  # torch.ao may not handle a model; say so instead of stopping
+            tb = statistics.median(timed(lambda m=model: dpc_fx.compile(m, x)) for _ in range(reps))
+            rows.append([name, "", f"failed: {type(e).__name__}", f"{tb:.2f} s", "-", "-"])
+        del model
+    return rows
+
+
+# ------------------------------------------------------------------------------- step
+
+
+class EncoderBlock(nn.Module):
+    """A pre-norm Transformer encoder block with explicit attention matmuls (all quantisable)."""
+
+    def __init__(self, d: int = 256, heads: int = 4, ff: int = 1024) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.up, self.down = nn.Linear(d, ff), nn.Linear(ff, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = (
+            self.qkv(self.norm1(x))
+            .view(b, t, 3, self.heads, d // self.heads)
+            .permute(2, 0, 3, 1, 4)
+        )
+        att = torch.softmax(q @ k.transpose(-2, -1) / (d // self.heads) ** 0.5, dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
+        return x + self.down(nn.functional.gelu(self.up(self.norm2(x))))
+
+
+def bench_step(quick: bool) -> list[list[str]]:
+    cases: list[tuple[str, nn.Module, Tensor]] = [
+        (
+            "ResNet-18, 64x3x32x32",
+            torchvision.models.resnet18(num_classes=10),
+            torch.randn(64, 3, 32, 32),
+        ),
+        (
+            "MobileNetV2, 64x3x32x32",
+            torchvision.models.mobilenet_v2(num_classes=10),
+            torch.randn(64, 3, 32, 32),
+        ),
+        ("Transformer block, 64x64x256", EncoderBlock(), torch.randn(64, 64, 256)),
+    ]
+    rows = []
+    reps = 5 if quick else 11
+    for label, model, x in cases:
+        console.print(f"step: {label}")
+        torch.manual_seed(0)
+        base = copy.deepcopy(model).train()
+        dpc = dpc_fx.compile(copy.deepcopy(model).train(), x)
+        contenders = {"fp32": base, "dpc_fx": dpc}
+        try:
+            contenders["torch.ao QAT"] = qat(model, x)
+        except Exception as e:
+            console.print(f"  torch.ao QAT failed on {label}: {type(e).__name__}")
+
+        def step_of(m: nn.Module) -> Callable[[], None]:
+            def step() -> None:
+                m.zero_grad(set_to_none=True)
+                m(x).float().square().mean().backward()
+
+            return step
+
+        mem = {name: saved_bytes(step_of(m)) for name, m in contenders.items()}
+        fp32_step = step_of(base)
+        for name, m in contenders.items():
+            if name == "fp32":
+                continue
+            ta, tb, ratio = paired(fp32_step, step_of(m), reps)
+            target = {"ResNet-18": 1.15, "MobileNetV2": 1.3}.get(label.split(",")[0])
+            rows.append(
+                [
+                    label,
+                    name,
+                    f"{ta * 1e3:.0f} ms",
+                    f"{tb * 1e3:.0f} ms",
+                    f"{ratio:.2f}x",
+                    f"{mem[name] / mem['fp32']:.2f}x",
+                    _verdict(ratio, target) if target and name == "dpc_fx" else "",
+                ]
+            )
+    return rows
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+def bench_kernel(quick: bool) -> list[list[str]]:
+    from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer
+
+    x = torch.randn(64, 64, 32, 32)
+    act, weight = ActQuantizer(6).train(), WeightQuantizer(6, 0)
+    grad = GradQuantizer(8)
+    xg = x.clone().requires_grad_()
+    g = torch.randn_like(x)
+
+    def memory_limit() -> None:  # one read to measure the range, one read and write to quantise
+        torch.aminmax(x)
+        x.clone()
+
+    rows = []
+    reps = 9 if quick else 21
+    for label, fn in [
+        ("activation quantiser, forward", lambda: act(x)),
+        ("gradient quantiser, backward (stochastic)", lambda: torch.autograd.grad(grad(xg), xg, g)),
+        (
+            "eager torch.fake_quantize_per_tensor_affine",
+            lambda: torch.fake_quantize_per_tensor_affine(x, 0.05, 0, -128, 127),
+        ),
+    ]:
+        ta, tb, ratio = paired(memory_limit, fn, reps, warmup=3)
+        rows.append([label, f"{ta * 1e3:.2f} ms", f"{tb * 1e3:.2f} ms", f"{ratio:.2f}x"])
+    w = torch.randn(512, 512, 3, 3)
+    ta, tb, ratio = paired(lambda: (torch.aminmax(w), w.clone()), lambda: weight(w), reps, warmup=3)
+    rows.append(
+        [
+            "weight quantiser 512x512x3x3, per channel",
+            f"{ta * 1e3:.2f} ms",
+            f"{tb * 1e3:.2f} ms",
+            f"{ratio:.2f}x",
+        ]
+    )
+    return rows
+
+
+# ------------------------------------------------------------------------------ lower
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, vocab: int = 96, d: int = 512, layers: int = 4, ctx: int = 128) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.zeros(ctx, d))
+        self.blocks = nn.Sequential(*[EncoderBlock(d, heads=8, ff=4 * d) for _ in range(layers)])
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.head(self.norm(self.blocks(self.tok(idx) + self.pos[: idx.shape[1]])))
+
+
+def _text_batches(
+    batch: int, ctx: int, vocab: int, steps: int, seed: int
+) -> list[tuple[Tensor, Tensor]]:
+    import this  # the Zen of Python (rot13 in its source) ships with every Python
+
+    text = Path(this.__file__).read_text() * 4
+    data = torch.tensor([min(max(ord(c) - 32, 0), vocab - 1) for c in text])
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(data) - ctx - 1, (batch,), generator=gen)
+        xb = torch.stack([data[i : i + ctx] for i in idx])
+        yb = torch.stack([data[i + 1 : i + ctx + 1] for i in idx])
+        out.append((xb, yb))
+    return out
+
+
+def bench_lower(quick: bool) -> list[list[str]]:
+    rows = []
+    lowered = DPCConfig(b_min=8, b_max=8, grad_bits=8, lower=True, pin_first_last=False)
+    simulated = lowered.replace(lower=False)
+
+    console.print("lower: MLP block")
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024))
+    x = torch.randn(2048, 1024)
+    low, sim = (
+        dpc_fx.compile(copy.deepcopy(mlp), x, config=lowered),
+        dpc_fx.compile(copy.deepcopy(mlp), x, config=simulated),
+    )
+
+    def step_of(m: nn.Module) -> Callable[[], None]:
+        def step() -> None:
+            m.zero_grad(set_to_none=True)
+            m(x).square().mean().backward()
+
+        return step
+
+    reps = 5 if quick else 9
+    for name, m in (("dpc_fx lowered (int8)", low), ("dpc_fx simulated", sim)):
+        ta, tb, ratio = paired(step_of(mlp), step_of(m), reps)
+        rows.append(
+            [
+                "MLP 1024-4096-1024, 2048 tokens",
+                name,
+                f"{ta * 1e3:.0f} ms",
+                f"{tb * 1e3:.0f} ms",
+                f"{1 / ratio:.2f}x",
+                _verdict(1 / ratio, 1.5, higher=True) if "lowered" in name else "",
+                "",
+            ]
+        )
+
+    console.print("lower: small GPT")
+    steps = 30 if quick else 120
+    batches = _text_batches(16, 128, 96, steps, seed=0)
+    losses: dict[str, list[float]] = {}
+    times: dict[str, list[float]] = {"fp32": [], "lowered": []}
+    torch.manual_seed(0)
+    gpt = TinyGPT()
+    # Attention's activation-by-activation matmuls stay in fp32 here: only linears are lowered.
+    gpt_config = lowered.replace(overrides={"matmul": None})
+    models = {
+        "fp32": copy.deepcopy(gpt),
+        "lowered": dpc_fx.compile(copy.deepcopy(gpt), batches[0][0], config=gpt_config),
+    }
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=3e-4) for k, m in models.items()}
+    for name in models:
+        losses[name] = []
+    for i, (xb, yb) in enumerate(batches):
+        order = list(models) if i % 2 == 0 else list(reversed(models))
+        for name in order:
+            m, opt = models[name], opts[name]
+            start = time.perf_counter()
+            loss = nn.functional.cross_entropy(m(xb).flatten(0, 1), yb.flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times[name].append(time.perf_counter() - start)
+            losses[name].append(loss.item())
+    ratios = [a / b for a, b in zip(times["fp32"][2:], times["lowered"][2:], strict=True)]
+    speed = statistics.median(ratios)
+    tail = max(5, steps // 10)
+    final = {k: statistics.fmean(v[-tail:]) for k, v in losses.items()}
+    rows.append(
+        [
+            "GPT 4x512, 16x128 tokens",
+            "dpc_fx lowered (int8)",
+            f"{statistics.median(times['fp32']) * 1e3:.0f} ms",
+            f"{statistics.median(times['lowered']) * 1e3:.0f} ms",
+            f"{speed:.2f}x",
+            _verdict(speed, 1.2, higher=True),
+            f"loss after {steps} steps: fp32 {final['fp32']:.3f}, lowered {final['lowered']:.3f}",
+        ]
+    )
+    return rows
+
+
+def _verdict(value: float, target: float | None, higher: bool = False) -> str:
+    if target is None:
+        return ""
+    met = value >= target if higher else value <= target
+    return f"{'met' if met else 'missed'} ({'>=' if higher else '<='} {target}x)"
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    out = Table(title=title)
+    for h in header:
+        out.add_column(h)
+    for r in rows:
+        out.add_row(*r)
+    console.print(out)
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=["compile", "step", "kernel", "lower"])
+    parser.add_argument(
+        "--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md")
+    )
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    chosen = args.only or ["compile", "step", "kernel", "lower"]
+    parts = []
+    if "compile" in chosen:
+        parts.append(
+            table(
+                "Compile time: dpc_fx.compile vs torch.ao prepare_qat_fx (1x3x224x224)",
+                ["model", "params", "prepare_qat_fx", "dpc_fx.compile", "ratio", "target 0.2x"],
+                bench_compile(args.quick),
+            )
+        )
+    if "step" in chosen:
+        parts.append(
+            table(
+                "Training step vs fp32 (forward + backward)",
+                [
+                    "model",
+                    "method",
+                    "fp32",
+                    "method time",
+                    "time ratio",
+                    "saved-for-backward memory ratio",
+                    "target",
+                ],
+                bench_step(args.quick),
+            )
+        )
+    if "kernel" in chosen:
+        parts.append(
+            table(
+                "One quantiser vs the memory limit (aminmax + clone of the same tensor)",
+                ["kernel on 64x64x32x32", "memory limit", "kernel", "ratio"],
+                bench_kernel(args.quick),
+            )
+        )
+    if "lower" in chosen:
+        parts.append(
+            table(
+                "Integer kernels (DPCConfig(b_min=8, b_max=8, grad_bits=8, lower=True)) vs fp32",
+                ["workload", "method", "fp32 step", "method step", "speed-up", "target", "notes"],
+                bench_lower(args.quick),
+            )
+        )
+    header = [
+        "# Benchmarks",
+        "",
+        f"Made by `python tools/bench.py{' --quick' if args.quick else ''}` on {datetime.date.today()}: "
+        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, kernels `{os.environ.get('DPC_FX_KERNELS', 'fused')}`. "
+        "Each figure is the median of per-pair ratios from interleaved repetitions in one process.",
+        "",
+    ]
+    Path(args.out).write_text("\n".join(header) + "\n".join(parts))
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Compile every torchvision model and write the coverage table to docs/ZOO.md.
+
+    python tools/zoo.py                          # all families, about half an hour on 2 cores
+    python tools/zoo.py --models resnet18 raft_small --out /tmp/zoo.md
+
+For each model (random weights, small inputs) it records: traced whole or compiled through
+the fallback (untraceable submodules kept as leaves), conv/linear layers quantised out of
+all, the share of MACs quantised, compile time, and whether one training step (forward in
+train mode, a loss, backward) ran. Detection models get targets and return their loss dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import platform
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torchvision import models as M
+
+import dpc_fx
+
+FAMILIES = {
+    "classification": M,
+    "segmentation": M.segmentation,
+    "video": M.video,
+    "detection": M.detection,
+    "optical flow": M.optical_flow,
+}
+
+
+@dataclass
+class Case:
+    """How to build one model and what to feed it."""
+
+    kwargs: dict[str, Any]
+    inputs: Callable[[], tuple[Any, ...]]
+    shown: str  # the input, as the table shows it
+    loss: Callable[[Any, tuple[Any, ...]], torch.Tensor]
+
+
+def _tensor_loss(model: Any, inputs: tuple[Any, ...]) -> torch.Tensor:
+    out = model(*inputs)
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return sum(t.float().mean() for t in leaves if t.is_floating_point())  # type: ignore[return-value]
+
+
+def _detection_loss(name: str) -> Callable[[Any, tuple[Any, ...]], torch.Tensor]:
+    def loss(model: Any, inputs: tuple[Any, ...]) -> torch.Tensor:
+        images = inputs[0]
+        targets = []
+        for _ in images:
+            t: dict[str, torch.Tensor] = {
+                "boxes": torch.tensor([[4.0, 6.0, 40.0, 44.0]]),
+                "labels": torch.tensor([1]),
+            }
+            if "keypoint" in name:
+                t["keypoints"] = torch.cat([torch.rand(1, 17, 2) * 40 + 4, torch.ones(1, 17, 1)], 2)
+            if "mask" in name:
+                t["masks"] = torch.zeros(1, 64, 64, dtype=torch.uint8)
+                t["masks"][0, 6:44, 4:40] = 1
+            targets.append(t)
+        return sum(model(images, targets).values())  # type: ignore[return-value]
+
+    return loss
+
+
+def case(name: str, family: str) -> Case:
+    """Constructor kwargs, inputs and loss for one model (small, so the zoo stays fast)."""
+
+    def images(*shape: int) -> Callable[[], tuple[Any, ...]]:
+        return lambda: (torch.randn(*shape),)
+
+    kwargs: dict[str, Any] = {"weights": None}
+    if family == "classification":
+        shape: tuple[int, ...] = (2, 3, 64, 64)
+        if name.startswith("vit"):
+            kwargs["image_size"] = 56 if name.endswith("14") else 64
+            shape = (2, 3, kwargs["image_size"], kwargs["image_size"])
+        if name == "inception_v3":
+            kwargs.update(aux_logits=False, init_weights=False)
+            shape = (2, 3, 80, 80)
+        if name == "maxvit_t":  # partitions of 7 at every stage: 224 only
+            shape = (2, 3, 224, 224)
+        return Case(kwargs, images(*shape), "x".join(map(str, shape)), _tensor_loss)
+    if family == "segmentation":
+        kwargs["weights_backbone"] = None
+        return Case(kwargs, images(2, 3, 64, 64), "2x3x64x64", _tensor_loss)
+    if family == "video":
+        shape = (2, 3, 4, 64, 64)
+        if name == "s3d":  # its final pooling needs 7x7 features: 224 only
+            shape = (1, 3, 16, 224, 224)
+        if name.startswith("mvit"):  # fixed positional embeddings: 16x224x224 only
+            shape = (1, 3, 16, 224, 224)
+        return Case(kwargs, images(*shape), "x".join(map(str, shape)), _tensor_loss)
+    if family == "detection":
+        kwargs["weights_backbone"] = None
+        if not name.startswith("ssd"):
+            kwargs.update(min_size=64, max_size=64)
+        size = "300x300" if name.startswith("ssd300") else "320x320" if "320" in name else "64x64"
+        return Case(
+            kwargs,
+            lambda: ([torch.rand(3, 64, 64), torch.rand(3, 64, 64)],),
+            f"2 images 3x64x64 (resized to {size} inside)",
+            _detection_loss(name),
+        )
+    return Case(  # optical flow: two frames
+        kwargs,
+        lambda: (torch.rand(1, 3, 128, 128), torch.rand(1, 3, 128, 128)),
+        "2 frames 1x3x128x128",
+        _tensor_loss,
+    )
+
+
+@dataclass
+class Row:
+    name: str
+    family: str
+    shown: str
+    status: str = "failed"
+    quantised: str = "-"
+    macs: str = "-"
+    leaves: str = "-"
+    compile_s: float | None = None
+    step: str = "-"
+    note: str = ""
+
+
+def run(name: str, family: str) -> Row:
+    c = case(name, family)
+    row = Row(name, family, c.shown)
+    torch.manual_seed(0)
+    model = M.get_model(name, **c.kwargs)
+    inputs = c.inputs()
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = dpc_fx.compile(model, inputs)
+    except Exception as e:
+        row.note = f"compile: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        return row
+    row.compile_s = time.perf_counter() - start
+    cov = dpc_fx.coverage(gm)
+    row.status = "traced" if cov.traced else "fallback"
+    pct = cov.quantised / cov.layers if cov.layers else 0.0
+    row.quantised = f"{cov.quantised}/{cov.layers} ({pct:.0%})"
+    row.macs = "-" if cov.macs_share is None else f"{cov.macs_share:.1%}"
+    row.leaves = str(len(cov.leaves)) if cov.leaves else "-"
+    row.step = _step(gm, c, inputs)
+    return row
+
+
+def _step(gm: torch.nn.Module, c: Case, inputs: tuple[Any, ...]) -> str:
+    gm.train()
+    start = time.perf_counter()
+    try:
+        loss = c.loss(gm, inputs)
+        loss.backward()
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        return f"failed: {type(e).__name__}: {first[:120]}"
+    grads = sum(p.grad is not None for p in gm.parameters())
+    total = sum(1 for _ in gm.parameters())
+    return f"ok ({time.perf_counter() - start:.1f} s, grads on {grads}/{total} parameters)"
+
+
+NOTES = """
+Where fewer than 90% of the conv/linear layers are quantised, this is why:
+
+- *AlexNet, VGG*: few layers, and the first conv and the last linear are pinned to full
+  precision by default (`DPCConfig(pin_first_last=False)` quantises them too).
+- *ViT*: attention is `nn.MultiheadAttention`, which torch.fx keeps as one call (it is a
+  `torch.nn` module); its input and output projections stay in full precision.
+- *Swin (2D and 3D)*: attention runs in torchvision's `shifted_window_attention` (`_3d` for
+  video), which torchvision marks `torch.fx.wrap`, so FX records one call that takes the `qkv`
+  and `proj` weights as arguments; those two linears per block stay in full precision.
+"""
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def render(rows: list[Row], command: str, seconds: float) -> str:
+    counts: dict[str, dict[str, int]] = {}
+    for r in rows:
+        by = counts.setdefault(r.family, {})
+        key = r.status + (", stepped" if r.step.startswith("ok") else ", no step")
+        by[key] = by.get(key, 0) + 1
+    lines = [
+        "# Model zoo: every torchvision model through dpc_fx.compile",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {_cpu()}, {os.cpu_count()} cores shared with other work, "
+        f"{torch.get_num_threads()} torch threads, no GPU; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, "
+        f"torchvision {torchvision.__version__}  ",
+        f"Date: {datetime.date.today().isoformat()}; whole run {seconds / 60:.1f} min.",
+        "",
+        "Random weights, default `DPCConfig()` (4-8 bits by parameter count, 8-bit gradients, "
+        "first and last layer pinned to full precision). *quantised*: conv/linear modules whose "
+        "weights the compiled model quantises, of all conv/linear modules (pinned ones count as "
+        "not quantised). *MACs*: share of one forward's MACs (torch.utils.flop_counter) spent in "
+        "quantised layers. *leaves*: submodules kept whole because torch.fx cannot trace them "
+        "(`dpc_fx.coverage(gm)` lists them with the reason). *step*: forward in train mode, a "
+        "loss (detection: the model's loss dict with one box per image), backward.",
+        "",
+        "## Summary",
+        "",
+    ]
+    for family, by in counts.items():
+        lines.append(f"- {family}: " + ", ".join(f"{n} {k}" for k, n in sorted(by.items())))
+    lines += ["", NOTES.strip()]
+    for family in FAMILIES:
+        mine = [r for r in rows if r.family == family]
+        if not mine:
+            continue
+        lines += [
+            "",
+            f"## {family.capitalize()}",
+            "",
+            "| model | input | status | quantised | MACs | leaves | compile | step |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in mine:
+            t = "-" if r.compile_s is None else f"{r.compile_s:.1f} s"
+            step = r.step if not r.note else r.note
+            lines.append(
+                f"| {r.name} | {r.shown} | {r.status} | {r.quantised} | {r.macs} | {r.leaves} "
+                f"| {t} | {step} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", help="model names (default: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "ZOO.md")
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    todo = [(n, f) for f, mod in FAMILIES.items() for n in M.list_models(module=mod)]
+    if args.models:
+        todo = [(n, f) for n, f in todo if n in args.models]
+    rows = []
+    start = time.perf_counter()
+    for name, family in todo:
+        try:
+            row = run(name, family)
+        except Exception as e:  # building the model or its inputs failed
+            row = Row(name, family, "-", note=f"{type(e).__name__}: {e}"[:160])
+            traceback.print_exc()
+        rows.append(row)
+        print(
+            f"{name:40s} {row.status:9s} {row.quantised:16s} {row.macs:7s} {row.step}", flush=True
+        )
+        gc.collect()
+    command = "python tools/zoo.py" + (f" --models {' '.join(args.models)}" if args.models else "")
+    Path(args.out).write_text(render(rows, command, time.perf_counter() - start))
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
