@@ -52,6 +52,9 @@ class DPCConfig:
         lower: run linear layers of at most 8 bits (weights, activations and gradients) on
             integer kernels (``torch._int_mm``) in forward and backward. Their weights are
             then quantised per tensor, as integer products need.
+        check_finite: raise :class:`~dpc_fx.errors.NonFiniteError`, naming the layer, when a
+            quantised tensor holds NaN or Inf (costs a check per tensor). Off, ranges come
+            from the finite values and one bad element spoils only itself.
 
     Bit-widths run from 1 to 32; 32 means full precision.
 
@@ -78,6 +81,7 @@ class DPCConfig:
     similarity: float = 0.95
     leaf_modules: tuple[str, ...] = ()
     lower: bool = False
+    check_finite: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("policy", self.policy, ("dpc", "uniform"))
@@ -102,7 +106,7 @@ class DPCConfig:
                 "(0, 1)",
                 fix="e.g. budget=0.3 for 30% fewer bit-operations than static 8-bit",
             )
-        for flag in ("pin_first_last", "lower"):
+        for flag in ("pin_first_last", "lower", "check_finite"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(
                     f"DPCConfig: {flag}={getattr(self, flag)!r} must be True or False."

@@ -114,20 +114,22 @@ class MNIST1DMLP(nn.Module):
         return self.net(x)
 
 
-class _Block1d(nn.Module):
-    """A basic residual block: two 3-wide convs with batch norm, a 1x1 conv when the shape
-    changes."""
+class _BasicBlock(nn.Module):
+    """He et al.'s basic residual block, 1-D or 2-D: two 3-wide convs with batch norm, and a
+    1x1 conv on the shortcut where the shape changes."""
 
-    def __init__(self, n_in: int, n_out: int, stride: int) -> None:
+    def __init__(self, n_in: int, n_out: int, stride: int, dims: int = 2) -> None:
         super().__init__()
-        self.conv1 = nn.Conv1d(n_in, n_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm1d(n_out)
-        self.conv2 = nn.Conv1d(n_out, n_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm1d(n_out)
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        norm = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
+        self.conv1 = conv(n_in, n_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = norm(n_out)
+        self.conv2 = conv(n_out, n_out, 3, padding=1, bias=False)
+        self.bn2 = norm(n_out)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or n_in != n_out:
             self.shortcut = nn.Sequential(
-                nn.Conv1d(n_in, n_out, 1, stride=stride, bias=False), nn.BatchNorm1d(n_out)
+                conv(n_in, n_out, 1, stride=stride, bias=False), norm(n_out)
             )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -150,7 +152,7 @@ class MNIST1DResNet(nn.Module):
         blocks = []
         for i, n_out in enumerate(channels):
             n_in = channels[max(i - 1, 0)]
-            blocks.append(_Block1d(n_in, n_out, stride=1 if i == 0 else 2))
+            blocks.append(_BasicBlock(n_in, n_out, stride=1 if i == 0 else 2, dims=1))
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Linear(channels[-1], classes)
 
@@ -218,25 +220,6 @@ class CharTransformer(nn.Module):
         return self.head(self.norm(self.blocks(x)))
 
 
-class _BasicBlock2d(nn.Module):
-    def __init__(self, n_in: int, n_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(n_in, n_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(n_out)
-        self.conv2 = nn.Conv2d(n_out, n_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(n_out)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or n_in != n_out:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(n_in, n_out, 1, stride=stride, bias=False), nn.BatchNorm2d(n_out)
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.bn1(self.conv1(x)).relu()
-        y = self.bn2(self.conv2(y))
-        return (y + self.shortcut(x)).relu()
-
-
 class _CIFARResNet(nn.Module):
     def __init__(self, blocks_per_stage: int, classes: int) -> None:
         super().__init__()
@@ -246,7 +229,7 @@ class _CIFARResNet(nn.Module):
         n_in = 16
         for i, n_out in enumerate((16, 32, 64)):
             for j in range(blocks_per_stage):
-                stages.append(_BasicBlock2d(n_in, n_out, 2 if i > 0 and j == 0 else 1))
+                stages.append(_BasicBlock(n_in, n_out, 2 if i > 0 and j == 0 else 1))
                 n_in = n_out
         self.layers = nn.Sequential(*stages)
         self.fc = nn.Linear(64, classes)

@@ -6,7 +6,15 @@ where (module path or graph node) and how to fix it.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DPCError", "PassOrderError", "PlanError", "ShapeError", "TraceError"]
+__all__ = [
+    "ConfigError",
+    "DPCError",
+    "NonFiniteError",
+    "PassOrderError",
+    "PlanError",
+    "ShapeError",
+    "TraceError",
+]
 
 
 class DPCError(Exception):
@@ -52,3 +60,7 @@ class PassOrderError(DPCError):
 
 class PlanError(DPCError):
     """A plan does not fit the model it is applied to, or a plan file is malformed."""
+
+
+class NonFiniteError(DPCError, FloatingPointError):
+    """A quantiser met NaN or Inf with ``DPCConfig(check_finite=True)``; names the layer."""

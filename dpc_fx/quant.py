@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from dpc_fx import kernels
+from dpc_fx.errors import NonFiniteError
 
 __all__ = [
     "ActQuantizer",
@@ -63,7 +64,7 @@ def _flat(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """
     if torch.compiler.is_compiling():  # the outer compiler traces shapes; nothing to save
         return x, lambda out: out
-    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    order = sorted(range(x.dim()), key=lambda d: -x.stride()[d])
     dense = x.permute(order)
     if not dense.is_contiguous():
         dense = dense.contiguous()
@@ -164,8 +165,13 @@ def _quantize_grad(grad: Tensor, bits: int) -> Tensor:
     return grad if grad.numel() == 0 else fake_quantize(grad, bits, stochastic=True)
 
 
-def _grad_hook(bits: int) -> Callable[[Tensor], Tensor]:
-    return lambda grad: _quantize_grad(grad, bits)
+def _grad_hook(bits: int, check: Callable[[Tensor], None] | None) -> Callable[[Tensor], Tensor]:
+    def hook(grad: Tensor) -> Tensor:
+        if check is not None:
+            check(grad)
+        return _quantize_grad(grad, bits)
+
+    return hook
 
 
 class _QuantizeGrad(torch.autograd.Function):
@@ -189,6 +195,17 @@ class Quantizer(nn.Module):
     def __init__(self, bits: int | None) -> None:
         super().__init__()
         self.bits = bits
+        self.layer = ""  # set by the rewrite pass: which layer this quantiser serves
+        self.check_finite = False
+
+    def _check(self, x: Tensor) -> None:
+        if self.check_finite and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise NonFiniteError(
+                f"layer '{self.layer}': its {self.role} holds NaN or Inf ({bad} of {x.numel()} "
+                "values). Look for a diverging loss (lower the learning rate) or bad inputs; "
+                "with DPCConfig(check_finite=False) the range comes from the finite values."
+            )
 
     @property
     def active(self) -> bool:
@@ -210,6 +227,7 @@ class WeightQuantizer(Quantizer):
     def forward(self, w: Tensor) -> Tensor:
         if not self.active or w.numel() == 0:
             return w
+        self._check(w)
         assert self.bits is not None
         channel_dim = self.channel_dim if w.dim() > 1 else None  # a vector is one channel
         return _FakeQuantSTE.apply(w, self.bits, None, None, channel_dim)
@@ -243,6 +261,7 @@ class ActQuantizer(Quantizer):
         if not self.active or x.numel() == 0:
             return x
         assert self.bits is not None
+        self._check(x)
         if self.training:
             lo, hi = tensor_range(x)
             self._observe(lo, hi)
@@ -285,5 +304,5 @@ class GradQuantizer(Quantizer):
         assert self.bits is not None
         if y.grad_fn is None:
             return _QuantizeGrad.apply(y, self.bits)
-        y.register_hook(_grad_hook(self.bits))
+        y.register_hook(_grad_hook(self.bits, self._check if self.check_finite else None))
         return y

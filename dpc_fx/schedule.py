@@ -57,11 +57,12 @@ class CyclicSchedule:
             )
         self.low, self.high, self.period = low, high, period
         self.t = 0
-        holder = getattr(gm, QUANTIZERS, None)
         self._layers: list[tuple[list[Quantizer], int]] = []
         planned = []
         for node in layer_nodes(gm):
             bits = layer_meta(node, needed_by="CyclicSchedule", bits=True).bits
+            # The graph that owns the node: gm itself, or a traced part of a fallback model.
+            holder = getattr(node.graph.owning_module, QUANTIZERS, None)
             if holder is None or node.name not in holder._modules or bits is None:
                 continue
             quantizers = [

@@ -47,7 +47,7 @@ from dpc_fx.passes._fx import (
     require_graph,
 )
 from dpc_fx.passes.lower import lowerable
-from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer, is_active
+from dpc_fx.quant import ActQuantizer, GradQuantizer, Quantizer, WeightQuantizer, is_active
 
 __all__ = ["QUANTIZERS", "rewrite"]
 
@@ -131,7 +131,11 @@ def _quantize_layer(
     prefix = f"{QUANTIZERS}.{node.name}"
     provenance = {k: node.meta[k] for k in _PROVENANCE if k in node.meta}
 
-    def add(role: str, module: nn.Module, value: fx.Node) -> fx.Node:
+    config = gm.meta.get("dpc_config")
+
+    def add(role: str, module: Quantizer, value: fx.Node) -> fx.Node:
+        module.layer = meta.layer
+        module.check_finite = bool(config and config.check_finite)
         held.add_module(role, module)
         q = graph.create_node(
             "call_module", f"{prefix}.{role}", (value,), name=f"{node.name}_{role}"

@@ -231,11 +231,10 @@ def test_nan_in_a_weight_leaves_the_other_channels_alone() -> None:
     assert torch.isnan(w[0, 0]) and torch.isfinite(w[1:]).all() and torch.isfinite(w[0, 1:]).all()
 
 
-@pytest.mark.xfail(strict=True, reason="needs check_finite in quant.py")
 def test_check_finite_names_the_layer_holding_nan() -> None:
     """With ``DPCConfig(check_finite=True)`` a quantiser that meets NaN or Inf raises instead
     of quantising around it. Layer '0' is pinned (no quantiser): layer '2' meets the NaN."""
-    gm = dpc_fx.compile(mlp(), torch.randn(3, 4), config=DPCConfig(check_finite=True))  # type: ignore[call-arg]
+    gm = dpc_fx.compile(mlp(), torch.randn(3, 4), config=DPCConfig(check_finite=True))
     gm(torch.randn(3, 4))  # finite: no error
     x = torch.randn(3, 4)
     x[0, 0] = float("nan")

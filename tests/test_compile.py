@@ -521,3 +521,15 @@ def test_a_user_submodule_named_dpc_is_left_alone() -> None:
 def test_a_submodule_named_graph_gives_a_dpc_error() -> None:
     with pytest.raises(dpc_fx.DPCError, match=r"'graph'"):
         dpc_fx.compile(Named("graph"), torch.randn(3, 4))
+
+
+def test_check_finite_names_the_layer_whose_gradient_is_not_finite() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    gm = dpc_fx.compile(model, torch.randn(3, 4), config=DPCConfig(check_finite=True))
+    out = gm(torch.randn(3, 4))
+    with pytest.raises(
+        dpc_fx.errors.NonFiniteError,
+        match=r"layer '2': its gradient holds NaN or Inf \(\d+ of 24 values\)",
+    ):
+        (out * torch.tensor([float("inf"), 1.0])).sum().backward()

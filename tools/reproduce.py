@@ -1,28 +1,31 @@
 """Reproduce the DPC paper's claim on real data: accuracy parity at a lower training cost.
 
 Trains one model under several methods, with the same seeds, data order and schedule, and
-prints (and optionally writes) a results table: mean +- std of the test metric over seeds,
+prints (and optionally writes) a results table: mean ± std of the test metric over seeds,
 the training cost saving from ``dpc_fx.cost`` versus fp32 and versus static 8-bit, and the
-wall time per run.
+wall time per run (training and evaluation).
 
-    python tools/reproduce.py mnist1d-cnn --seeds 3          # about 7 min on 2 CPU cores
+    python tools/reproduce.py mnist1d-cnn --seeds 3                     # about 5 min
     python tools/reproduce.py mnist1d-cnn mnist1d-mlp mnist1d-resnet charlm --seeds 3 \\
-        --out docs/RESULTS.md --plot docs/results.png --json docs/results.json
+        --out docs/RESULTS.md --plot docs/results.png --json docs/results.json   # ~40 min
     python tools/reproduce.py --data cifar10 --root ~/data --device cuda --seeds 3
 
-Workloads (none downloads anything; expected times are for 3 seeds x 6 methods on two
-idle CPU cores, one torch thread; a busy machine is slower):
+Workloads (none downloads anything). Times are for 3 seeds x 7 methods with one torch
+thread, from per-step costs measured on a shared two-core machine (fp32 / quantised, in
+ms per step); a busier machine is slower:
 
-    mnist1d-cnn      MNIST-1D (4000 train / 1000 test), the MNIST-1D paper's CNN, 4000 steps  ~7 min
-    mnist1d-mlp      MNIST-1D, an MLP 40-256-256-128-64-10, 4000 steps                        ~6 min
-    mnist1d-resnet   MNIST-1D, a 1-D ResNet (16/32/64 channels), 1500 steps                   ~11 min
-    charlm           a character-level Transformer LM (2 layers, d=64, context 64) on the
-                     docstrings of the Python standard library; validation perplexity,
-                     1500 steps                                                            ~25 min
+    mnist1d-cnn     MNIST-1D (4000 train / 1000 test), the MNIST-1D paper's CNN;
+                    Adam 1e-2, batch 100, 4000 steps (2 / 3 ms)                     ~5 min
+    mnist1d-mlp     MNIST-1D, an MLP 40-256-256-128-64-10; same, 4000 steps (2 / 3)  ~4 min
+    mnist1d-resnet  MNIST-1D, a 1-D ResNet (16/32/64 channels); 1500 steps (10 / 17) ~9 min
+    charlm          a character-level Transformer LM (2 layers, d=64, context 64) on the
+                    docstrings of the Python standard library; validation perplexity;
+                    Adam 3e-3, batch 32, 1500 steps (35 / 45)                       ~20 min
     cifar10-resnet20, -resnet38, -resnet74, -mobilenetv2, and the same for cifar100:
-                     the paper's setting (SGD 0.1, momentum 0.9, weight decay 1e-4, batch 128,
-                     64k steps with the learning rate cut 10x at 50% and 75%, crop + flip);
-                     need --root DIR with the standard CIFAR files and, in practice, a GPU.
+                    the paper's setting (SGD 0.1, momentum 0.9, weight decay 1e-4, batch
+                    128, 64k steps with the learning rate cut 10x at 50% and 75%, crop and
+                    flip); needs --root DIR with the standard CIFAR files and, in practice,
+                    --device cuda.
 
 Methods (``--methods``; all by default):
 
@@ -32,10 +35,12 @@ Methods (``--methods``; all by default):
     dpc       DPC with the default config (4-8 bits by parameter count, 8-bit gradients)
     dpc30     DPC with DPCConfig(budget=0.30): 30% fewer bit-operations than static 8-bit
     dpc+cpt   the default DPC plan with the cyclic schedule on top
+    dpc-all   DPC with pin_first_last=False (first and last layers quantised too)
 
-Every quantised method keeps the first and the last layer in full precision (CPT's choice,
-dpc_fx's default). Cyclic methods are evaluated at their plan's bits (8-bit for CPT) and
-their cost is given both at the plan and averaged over the schedule's steps.
+Every quantised method but ``dpc-all`` keeps the first and the last layer in full
+precision (CPT's choice, dpc_fx's default). Cyclic methods are evaluated at their plan's
+bits (8-bit for CPT); their cost is given at the plan and averaged over the schedule.
+A budget the solver cannot reach leaves its cells empty, with the solver's reason.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ from torch import Tensor, nn
 import dpc_fx
 from dpc_fx import DPCConfig
 from dpc_fx.cost import bitops
+from dpc_fx.data import STDLIB_MODULES, DataError, char_corpus, cifar, cifar_batches
 from dpc_fx.demo import (
     MNIST1DCNN,
     MNIST1DMLP,
@@ -129,6 +135,13 @@ METHODS = {
             DPCConfig(),
             cyclic=True,
         ),
+        Method(
+            "dpc-all",
+            "DPC, all layers",
+            "DPC with pin_first_last=False: the first and last layers are quantised too, and "
+            "its saving vs 8-bit is against 8/8/8 on every layer",
+            DPCConfig(pin_first_last=False),
+        ),
     )
 }
 CPT_LOW, CPT_HIGH, CPT_CYCLES = 3, 8, 32
@@ -157,6 +170,7 @@ class Workload:
     build: Callable[[], nn.Module]
     task: Callable[[argparse.Namespace, torch.device], Task]
     optimizer: Callable[[list[nn.Parameter], int], tuple[torch.optim.Optimizer, Any]]
+    recipe: str  # the optimiser and schedule, in words, for the results page
 
 
 def _adam(lr: float) -> Callable[[list[nn.Parameter], int], tuple[torch.optim.Optimizer, Any]]:
@@ -171,6 +185,9 @@ def _sgd_paper(params: list[nn.Parameter], steps: int) -> tuple[torch.optim.Opti
     opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
     cuts = [steps // 2, steps * 3 // 4]
     return opt, torch.optim.lr_scheduler.MultiStepLR(opt, cuts, gamma=0.1)
+
+
+SGD_RECIPE = "SGD, lr 0.1, momentum 0.9, weight decay 1e-4, lr cut 10x at 50% and 75% of steps"
 
 
 def _accuracy(data: Split, batch: int) -> Callable[[nn.Module], float]:
@@ -220,8 +237,6 @@ CHARLM = {"context": 64, "dim": 64, "heads": 4, "layers": 2, "batch": 32}
 
 
 def _charlm_task(args: argparse.Namespace, device: torch.device) -> Task:
-    from dpc_fx.data import char_corpus
-
     corpus = char_corpus()
     train, val = corpus.train.to(device), corpus.val.to(device)
     ctx, batch = CHARLM["context"], CHARLM["batch"]
@@ -253,18 +268,12 @@ def _charlm_task(args: argparse.Namespace, device: torch.device) -> Task:
         batches,
         _lm_loss,
         perplexity,
-        note=f"Text: docstrings of {len(_stdlib_modules())} standard-library modules of Python "
+        note=f"Text: docstrings of {len(STDLIB_MODULES)} standard-library modules of Python "
         f"{platform.python_version()} (`dpc_fx.data.stdlib_text`), {len(corpus.train):,} "
         f"train / {len(corpus.val):,} validation characters (every 10th 2048-character block), "
         f"{len(corpus.vocab)}-character vocabulary, sha256 {corpus.digest}; random windows of "
         f"{ctx}, batch {batch}; perplexity over non-overlapping validation windows.",
     )
-
-
-def _stdlib_modules() -> tuple[str, ...]:
-    from dpc_fx.data import STDLIB_MODULES
-
-    return STDLIB_MODULES
 
 
 def _lm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
@@ -275,8 +284,6 @@ def _lm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor
 
 def _cifar_task(name: str) -> Callable[[argparse.Namespace, torch.device], Task]:
     def make(args: argparse.Namespace, device: torch.device) -> Task:
-        from dpc_fx.data import DataError, cifar, cifar_batches
-
         if args.root is None:
             raise DataError(
                 f"{name} needs --root DIR: the folder holding the standard {name} files "
@@ -285,10 +292,12 @@ def _cifar_task(name: str) -> Callable[[argparse.Namespace, torch.device], Task]
         train, test = cifar(args.root, name)  # type: ignore[arg-type]
         train, test = (Split(s.x.to(device), s.y.to(device)) for s in (train, test))
 
+        size = min(128, len(train.y))
+
         def batches(generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
             while True:
-                for x, y in cifar_batches(train, 128, generator=generator):
-                    if len(y) == 128:
+                for x, y in cifar_batches(train, size, generator=generator):
+                    if len(y) == size:  # full batches only, as drop_last does
                         yield x, y
 
         @torch.no_grad()
@@ -324,6 +333,7 @@ def _workloads() -> dict[str, Workload]:
             MNIST1DCNN,
             _mnist1d_task,
             _adam(1e-2),
+            "Adam, lr 1e-2, cosine decay to 0",
         ),
         Workload(
             "mnist1d-mlp",
@@ -332,7 +342,8 @@ def _workloads() -> dict[str, Workload]:
             4000,
             lambda: MNIST1DMLP(widths=(256, 256, 128, 64)),
             _mnist1d_task,
-            _adam(1e-3),
+            _adam(1e-2),
+            "Adam, lr 1e-2, cosine decay to 0",
         ),
         Workload(
             "mnist1d-resnet",
@@ -342,6 +353,7 @@ def _workloads() -> dict[str, Workload]:
             MNIST1DResNet,
             _mnist1d_task,
             _adam(1e-2),
+            "Adam, lr 1e-2, cosine decay to 0",
         ),
         Workload(
             "charlm",
@@ -357,6 +369,7 @@ def _workloads() -> dict[str, Workload]:
             ),
             _charlm_task,
             _adam(3e-3),
+            "Adam, lr 3e-3, cosine decay to 0",
         ),
     ]
     for data, classes in (("cifar10", 10), ("cifar100", 100)):
@@ -370,6 +383,7 @@ def _workloads() -> dict[str, Workload]:
                     lambda d=depth, c=classes: cifar_resnet(d, c),  # type: ignore[misc]
                     _cifar_task(data),
                     _sgd_paper,
+                    SGD_RECIPE,
                 )
             )
         out.append(
@@ -381,6 +395,7 @@ def _workloads() -> dict[str, Workload]:
                 lambda c=classes: cifar_mobilenet_v2(c),  # type: ignore[misc]
                 _cifar_task(data),
                 _sgd_paper,
+                SGD_RECIPE,
             )
         )
     return {w.name: w for w in out}
@@ -400,6 +415,7 @@ class Run:
     method: str
     seed: int
     steps: int
+    kind: Metric = "accuracy"
     metric: float | None = None
     train_loss: float | None = None  # mean over the last 5% of steps
     seconds: float = 0.0
@@ -409,7 +425,8 @@ class Run:
     avg_saving_8bit: float | None = None
     quantised_saving_8bit: float | None = None  # on the quantised layers alone
     pinned_share_8bit: float | None = None  # full-precision layers' share of static 8-bit
-    plan: dict[str, str] = field(default_factory=dict)
+    plan: dict[str, str] = field(default_factory=dict)  # layer: w/a/g bits
+    sizes: dict[str, list[int]] = field(default_factory=dict)  # layer: [params, MACs]
     solved: str = ""  # the config a budget resolved to
     error: str = ""
 
@@ -424,7 +441,7 @@ def run_one(
     on_step: Callable[[int, float], None] | None = None,
 ) -> Run:
     """Train ``workload``'s model with ``method`` from ``seed`` for ``steps`` and evaluate it."""
-    result = Run(workload.name, method.key, seed, steps)
+    result = Run(workload.name, method.key, seed, steps, workload.metric)
     torch.manual_seed(seed)
     model: nn.Module = workload.build().to(device)
     schedule = None
@@ -460,7 +477,7 @@ def run_one(
         if step > steps - tail:
             tail_loss += loss.detach()
         if on_step is not None and (step % report_every == 0 or step == steps):
-            on_step(step, float(loss))
+            on_step(step, loss.item())
     if schedule is not None:  # evaluate at the plan's bits, as CPT tests at its top precision
         for name, q in model.named_modules():
             if isinstance(q, Quantizer):
@@ -481,6 +498,7 @@ def _record_cost(result: Run, gm: torch.fx.GraphModule) -> None:
     result.quantised_saving_8bit = 1 - sum(r.total for r in quantised) / eight if eight else 0.0
     result.pinned_share_8bit = pinned / c.static8 if c.static8 else 0.0
     result.plan = {r.layer: str(r.bits) for r in c.layers}
+    result.sizes = {m.layer: [m.params, m.macs or 0] for m in dpc_fx.layers(gm)}
     config = gm.meta.get("dpc_config")
     if isinstance(config, DPCConfig) and config.budget is not None:
         result.solved = f"b_min={config.b_min}, b_max={config.b_max}, delta={config.delta}"
@@ -503,7 +521,7 @@ def scheduled_saving(
         )
     # The bits depend on t only through the cycle's base bit-width: count those.
     bases = Counter(schedule.base(t) for t in range(steps))
-    first_t = {}
+    first_t: dict[int, int] = {}
     for t in range(min(steps, schedule.period)):
         first_t.setdefault(schedule.base(t), t)
     total = 0.0
@@ -578,10 +596,9 @@ def format_metric(cell: Cell, metric: Metric) -> str:
     if stat is None:
         return "n/a" if cell.error else "..."
     mean, std = stat
-    n = len(cell.ok)
     if metric == "accuracy":
-        return f"{100 * mean:.2f} ± {100 * std:.2f} (n={n})"
-    return f"{mean:.3f} ± {std:.3f} (n={n})"
+        return f"{100 * mean:.2f} ± {100 * std:.2f}"
+    return f"{mean:.3f} ± {std:.3f}"
 
 
 COLUMNS = (
@@ -595,6 +612,7 @@ COLUMNS = (
     "vs 8-bit, quantised layers",
     "train loss",
     "time / run",
+    "seeds",
 )
 
 
@@ -604,7 +622,7 @@ def table_rows(runs: Sequence[Run]) -> list[list[str]]:
     fp32 = {c.workload: c.metric for c in all_cells if c.method == "fp32"}
     rows = []
     for c in all_cells:
-        metric = WORKLOADS[c.workload].metric
+        metric = c.runs[0].kind
         delta = "-"
         base, stat = fp32.get(c.workload), c.metric
         if base is not None and stat is not None and c.method != "fp32":
@@ -625,6 +643,7 @@ def table_rows(runs: Sequence[Run]) -> list[list[str]]:
                 _pct(c.first("quantised_saving_8bit")),
                 "-" if c.train_loss is None else f"{c.train_loss:.3f}",
                 "-" if c.seconds is None else f"{c.seconds:.1f} s",
+                str(len(c.ok)),
             ]
         )
     return rows
@@ -648,34 +667,43 @@ def markdown_table(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
+HEADLINE_METHODS = {"dpc": "DPC", "dpc-all": "DPC with all layers quantised"}
+
+
 def headline(runs: Sequence[Run]) -> list[str]:
-    """One sentence per workload: DPC against fp32, and against the parity threshold."""
+    """One sentence per workload and DPC variant: its metric against fp32's and the parity
+    threshold (0.5 points of accuracy, 3% of perplexity), and its cost saving."""
     out = []
     by = {(c.workload, c.method): c for c in cells(runs)}
     for name in dict.fromkeys(r.workload for r in runs):
-        fp32, dpc = by.get((name, "fp32")), by.get((name, "dpc"))
-        if fp32 is None or dpc is None or fp32.metric is None or dpc.metric is None:
-            continue
-        saving = dpc.first("saving_8bit")
-        if WORKLOADS[name].metric == "accuracy":
-            gap = 100 * (dpc.metric[0] - fp32.metric[0])
-            verdict = "within 0.5 points of fp32 or better" if gap >= -0.5 else "below fp32"
+        fp32 = by.get((name, "fp32"))
+        for key, label in HEADLINE_METHODS.items():
+            dpc = by.get((name, key))
+            if fp32 is None or dpc is None or fp32.metric is None or dpc.metric is None:
+                continue
+            mine, theirs = dpc.metric[0], fp32.metric[0]
+            if fp32.runs[0].kind == "accuracy":
+                gap = 100 * (mine - theirs)
+                verdict = (
+                    "within 0.5 points of fp32 or better" if gap >= -0.5 - 1e-9 else "below fp32"
+                )
+                compared = (
+                    f"{100 * mine:.2f}% vs fp32 {100 * theirs:.2f}% test accuracy "
+                    f"({gap:+.2f} points, {verdict})"
+                )
+            else:
+                ratio = mine / theirs - 1
+                verdict = "within 3% of fp32" if ratio <= 0.03 + 1e-9 else "more than 3% above fp32"
+                compared = f"validation perplexity {mine:.3f} vs fp32 {theirs:.3f} ({ratio:+.1%}, {verdict})"
             out.append(
-                f"- **{name}**: DPC {100 * dpc.metric[0]:.2f}% vs fp32 {100 * fp32.metric[0]:.2f}% "
-                f"test accuracy ({gap:+.2f} points, {verdict}), {_pct(saving)} fewer "
-                f"training bit-operations than static 8-bit ({_pct(dpc.first('saving_fp32'))} "
-                "fewer than fp32)."
-            )
-        else:
-            ratio = dpc.metric[0] / fp32.metric[0] - 1
-            verdict = "within 3% of fp32" if ratio <= 0.03 else "more than 3% above fp32"
-            out.append(
-                f"- **{name}**: DPC validation perplexity {dpc.metric[0]:.3f} vs fp32 "
-                f"{fp32.metric[0]:.3f} ({ratio:+.1%}, {verdict}), {_pct(saving)} fewer "
+                f"- **{name}**: {label} {compared}, {_pct(dpc.first('saving_8bit'))} fewer "
                 f"training bit-operations than static 8-bit ({_pct(dpc.first('saving_fp32'))} "
                 "fewer than fp32)."
             )
     return out
+
+
+PLAN_METHODS = ("8bit", "dpc", "dpc30", "dpc-all")  # plans worth a column (cyclic ones repeat)
 
 
 def plan_notes(runs: Sequence[Run]) -> list[str]:
@@ -683,36 +711,39 @@ def plan_notes(runs: Sequence[Run]) -> list[str]:
     lines: list[str] = []
     by = {(c.workload, c.method): c for c in cells(runs)}
     for name in dict.fromkeys(r.workload for r in runs):
-        dpc = by.get((name, "dpc"))
-        plan: dict[str, str] = dpc.first("plan") if dpc else None
-        if not plan:
+        shown = [m for m in PLAN_METHODS if (name, m) in by and by[name, m].first("plan")]
+        if not shown:
             continue
         lines += [f"### {name}", ""]
-        share = dpc.first("pinned_share_8bit") if dpc else None
-        quantised = {k: v for k, v in plan.items() if v != "fp/fp/fp"}
+        first = by[name, shown[0]]
+        sizes: dict[str, list[int]] = first.first("sizes") or {}
+        pinned = first.first("pinned_share_8bit")
+        plan: dict[str, str] = first.first("plan")
+        n_pinned = sum(1 for bits in plan.values() if bits == "fp/fp/fp")
         lines.append(
-            f"{len(quantised)} of {len(plan)} matmul-like layers are quantised; the "
-            f"{len(plan) - len(quantised)} full-precision (pinned) layers hold "
-            f"{_pct(share)} of static 8-bit's bit-operations, so no plan can save more than "
-            f"{_pct(None if share is None else 1 - share)} versus static 8-bit here."
+            f"{n_pinned} of {len(plan)} matmul-like layers stay in full precision under "
+            f"`{shown[0]}` (the first and last, pinned); they hold {_pct(pinned)} of static "
+            "8-bit's bit-operations here, so no plan that pins them can save more than "
+            f"{_pct(None if pinned is None else 1 - pinned)} versus static 8-bit."
         )
-        if len(set(quantised.values())) == 1 and quantised:
+        dpc = by.get((name, "dpc"))
+        dpc_plan: dict[str, str] = dpc.first("plan") if dpc else {}
+        widths = {bits for bits in dpc_plan.values() if bits != "fp/fp/fp"}
+        if len(widths) == 1:
             lines.append(
-                f"DPC gives every quantised layer the same bits ({next(iter(quantised.values()))}): "
-                "their capacities are equal, so on this model DPC is a uniform plan at the "
-                "rule's mid-point, not a per-layer one."
+                f"Default DPC gives every quantised layer the same bits ({widths.pop()}): "
+                "their capacities are equal, so DPC is a uniform plan at the rule's mid-point "
+                "on this model, and DPC + CPT trains exactly as CPT does (it is only evaluated "
+                "at other bits)."
             )
+        lines += ["", "| layer | params | MACs | " + " | ".join(shown) + " |"]
+        lines.append("| --- | ---: | ---: |" + " --- |" * len(shown))
+        for layer in plan:
+            params, macs = sizes.get(layer, ["-", "-"])
+            bits = [by[name, m].first("plan").get(layer, "-") for m in shown]
+            lines.append(f"| {layer} | {params} | {macs} | " + " | ".join(bits) + " |")
+        lines.append("")
         budget = by.get((name, "dpc30"))
-        lines.append("")
-        header = ["layer", "DPC"]
-        budget_plan: dict[str, str] = budget.first("plan") if budget else None
-        if budget_plan:
-            header.append("DPC 30%")
-        lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-        for layer, bits in plan.items():
-            row = [layer, bits] + ([budget_plan.get(layer, "-")] if budget_plan else [])
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
         if budget is not None and budget.first("solved"):
             lines.append(f"The 30% budget resolved to {budget.first('solved')}.")
         elif budget is not None and budget.error:
@@ -736,20 +767,39 @@ def machine() -> str:
     )
 
 
+@dataclass
+class Session:
+    """Everything one invocation measured: the runs and how and where they were made.
+
+    ``--json`` saves it; ``--from-json`` renders the table, page and plot from it again
+    (for instance with ``--notes`` written after looking at the results).
+    """
+
+    command: str
+    machine: str
+    device: str
+    threads: int
+    started: str  # ISO date and time
+    seconds: float
+    notes: dict[str, str]  # workload: where its data came from
+    runs: list[Run]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Session:
+        data = json.loads(text)
+        data["runs"] = [Run(**r) for r in data["runs"]]
+        return cls(**data)
+
+
 def write_markdown(
-    path: Path,
-    runs: Sequence[Run],
-    *,
-    command: str,
-    device: str,
-    threads: int,
-    started: datetime.datetime,
-    seconds: float,
-    notes: dict[str, str],
-    plot: Path | None,
-    extra: str = "",
+    path: Path, session: Session, *, plot: Path | None, extra: str = "", rebuilt: str = ""
 ) -> None:
     """The results page: headline, table, how it was made, plans, plot, notes."""
+    runs = session.runs
+    threads = f", {session.threads} torch thread(s)" if session.device == "cpu" else ""
     parts = [
         "# Reproducing DPC: accuracy at lower training cost",
         "",
@@ -764,9 +814,10 @@ def write_markdown(
         "",
         markdown_table(runs),
         "",
-        f"- Command: `{command}`",
-        f"- Machine: {machine()}; device `{device}`, {threads} torch thread(s).",
-        f"- Date: {started.isoformat(timespec='minutes')}; total wall time {seconds / 60:.1f} min.",
+        f"- Command: `{session.command}`",
+        *([f"- Page rebuilt from its JSON record with `{rebuilt}`."] if rebuilt else []),
+        f"- Machine: {session.machine}; device `{session.device}`{threads}.",
+        f"- Date: {session.started}; total wall time {session.seconds / 60:.1f} min.",
         "- Test metric: top-1 test accuracy in %, or validation perplexity (lower is better), "
         "mean ± sample standard deviation over seeds; every method uses the same seeds, so the "
         "same initial weights and the same batches.",
@@ -777,7 +828,8 @@ def write_markdown(
         "the schedule; for the others it equals the plan's. *quantised layers*: the saving "
         "versus 8/8/8 on the layers the method quantises, leaving out the pinned ones.",
         "- Cyclic methods are evaluated at their plan's bits (8/8/8 for CPT).",
-        "- Final train loss: mean training loss over the last 5% of steps.",
+        "- Train loss: mean training loss over the last 5% of steps. Time: training and "
+        "evaluation of one run.",
         "",
     ]
     if plot is not None:
@@ -794,7 +846,8 @@ def write_markdown(
     for name in dict.fromkeys(r.workload for r in runs):
         w = WORKLOADS[name]
         steps = next(r.steps for r in runs if r.workload == name)
-        parts.append(f"- **{name}** ({w.title}): {steps} steps. {notes.get(name, '')}")
+        note = session.notes.get(name, "")
+        parts.append(f"- **{name}** ({w.title}): {steps} steps; {w.recipe}. {note}")
     parts += [
         "- Methods: "
         + "; ".join(f"`{m.key}` ({m.label}): {m.description}" for m in METHODS.values())
@@ -819,22 +872,36 @@ def plot_results(path: Path, runs: Sequence[Run]) -> None:
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(r.workload for r in runs))
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 4), squeeze=False)
-    markers = dict(zip(METHODS, "os^Dvp", strict=True))
-    for ax, name in zip(axes[0], names, strict=True):
-        metric = WORKLOADS[name].metric
+    cols = min(2, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.5 * rows), squeeze=False)
+    style = {
+        key: (marker, f"C{i}")
+        for i, (key, marker) in enumerate(zip(METHODS, "os^Dvp*", strict=True))
+    }
+    for ax in axes.flat[len(names) :]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        metric = next(r.kind for r in runs if r.workload == name)
         scale = 100.0 if metric == "accuracy" else 1.0
         for c in cells([r for r in runs if r.workload == name]):
             if c.metric is None:
                 continue
             mean, std = (v * scale for v in c.metric)
             if c.method == "fp32":
-                ax.axhspan(mean - std, mean + std, color="0.85")
-                ax.axhline(mean, color="0.4", linestyle="--", label="fp32")
+                ax.axhspan(mean - std, mean + std, color="0.88")
+                ax.axhline(mean, color="0.4", linestyle="--", label="fp32 (mean ± std)")
                 continue
-            x = 100 * (c.first("avg_saving_fp32") or 0.0)
+            marker, color = style[c.method]
             ax.errorbar(
-                x, mean, yerr=std, marker=markers[c.method], capsize=3, label=c.method, ls="none"
+                100 * (c.first("avg_saving_fp32") or 0.0),
+                mean,
+                yerr=std,
+                marker=marker,
+                color=color,
+                capsize=3,
+                ls="none",
+                label=METHODS[c.method].label,
             )
         ax.set_title(name)
         ax.set_xlabel("saving of training bit-ops vs fp32 (%)")
@@ -862,14 +929,19 @@ def _warm_up(workload: Workload, task: Task, device: torch.device) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="tools/reproduce.py",
-        description=__doc__.splitlines()[0],
-        epilog="Workloads: " + ", ".join(WORKLOADS),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("workloads", nargs="*", metavar="WORKLOAD")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     parser.add_argument("--steps", type=int, help="training steps (default: the workload's)")
     parser.add_argument(
-        "--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD"
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=list(METHODS),
+        metavar="METHOD",
+        help=f"some of {', '.join(METHODS)} (default: all)",
     )
     parser.add_argument("--data", choices=("cifar10", "cifar100"), help="the paper's CIFAR models")
     parser.add_argument("--root", help="folder with the CIFAR files (for cifar workloads)")
@@ -883,9 +955,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, help="write the results page (Markdown) here")
     parser.add_argument("--plot", type=Path, help="write the accuracy-vs-cost plot (PNG) here")
-    parser.add_argument("--json", type=Path, help="write every run's record (JSON) here")
+    parser.add_argument(
+        "--json", type=Path, help="write every run's record, and how it was made, here (JSON)"
+    )
     parser.add_argument("--notes", type=Path, help="Markdown to include in the page as notes")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="JSON",
+        help="train nothing: print the table and write --out/--plot from a --json record",
+    )
     args = parser.parse_args(argv)
+    if args.notes is not None and not args.notes.is_file():
+        parser.error(f"--notes {args.notes}: no such file")
+    if args.from_json is not None:
+        if not args.from_json.is_file():
+            parser.error(f"--from-json {args.from_json}: no such file")
+        return args
     if args.data:
         args.workloads = args.workloads or [
             f"{args.data}-{m}" for m in ("resnet20", "resnet38", "resnet74", "mobilenetv2")
@@ -899,17 +985,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--seeds and --steps must be positive")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here; use --device cpu")
-    if args.notes is not None and not args.notes.is_file():
-        parser.error(f"--notes {args.notes}: no such file")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     command = "python tools/reproduce.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.from_json is not None:
+            session = Session.from_json(args.from_json.read_text())
+            report(session, args, rebuilt=command)
+        else:
+            report(train_all(args, command), args)
+    except dpc_fx.DPCError as e:  # bad data folder, bad config: say so, no traceback
+        Console(stderr=True).print(f"reproduce: error: {e}", markup=False, highlight=False)
+        return 2
+    return 0
+
+
+def train_all(args: argparse.Namespace, command: str) -> Session:
+    """Every run ``args`` asks for, with progress bars and a live table on stderr."""
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    else:
+        torch.backends.cudnn.benchmark = True
     started, t0 = datetime.datetime.now(), time.perf_counter()
     console = Console(stderr=True)
     runs: list[Run] = []
@@ -937,7 +1037,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def view() -> Group:
         return Group(progress, rich_table(runs, "results so far"))
 
-    with Live(view(), console=console, refresh_per_second=4) as live:
+    with Live(view(), console=console, refresh_per_second=4, transient=True) as live:
         tasks: dict[str, Task] = {}
         for workload, method, seed in plan:
             if workload.name not in tasks:
@@ -954,41 +1054,48 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress.update(bar, completed=step, loss=loss)
                 progress.update(overall, completed=done + step, loss=loss)
 
-            run = run_one(workload, tasks[workload.name], method, seed, steps, device, advance)
-            runs.append(run)
+            runs.append(
+                run_one(workload, tasks[workload.name], method, seed, steps, device, advance)
+            )
             progress.update(overall, completed=done + steps)
             progress.update(bar, visible=False)
             live.update(view())
-    seconds = time.perf_counter() - t0
-    out = Console(width=None if sys.stdout.isatty() else 160)
-    out.print(rich_table(runs, f"DPC reproduction ({args.seeds} seed(s), {seconds / 60:.1f} min)"))
+    return Session(
+        command=command,
+        machine=machine(),
+        device=str(device),
+        threads=torch.get_num_threads(),
+        started=started.isoformat(timespec="minutes"),
+        seconds=time.perf_counter() - t0,
+        notes=notes,
+        runs=runs,
+    )
+
+
+def report(session: Session, args: argparse.Namespace, rebuilt: str = "") -> None:
+    """Print the table and headline; write what ``--json``, ``--plot`` and ``--out`` ask for."""
+    runs, console = session.runs, Console(stderr=True)
+    seeds = max((r.seed for r in runs), default=0) + 1
+    out = Console(width=None if sys.stdout.isatty() else 180)
+    title = f"DPC reproduction ({seeds} seed(s), {session.seconds / 60:.1f} min)"
+    out.print(rich_table(runs, title))
     for line in headline(runs):
-        out.print(line.replace("**", ""), highlight=False)
+        out.print(line.replace("**", ""), highlight=False, markup=False)
     for c in cells(runs):
         if c.error:
-            out.print(f"[yellow]{c.workload} {c.method}: did not run: {c.error}[/yellow]")
+            message = f"{c.workload} {c.method}: did not run: {c.error}"
+            out.print(message, style="yellow", highlight=False, markup=False)
+    if args.json and not rebuilt:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(session.to_json())
+        console.print(f"wrote {args.json}")
     if args.plot:
         plot_results(args.plot, runs)
         console.print(f"wrote {args.plot}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")
-        console.print(f"wrote {args.json}")
     if args.out:
-        write_markdown(
-            args.out,
-            runs,
-            command=command,
-            device=str(device),
-            threads=torch.get_num_threads() if device.type == "cpu" else 0,
-            started=started,
-            seconds=seconds,
-            notes=notes,
-            plot=args.plot,
-            extra=args.notes.read_text() if args.notes else "",
-        )
+        extra = args.notes.read_text() if args.notes else ""
+        write_markdown(args.out, session, plot=args.plot, extra=extra, rebuilt=rebuilt)
         console.print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

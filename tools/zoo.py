@@ -107,7 +107,13 @@ def case(name: str, family: str) -> Case:
         kwargs["weights_backbone"] = None
         if not name.startswith("ssd"):
             kwargs.update(min_size=64, max_size=64)
-        size = "300x300" if name.startswith("ssd300") else "320x320" if "320" in name else "64x64"
+        size = (
+            "300x300"
+            if name.startswith("ssd300")
+            else "320x320"
+            if name.startswith("ssdlite")
+            else "64x64"
+        )
         return Case(
             kwargs,
             lambda: ([torch.rand(3, 64, 64), torch.rand(3, 64, 64)],),
