@@ -302,7 +302,7 @@ class GradQuantizer(Quantizer):
         if not (self.active and y.requires_grad):
             return y
         assert self.bits is not None
-        if y.grad_fn is None:
+        if not torch.compiler.is_compiling() and y.grad_fn is None:
             return _QuantizeGrad.apply(y, self.bits)
         y.register_hook(_grad_hook(self.bits, self._check if self.check_finite else None))
         return y
