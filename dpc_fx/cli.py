@@ -134,7 +134,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from dpc_fx.demo import MNIST1DCNN, evaluate, mnist1d, train
 
-    console = Console()
+    console = Console(width=max(Console().width, 130) if not sys.stdout.isatty() else None)
     torch.manual_seed(0)
     console.rule("[bold]1. ResNet-18 at CIFAR size, compiled")
     resnet = torchvision.models.resnet18(num_classes=10)

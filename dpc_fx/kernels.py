@@ -23,6 +23,7 @@ reproducible under ``torch.manual_seed``.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import warnings
 from collections.abc import Callable
@@ -63,6 +64,9 @@ def fused(fn: F) -> F:
         if torch.compiler.is_compiling() or _mode() == "eager" or _broken:
             return fn(*args)
         if not compiled:
+            # A CPU build of torch warns that it found no CUDA runtime when inductor first
+            # loads its C++ toolchain: noise for our users, who asked for neither.
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             compiled.append(torch.compile(fn, dynamic=True))
         try:
             return compiled[0](*args)
