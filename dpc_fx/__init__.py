@@ -12,6 +12,7 @@ from dpc_fx.compiler import compile, coverage, layers
 from dpc_fx.config import DPCConfig
 from dpc_fx.cost import Cost, cost
 from dpc_fx.errors import ConfigError, DPCError, PassOrderError, PlanError, ShapeError, TraceError
+from dpc_fx.export import export
 from dpc_fx.meta import Bits, LayerMeta
 from dpc_fx.plan import Plan, plan_of
 from dpc_fx.report import show
@@ -33,6 +34,7 @@ __all__ = [
     "compile",
     "cost",
     "coverage",
+    "export",
     "layers",
     "plan_of",
     "show",
