@@ -20,12 +20,12 @@ from dpc_fx.fallback import (
     quantised_macs,
 )
 from dpc_fx.meta import STATE, DPCState, layer_meta
-from dpc_fx.passes._fx import attach, attached, layer_nodes
+from dpc_fx.passes._fx import attach, attached, keep_module_order, layer_nodes
 from dpc_fx.passes.assign import assign
 from dpc_fx.passes.capacity import capacity
 from dpc_fx.passes.lower import lower
 from dpc_fx.passes.rewrite import rewrite
-from dpc_fx.passes.trace import keep_module_order, trace
+from dpc_fx.passes.trace import trace
 from dpc_fx.plan import Plan
 
 __all__ = ["compile", "coverage", "layers"]

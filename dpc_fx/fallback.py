@@ -40,13 +40,14 @@ from dpc_fx.passes._fx import (
     MODULES,
     attach,
     attached,
+    keep_module_order,
     layer_nodes,
     matmul_spec,
     parameter_source,
 )
 from dpc_fx.passes.assign import assign
 from dpc_fx.passes.capacity import capacity, example_tuple, module_path
-from dpc_fx.passes.trace import keep_module_order, trace
+from dpc_fx.passes.trace import trace
 from dpc_fx.plan import Plan
 
 __all__ = [

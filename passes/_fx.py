@@ -24,6 +24,7 @@ __all__ = [
     "attached",
     "copy_graph_module",
     "get_attr",
+    "keep_module_order",
     "keep_unused",
     "layer_nodes",
     "matmul_spec",
@@ -68,6 +69,20 @@ def keep_unused(dst: nn.Module, src: nn.Module) -> None:
     for name, buf in src._buffers.items():
         if name not in dst._buffers and not hasattr(dst, name):
             dst.register_buffer(name, buf, persistent=name not in src._non_persistent_buffers_set)
+
+
+def keep_module_order(gm: nn.Module, model: nn.Module) -> None:
+    """Order ``gm``'s submodules as in ``model`` (FX adds them in order of first use), so
+    ``state_dict`` keys come in the model's order."""
+    for name, module in list(gm.named_modules()):
+        try:
+            order = list(model.get_submodule(name)._modules)
+        except AttributeError:
+            continue
+        rank = {key: i for i, key in enumerate(order)}
+        module._modules = dict(
+            sorted(module._modules.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+        )
 
 
 def require_graph(gm: object, needed_by: str) -> None:

@@ -40,6 +40,7 @@ from dpc_fx.meta import META_KEY, STATE, DPCState, LayerMeta, layer_meta
 from dpc_fx.passes._fx import (
     Operand,
     get_attr,
+    keep_module_order,
     keep_unused,
     layer_nodes,
     matmul_spec,
@@ -105,7 +106,7 @@ def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
     for path, module in converted.items():
         new.set_submodule(path, module, strict=False)  # keep the module object, not a stub
     keep_unused(new, gm)
-    _keep_module_order(new, gm)
+    keep_module_order(new, gm)
     new.add_module(QUANTIZERS, quantizers)
     quantizers.records = tuple(node.meta[META_KEY] for node in layer_nodes(new))
     quantizers.config = gm.meta.get("dpc_config")
@@ -222,16 +223,3 @@ def _functional_call(
         )
         padding = 0
     return fn, (x, weight, bias, mod.stride, padding, mod.dilation, mod.groups), {}
-
-
-def _keep_module_order(new: nn.Module, old: nn.Module) -> None:
-    """Order ``new``'s submodules as in ``old``, so ``state_dict`` keys come in the same order."""
-    for name, module in list(new.named_modules()):
-        try:
-            order = list(old.get_submodule(name)._modules)
-        except AttributeError:
-            continue
-        rank = {key: i for i, key in enumerate(order)}
-        module._modules = dict(
-            sorted(module._modules.items(), key=lambda kv: rank.get(kv[0], len(rank)))
-        )

@@ -19,9 +19,9 @@ from typing import Any
 from torch import fx, nn
 
 from dpc_fx.errors import ConfigError, TraceError
-from dpc_fx.passes._fx import keep_unused
+from dpc_fx.passes._fx import keep_module_order, keep_unused
 
-__all__ = ["keep_module_order", "trace"]
+__all__ = ["trace"]
 
 
 class _Tracer(fx.Tracer):
@@ -115,20 +115,6 @@ def trace(
     keep_unused(gm, model)  # same state_dict keys as the model, used by forward or not
     gm.meta["dpc_source"] = name
     return gm
-
-
-def keep_module_order(gm: nn.Module, model: nn.Module) -> None:
-    """Order ``gm``'s submodules as in ``model`` (FX adds them in order of first use), so
-    ``state_dict`` keys come in the model's order."""
-    for name, module in list(gm.named_modules()):
-        try:
-            order = list(model.get_submodule(name)._modules)
-        except AttributeError:
-            continue
-        rank = {key: i for i, key in enumerate(order)}
-        module._modules = dict(
-            sorted(module._modules.items(), key=lambda kv: rank.get(kv[0], len(rank)))
-        )
 
 
 def _restore(saved: dict[nn.Module, dict[str, Any]]) -> None:
