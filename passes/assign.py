@@ -316,7 +316,17 @@ def _solve_budget(
                     best = (error, candidate)
         if hits:
             # Among equally near bounds, keep the fewest bits as high as possible.
-            return min(hits, key=lambda h: (h[0], h[1]))[2].replace(budget=config.budget)
+            chosen = min(hits, key=lambda h: (h[0], h[1]))[2].replace(budget=config.budget)
+            fewest = min((b.w for b in _free_bits(capacities, chosen) if b.w), default=None)
+            if fewest is not None and fewest < 3:
+                warnings.warn(
+                    f"DPCConfig: budget={config.budget} puts some layers at {fewest} bits "
+                    f"(b_min={chosen.b_min}, b_max={chosen.b_max}, delta={chosen.delta}); "
+                    "training at so few bits often fails to converge. A smaller budget, or "
+                    "pin_first_last=False (more layers to share the saving), keeps more bits.",
+                    stacklevel=4,
+                )
+            return chosen
     assert best is not None
     reached = saving(best[1])
     raise ConfigError(

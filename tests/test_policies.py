@@ -8,6 +8,7 @@ import torchvision
 from torch import nn
 
 import dpc_fx
+import dpc_fx.demo
 from dpc_fx import Bits, DPCConfig
 
 
@@ -98,3 +99,11 @@ def test_capacity_by_macs_ranks_by_macs(resnet18: nn.Module) -> None:
         assert m.capacity == m.macs
     # Downsample convs are small in MACs, so they get the most bits.
     assert bits_of(gm)["layer2.0.downsample.0"] == Bits(8, 8, 8)
+
+
+def test_a_budget_that_needs_very_few_bits_warns() -> None:
+    torch.manual_seed(0)
+    cnn = dpc_fx.demo.MNIST1DCNN()
+    with pytest.warns(UserWarning, match=r"budget=0.3 puts some layers at [12] bits"):
+        gm = dpc_fx.compile(cnn, torch.randn(4, 1, 40), config=DPCConfig(budget=0.3))
+    assert dpc_fx.cost(gm).saving_vs_8bit == pytest.approx(0.3, abs=0.01)
