@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from dpc_fx import kernels
-from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer, tensor_range
+from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer
 
 __all__ = ["Int8Linear"]
 
@@ -125,12 +125,5 @@ class Int8Linear(nn.Module):
             # Schedules may lift a layer above 8 bits: fall back to the simulated chain.
             y = nn.functional.linear(self.act_q(x), self.weight_q(weight), bias)
             return self.grad_q(y)
-        act = self.act_q
-        if act.training:
-            lo, hi = tensor_range(x.float())
-            act._observe(lo, hi)
-        elif act.observed:
-            lo, hi = act.running_min.float(), act.running_max.float()
-        else:
-            lo, hi = tensor_range(x.float())
-        return _Int8LinearFn.apply(x, weight, bias, lo, hi, *bits)
+        lo, hi = self.act_q.range_for(x)
+        return _Int8LinearFn.apply(x, weight, bias, lo.float(), hi.float(), *bits)

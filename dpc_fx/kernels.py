@@ -81,7 +81,6 @@ def fused(fn: F) -> F:
             )
             return fn(*args)
 
-    wrapper.eager = fn  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
 
 

@@ -262,14 +262,19 @@ class ActQuantizer(Quantizer):
             return x
         assert self.bits is not None
         self._check(x)
+        lo, hi = self.range_for(x)
+        return _FakeQuantSTE.apply(x, self.bits, lo, hi, None)
+
+    def range_for(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The range to quantise ``x`` over: the batch's in training (updating the running
+        range), the running range in eval, or the batch's own if no training batch was seen."""
         if self.training:
             lo, hi = tensor_range(x)
             self._observe(lo, hi)
-        elif self.observed:
-            lo, hi = self.running_min, self.running_max
-        else:
-            return _FakeQuantSTE.apply(x, self.bits, None, None, None)
-        return _FakeQuantSTE.apply(x, self.bits, lo, hi, None)
+            return lo, hi
+        if self.observed:
+            return self.running_min, self.running_max
+        return tensor_range(x)
 
     @torch.no_grad()
     def _observe(self, lo: Tensor, hi: Tensor) -> None:

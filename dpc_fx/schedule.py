@@ -28,9 +28,8 @@ from typing import Any
 from torch import fx
 
 from dpc_fx.errors import ConfigError
-from dpc_fx.meta import layer_meta
+from dpc_fx.meta import STATE, layer_meta
 from dpc_fx.passes._fx import layer_nodes
-from dpc_fx.passes.rewrite import QUANTIZERS
 from dpc_fx.quant import Quantizer
 
 __all__ = ["CyclicSchedule"]
@@ -62,7 +61,7 @@ class CyclicSchedule:
         for node in layer_nodes(gm):
             bits = layer_meta(node, needed_by="CyclicSchedule", bits=True).bits
             # The graph that owns the node: gm itself, or a traced part of a fallback model.
-            holder = getattr(node.graph.owning_module, QUANTIZERS, None)
+            holder = getattr(node.graph.owning_module, STATE, None)
             if holder is None or node.name not in holder._modules or bits is None:
                 continue
             quantizers = [

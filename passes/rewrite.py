@@ -50,9 +50,8 @@ from dpc_fx.passes._fx import (
 from dpc_fx.passes.lower import lowerable
 from dpc_fx.quant import ActQuantizer, GradQuantizer, Quantizer, WeightQuantizer, is_active
 
-__all__ = ["QUANTIZERS", "rewrite"]
+__all__ = ["rewrite"]
 
-QUANTIZERS = STATE  # the compiled module's DPCState, which holds the quantiser modules
 
 _FUNCTIONAL = {
     "linear": F.linear,
@@ -74,10 +73,10 @@ def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
         PassOrderError: a layer has no bit-widths (run the assign pass first).
     """
     require_graph(gm, "rewrite")
-    clash = getattr(gm, QUANTIZERS, None)
+    clash = getattr(gm, STATE, None)
     if clash is not None and not isinstance(clash, DPCState):
         raise ConfigError(
-            f"rewrite: the model has its own attribute '{QUANTIZERS}' ({type(clash).__name__}), "
+            f"rewrite: the model has its own attribute '{STATE}' ({type(clash).__name__}), "
             f"where dpc_fx keeps the quantisers; rename that attribute of the model to compile it."
         )
     graph = fx.Graph()
@@ -98,8 +97,8 @@ def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module"):
             target = str(node.target)
-            if target.startswith(QUANTIZERS + "."):
-                roots[target] = quantizers.get_submodule(target.removeprefix(QUANTIZERS + "."))
+            if target.startswith(STATE + "."):
+                roots[target] = quantizers.get_submodule(target.removeprefix(STATE + "."))
             else:
                 roots[target] = get_attr(gm, target)
     new = fx.GraphModule(roots, graph, gm.__class__.__name__)
@@ -107,7 +106,7 @@ def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
         new.set_submodule(path, module, strict=False)  # keep the module object, not a stub
     keep_unused(new, gm)
     keep_module_order(new, gm)
-    new.add_module(QUANTIZERS, quantizers)
+    new.add_module(STATE, quantizers)
     quantizers.records = tuple(node.meta[META_KEY] for node in layer_nodes(new))
     quantizers.config = gm.meta.get("dpc_config")
     new.meta = dict(getattr(gm, "meta", {}))
@@ -129,7 +128,7 @@ def _quantize_layer(
 ) -> fx.Node:
     spec = matmul_spec(node, gm)
     assert spec is not None and meta.bits is not None
-    prefix = f"{QUANTIZERS}.{node.name}"
+    prefix = f"{STATE}.{node.name}"
     provenance = {k: node.meta[k] for k in _PROVENANCE if k in node.meta}
 
     config = gm.meta.get("dpc_config")
