@@ -95,7 +95,8 @@ class Coverage:
 
     Attributes:
         traced: the model traced whole (no leaves).
-        layers: conv/linear modules in the model.
+        layers: conv/linear modules in the model, and the input projections of its
+            ``nn.MultiheadAttention`` modules.
         compiled: those inside compiled parts, so under the plan (pinned ones included).
         quantised: those whose weights the compiled model quantises.
         macs: MACs of one forward on the example inputs (``None`` without them).
@@ -451,15 +452,14 @@ def _layer_names(gm: fx.GraphModule, module: nn.Module) -> dict[fx.Node, str]:
     metas = {n: m for n in gm.graph.nodes if isinstance(m := n.meta.get(META_KEY), LayerMeta)}
     owners = {n: _weight_owner(n, gm) for n in metas}
     kinds = tuple(MODULES)
+    modules = dict(module.named_modules())
     names = {}
     for node, meta in metas.items():
         owner = owners[node]
         names[node] = meta.layer
         if owner is None or meta.module_type is not None:
             continue
-        if list(owners.values()).count(owner) == 1 and isinstance(
-            module.get_submodule(owner), kinds
-        ):
+        if list(owners.values()).count(owner) == 1 and isinstance(modules.get(owner), kinds):
             names[node] = owner
     return names
 
@@ -553,18 +553,37 @@ def _weight_owner(node: fx.Node, gm: fx.GraphModule) -> str | None:
         return str(node.target)
     operand = spec.weight.get(node.args, node.kwargs)
     source = parameter_source(operand) if isinstance(operand, fx.Node) else None
-    return None if source is None else str(source.target).rpartition(".")[0]
+    if source is None:
+        return None
+    owner, _, attr = str(source.target).rpartition(".")
+    packed = attr.removesuffix("_weight")  # nn.MultiheadAttention's in_proj_weight
+    return _join(owner, packed) if attr.endswith("_weight") else owner
+
+
+def _weight_layers(model: nn.Module) -> set[str]:
+    """Names of the model's matmul-like weights: conv/linear modules by path, and
+    ``nn.MultiheadAttention``'s input projections as ``path.in_proj`` (or ``q_proj``,
+    ``k_proj``, ``v_proj`` when keys and values have their own sizes)."""
+    kinds = tuple(MODULES)
+    out = set()
+    for path, m in model.named_modules():
+        if isinstance(m, kinds):
+            out.add(path)
+        elif isinstance(m, nn.MultiheadAttention):
+            projections = ("in_proj",) if m._qkv_same_embed_dim else ("q_proj", "k_proj", "v_proj")
+            out.update(_join(path, p) for p in projections)
+    return out
 
 
 def layer_coverage(
     model: nn.Module, parts: list[tuple[str, fx.GraphModule]]
 ) -> tuple[int, int, int]:
-    """(conv/linear modules of ``model``, those inside compiled ``parts``, those quantised).
+    """(matmul-like weights of ``model``, those inside compiled ``parts``, those quantised);
+    see :func:`_weight_layers` for what counts.
 
     ``parts`` are measured and assigned graphs (``path`` in the model, graph).
     """
-    kinds = tuple(MODULES)
-    total = {p for p, m in model.named_modules() if isinstance(m, kinds)}
+    total = _weight_layers(model)
     compiled, quantised = set(), set()
     for path, gm in parts:
         for node in gm.graph.nodes:

@@ -73,12 +73,13 @@ def capacity(
         measured, total = _propagate(new, example_tuple(example_inputs), set(specs), fake=fake)
         new.meta["dpc_macs"] = total // 2
     depths = _depths(new)
+    names = _layer_names(new, specs)
     for node, spec in specs.items():
         flops, shape = measured.get(node.name, (None, None))
         node.meta[META_KEY] = LayerMeta(
-            layer=str(node.target) if node.op == "call_module" else node.name,
+            layer=names[node][0],
             op=spec.op,
-            module_type=type(spec.module).__name__ if spec.module is not None else None,
+            module_type=names[node][1],
             params=_params(new, node, spec),
             macs=None if flops is None else flops // 2,
             flops=flops,
@@ -86,6 +87,45 @@ def capacity(
             depth=depths[node.name],
         )
     return new
+
+
+def _layer_names(
+    gm: fx.GraphModule, specs: dict[fx.Node, MatmulSpec]
+) -> dict[fx.Node, tuple[str, str | None]]:
+    """(layer key, module class name) per layer node.
+
+    A module call is named by its module path. A functional call on a module's weight
+    (``F.linear(x, self.qkv.weight)``, as in attention stand-ins) is named after that
+    module, and one on a packed weight (``in_proj_weight``) after the weight
+    (``attn.in_proj``), when no other layer reads it; anything else by its node name.
+    """
+    types: dict[str, str] = gm.meta.get("dpc_module_types", {})
+    owners: dict[fx.Node, tuple[str, str] | None] = {}
+    for node, spec in specs.items():
+        owners[node] = None
+        if spec.module is not None:
+            continue
+        operand = spec.weight.get(node.args, node.kwargs)
+        source = parameter_source(operand) if isinstance(operand, fx.Node) else None
+        if source is None:
+            continue
+        path, _, attr = str(source.target).rpartition(".")
+        if path and path in types and attr == "weight":
+            owners[node] = (path, types[path])
+        elif path and path in types and attr.endswith("_weight"):
+            owners[node] = (f"{path}.{attr.removesuffix('_weight')}", types[path])
+    taken = [o[0] for o in owners.values() if o is not None]
+    taken += [str(node.target) for node, spec in specs.items() if spec.module is not None]
+    names: dict[fx.Node, tuple[str, str | None]] = {}
+    for node, spec in specs.items():
+        named = owners[node]
+        if spec.module is not None:
+            names[node] = (str(node.target), type(spec.module).__name__)
+        elif named is not None and taken.count(named[0]) == 1:
+            names[node] = named
+        else:
+            names[node] = (node.name, None)
+    return names
 
 
 def example_tuple(example_inputs: Any) -> tuple[Any, ...]:

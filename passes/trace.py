@@ -3,6 +3,10 @@
 Reads: the model. Writes: a new GraphModule (the model itself is left alone; the graph
 module shares its submodules and parameters, as ``torch.fx.symbolic_trace`` does).
 
+Attention that FX would record as one opaque call (``nn.MultiheadAttention``,
+torchvision's Swin attention) is traced through a stand-in that computes the same thing
+with its projections in the graph (``passes/_standins.py``), so they can be quantised.
+
 If tracing fails, the error names the innermost submodule whose ``forward`` was running,
 with FX's own reason, and how to get past it.
 
@@ -20,6 +24,7 @@ from torch import fx, nn
 
 from dpc_fx.errors import ConfigError, TraceError
 from dpc_fx.passes._fx import keep_module_order, keep_unused
+from dpc_fx.passes._standins import standin_for, swin_standins
 
 __all__ = ["trace"]
 
@@ -33,9 +38,9 @@ class _Tracer(fx.Tracer):
         self.failed_at: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.leaf_paths or super().is_leaf_module(
-            m, module_qualified_name
-        )
+        if module_qualified_name in self.leaf_paths or _follows_mode(m):
+            return True
+        return standin_for(m) is None and super().is_leaf_module(m, module_qualified_name)
 
     def call_module(
         self,
@@ -44,11 +49,15 @@ class _Tracer(fx.Tracer):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
+        path = self.path_of_module(m)
+        if path not in self.leaf_paths:
+            forward = standin_for(m) or forward
         try:
-            return super().call_module(m, forward, args, kwargs)
+            with swin_standins(m):
+                return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_at is None:  # the innermost module sees the error first
-                self.failed_at = (self.path_of_module(m), type(m).__name__)
+                self.failed_at = (path, type(m).__name__)
             raise
 
 
@@ -114,7 +123,21 @@ def trace(
     keep_module_order(gm, model)
     keep_unused(gm, model)  # same state_dict keys as the model, used by forward or not
     gm.meta["dpc_source"] = name
+    # Class names by module path: GraphModule keeps plain holders for modules it only reads
+    # weights from, and a functional layer on a module's weight is named after that module.
+    gm.meta["dpc_module_types"] = {p: type(m).__name__ for p, m in model.named_modules()}
     return gm
+
+
+def _follows_mode(m: nn.Module) -> bool:
+    """Kept as a call so it follows ``train()``/``eval()``: FX would freeze the branch on
+    ``self.training`` at the mode of the trace (torchvision's stochastic depth, say,
+    would keep dropping residual branches in eval)."""
+    cls = type(m)
+    return (cls.__module__, cls.__name__) in _MODE_LEAVES
+
+
+_MODE_LEAVES = frozenset({("torchvision.ops.stochastic_depth", "StochasticDepth")})
 
 
 def _restore(saved: dict[nn.Module, dict[str, Any]]) -> None:

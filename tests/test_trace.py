@@ -201,3 +201,25 @@ def test_compile_runs_an_untraceable_root_as_it_is() -> None:
     assert "cannot trace its forward (RootDataDependent)" in messages
     x = torch.randn(3, 4) * 3
     assert torch.equal(gm(x), model(x))
+
+
+def test_mode_dependent_torchvision_modules_stay_calls() -> None:
+    """Stochastic depth branches on ``self.training``; traced into, FX would freeze the
+    branch of the trace's mode, and a model compiled in train mode would keep dropping
+    residual branches in eval."""
+    from torchvision.ops import StochasticDepth
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.drop = StochasticDepth(0.5, "row")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.drop(self.fc(x))
+
+    model = Residual().train()
+    gm = trace(model)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["fc", "drop"]
+    x = torch.randn(64, 4)
+    assert torch.equal(gm.eval()(x), model.eval()(x))

@@ -68,8 +68,8 @@ CLASSIFIERS: dict[
     "efficientnet_b0": (lambda: M.efficientnet_b0(num_classes=10), image(2, 3, 32, 32), (80, 82)),
     "regnet_x_400mf": (lambda: M.regnet_x_400mf(num_classes=10), image(2, 3, 32, 32), (70, 72)),
     "densenet121": (lambda: M.densenet121(num_classes=10), image(2, 3, 32, 32), (119, 121)),
-    "vit (2 layers)": (tiny_vit, image(2, 3, 32, 32), (4, 8)),
-    "swin (2 stages)": (tiny_swin, image(2, 3, 32, 32), (9, 19)),
+    "vit (2 layers)": (tiny_vit, image(2, 3, 32, 32), (8, 10)),
+    "swin (2 stages)": (tiny_swin, image(2, 3, 32, 32), (17, 19)),
     "convnext (2 stages)": (tiny_convnext, image(2, 3, 32, 32), (13, 15)),
     "lraspp_mobilenet_v3_large": (
         lambda: M.segmentation.lraspp_mobilenet_v3_large(weights_backbone=None, num_classes=3),

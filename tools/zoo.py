@@ -29,6 +29,7 @@ import torchvision
 from torchvision import models as M
 
 import dpc_fx
+from dpc_fx import DPCConfig
 
 FAMILIES = {
     "classification": M,
@@ -135,6 +136,10 @@ class Row:
     shown: str
     status: str = "failed"
     quantised: str = "-"
+    reached: str = "-"
+    short: bool = False  # fewer than 90% of the layers quantised
+    pinned_only: bool = False  # ... and all of them reached by the passes
+    unpinned: str = ""  # quantised with pin_first_last=False, for those
     macs: str = "-"
     leaves: str = "-"
     compile_s: float | None = None
@@ -161,6 +166,14 @@ def run(name: str, family: str) -> Row:
     row.status = "traced" if cov.traced else "fallback"
     pct = cov.quantised / cov.layers if cov.layers else 0.0
     row.quantised = f"{cov.quantised}/{cov.layers} ({pct:.0%})"
+    row.reached = f"{cov.compiled}/{cov.layers}"
+    row.short = pct < 0.9
+    row.pinned_only = row.short and cov.compiled == cov.layers
+    if row.pinned_only:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            free = dpc_fx.compile(model, inputs, config=DPCConfig(pin_first_last=False))
+        row.unpinned = f"{dpc_fx.coverage(free).quantised}/{cov.layers}"
     row.macs = "-" if cov.macs_share is None else f"{cov.macs_share:.1%}"
     row.leaves = str(len(cov.leaves)) if cov.leaves else "-"
     row.step = _step(gm, c, inputs)
@@ -181,17 +194,23 @@ def _step(gm: torch.nn.Module, c: Case, inputs: tuple[Any, ...]) -> str:
     return f"ok ({time.perf_counter() - start:.1f} s, grads on {grads}/{total} parameters)"
 
 
-NOTES = """
-Where fewer than 90% of the conv/linear layers are quantised, this is why:
-
-- *AlexNet, VGG*: few layers, and the first conv and the last linear are pinned to full
-  precision by default (`DPCConfig(pin_first_last=False)` quantises them too).
-- *ViT*: attention is `nn.MultiheadAttention`, which torch.fx keeps as one call (it is a
-  `torch.nn` module); its input and output projections stay in full precision.
-- *Swin (2D and 3D)*: attention runs in torchvision's `shifted_window_attention` (`_3d` for
-  video), which torchvision marks `torch.fx.wrap`, so FX records one call that takes the `qkv`
-  and `proj` weights as arguments; those two linears per block stay in full precision.
-"""
+def notes(rows: list[Row]) -> list[str]:
+    """Why some models quantise fewer than 90% of their layers, from the rows."""
+    short = [r for r in rows if r.short and r.status == "traced"]
+    if not short:
+        return ["Every traced model quantises 90% or more of its conv/linear layers."]
+    pinned = [f"{r.name} ({r.unpinned} unpinned)" for r in short if r.pinned_only]
+    other = [r.name for r in short if not r.pinned_only]
+    out = ["Traced models that quantise fewer than 90% of their conv/linear layers:", ""]
+    if pinned:
+        out.append(
+            f"- {', '.join(pinned)}: every layer is under the plan (*reached*), but these "
+            "models have few layers and the first and the last are pinned to full precision by "
+            "default; with `DPCConfig(pin_first_last=False)` the counts in brackets are quantised."
+        )
+    if other:
+        out.append(f"- {', '.join(other)}: some layers are not reached by the passes.")
+    return out
 
 
 def _cpu() -> str:
@@ -221,9 +240,10 @@ def render(rows: list[Row], command: str, seconds: float) -> str:
         f"Date: {datetime.date.today().isoformat()}; whole run {seconds / 60:.1f} min.",
         "",
         "Random weights, default `DPCConfig()` (4-8 bits by parameter count, 8-bit gradients, "
-        "first and last layer pinned to full precision). *quantised*: conv/linear modules whose "
-        "weights the compiled model quantises, of all conv/linear modules (pinned ones count as "
-        "not quantised). *MACs*: share of one forward's MACs (torch.utils.flop_counter) spent in "
+        "first and last layer pinned to full precision). *quantised*: conv/linear layers whose "
+        "weights the compiled model quantises, of all its conv/linear layers (modules, and the "
+        "input projections of `nn.MultiheadAttention`; pinned ones count as not quantised). "
+        "*reached*: those under the plan, pinned ones included. *MACs*: share of one forward's MACs (torch.utils.flop_counter) spent in "
         "quantised layers. *leaves*: submodules kept whole because torch.fx cannot trace them "
         "(`dpc_fx.coverage(gm)` lists them with the reason). *step*: forward in train mode, a "
         "loss (detection: the model's loss dict with one box per image), backward.",
@@ -233,7 +253,7 @@ def render(rows: list[Row], command: str, seconds: float) -> str:
     ]
     for family, by in counts.items():
         lines.append(f"- {family}: " + ", ".join(f"{n} {k}" for k, n in sorted(by.items())))
-    lines += ["", NOTES.strip()]
+    lines += ["", *notes(rows)]
     for family in FAMILIES:
         mine = [r for r in rows if r.family == family]
         if not mine:
@@ -242,14 +262,15 @@ def render(rows: list[Row], command: str, seconds: float) -> str:
             "",
             f"## {family.capitalize()}",
             "",
-            "| model | input | status | quantised | MACs | leaves | compile | step |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| model | input | status | quantised | reached | MACs | leaves | compile | step |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in mine:
             t = "-" if r.compile_s is None else f"{r.compile_s:.1f} s"
             step = r.step if not r.note else r.note
             lines.append(
-                f"| {r.name} | {r.shown} | {r.status} | {r.quantised} | {r.macs} | {r.leaves} "
+                f"| {r.name} | {r.shown} | {r.status} | {r.quantised} | {r.reached} | {r.macs} "
+                f"| {r.leaves} "
                 f"| {t} | {step} |"
             )
     return "\n".join(lines) + "\n"

@@ -1,0 +1,390 @@
+"""Traceable stand-ins for attention modules whose projections torch.fx cannot see.
+
+Two families of attention hide their matmul-like layers from a symbolic trace:
+
+- ``nn.MultiheadAttention`` is a ``torch.nn`` module, so FX records it as one call; its
+  in-projection (a packed ``in_proj_weight``) and ``out_proj`` never reach the graph.
+- torchvision's Swin attention (2-D, V2 and 3-D) runs in a function marked
+  ``torch.fx.wrap`` that takes the ``qkv`` and ``proj`` weights as arguments, because its
+  padding, shifting and masking depend on the feature map's size.
+
+While tracing, :func:`standin_for` gives the tracer a forward to trace instead of the
+module's own. Each stand-in computes what the original computes, but lays the projections
+out as ``F.linear`` calls on the module's own parameters and ``out_proj`` as a module call,
+and keeps what depends on concrete sizes (window partitioning, masks, the attention core)
+inside small functions that FX records as single calls:
+
+    Swin block attention, before:   x ──► shifted_window_attention(x, qkv.weight, ...) ──►
+    after:   x ──► _windows ──► linear(qkv.weight) ──► _window_core ──► linear(proj.weight)
+               ──► dropout ──► _unwindows ──►
+
+The module itself is not changed, so ``state_dict`` keys stay the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["standin_for", "swin_standins"]
+
+
+def standin_for(m: nn.Module) -> Callable[..., Any] | None:
+    """A traceable forward for ``m``, or ``None`` when ``m`` has none (trace it as usual)."""
+    if isinstance(m, nn.MultiheadAttention):
+        return functools.partial(_multihead_attention, m) if _mha_supported(m) else None
+    return None
+
+
+def _mha_supported(m: nn.MultiheadAttention) -> bool:
+    """Stand in for the common configuration. Extra key/value biases and zero attention
+    are rare; dropout would be baked in at the trace's training mode (FX records
+    ``self.training`` as a constant), so modules with dropout stay whole."""
+    return m.bias_k is None and m.bias_v is None and not m.add_zero_attn and m.dropout == 0.0
+
+
+# --- nn.MultiheadAttention -------------------------------------------------------------
+
+
+def _multihead_attention(
+    m: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """``m(query, key, value, ...)`` with the projections in the graph.
+
+    The projections act on each token alone, so they run in the caller's layout
+    (batch-first or not); only the attention core needs to know the layout.
+    """
+    e = m.embed_dim
+    bias = m.in_proj_bias
+    if m._qkv_same_embed_dim:
+        w = m.in_proj_weight
+        if query is key and key is value:  # self-attention: one packed projection
+            qkv = F.linear(query, w, bias)
+            q, k, v = qkv[..., :e], qkv[..., e : 2 * e], qkv[..., 2 * e :]
+        else:
+            q = F.linear(query, w[:e], None if bias is None else bias[:e])
+            k = F.linear(key, w[e : 2 * e], None if bias is None else bias[e : 2 * e])
+            v = F.linear(value, w[2 * e :], None if bias is None else bias[2 * e :])
+    else:
+        q = F.linear(query, m.q_proj_weight, None if bias is None else bias[:e])
+        k = F.linear(key, m.k_proj_weight, None if bias is None else bias[e : 2 * e])
+        v = F.linear(value, m.v_proj_weight, None if bias is None else bias[2 * e :])
+    out_weights = _mha_core(
+        q,
+        k,
+        v,
+        m.num_heads,
+        m.batch_first,
+        key_padding_mask,
+        attn_mask,
+        need_weights,
+        average_attn_weights,
+        is_causal,
+    )
+    out = m.out_proj(out_weights[0])
+    return out, (out_weights[1] if need_weights else None)
+
+
+@torch.fx.wrap
+def _mha_core(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    num_heads: int,
+    batch_first: bool,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    need_weights: bool,
+    average_attn_weights: bool,
+    is_causal: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Scaled dot-product attention over projected ``q, k, v`` in the module's layout;
+    masks follow ``nn.MultiheadAttention`` (boolean ``True`` = may not attend, floats
+    added to the scores). Returns the heads merged back, and the attention weights."""
+    if is_causal and attn_mask is None:
+        raise RuntimeError(
+            "nn.MultiheadAttention: is_causal=True needs attn_mask (it is only a hint "
+            "that attn_mask is causal)."
+        )
+    unbatched = q.dim() == 2
+    if unbatched:
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    elif not batch_first:
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    n, length, e = q.shape
+    d = e // num_heads
+
+    def heads(t: Tensor) -> Tensor:  # (n, len, e) -> (n, heads, len, d)
+        return t.reshape(n, t.shape[1], num_heads, d).transpose(1, 2)
+
+    q, k, v = heads(q), heads(k), heads(v)
+    mask = _additive_mask(attn_mask, key_padding_mask, n, num_heads, q.dtype)
+    if need_weights:
+        scores = (q * math.sqrt(1.0 / d)) @ k.transpose(-2, -1)
+        if mask is not None:
+            scores = scores + mask
+        weights = scores.softmax(dim=-1)
+        out = weights @ v
+        weights = weights.mean(dim=1) if average_attn_weights else weights
+        if unbatched:
+            weights = weights.squeeze(0)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        weights = None
+    out = out.transpose(1, 2).reshape(n, length, e)
+    if unbatched:
+        out = out.squeeze(0)
+    elif not batch_first:
+        out = out.transpose(0, 1)
+    return out, weights
+
+
+def _additive_mask(
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    n: int,
+    num_heads: int,
+    dtype: torch.dtype,
+) -> Tensor | None:
+    """One float mask broadcastable to ``(n, heads, len, src_len)``, or ``None``."""
+
+    def additive(mask: Tensor) -> Tensor:
+        if mask.dtype == torch.bool:
+            return torch.zeros_like(mask, dtype=dtype).masked_fill(mask, float("-inf"))
+        return mask.to(dtype)
+
+    out = None
+    if attn_mask is not None:
+        out = additive(attn_mask)
+        if out.dim() == 3:  # (n * heads, len, src_len)
+            out = out.reshape(n, num_heads, *out.shape[1:])
+    if key_padding_mask is not None:
+        pad = additive(key_padding_mask)[:, None, None, :]
+        out = pad if out is None else out + pad
+    return out
+
+
+# --- torchvision's Swin attention ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def swin_standins(m: nn.Module) -> Iterator[None]:
+    """While ``m`` (a torchvision Swin attention module) is traced, point torchvision's
+    attention function at its stand-in. torch.fx patches each ``torch.fx.wrap``'d function
+    for the length of a trace; the stand-in goes on top of that patch, which is put back
+    on exit."""
+    standins = _SWIN.get(type(m).__module__, ())
+    saved = []
+    namespace = vars(sys.modules[type(m).__module__])
+    for name, standin in standins:
+        if name in namespace:
+            saved.append((name, namespace[name]))
+            namespace[name] = standin
+    try:
+        yield
+    finally:
+        for name, value in saved:
+            namespace[name] = value
+
+
+def _shifted_window_attention(
+    input: Tensor,
+    qkv_weight: Tensor,
+    proj_weight: Tensor,
+    relative_position_bias: Tensor,
+    window_size: list[int],
+    num_heads: int,
+    shift_size: list[int],
+    attention_dropout: float = 0.0,
+    dropout: float = 0.0,
+    qkv_bias: Tensor | None = None,
+    proj_bias: Tensor | None = None,
+    logit_scale: Tensor | None = None,
+    training: bool = True,
+    *,
+    clamp_shift: bool,
+) -> Tensor:
+    """Window attention of a ``(B, *spatial, C)`` map with the two projections in the
+    graph. ``clamp_shift``: no shift along a dimension the window covers (2-D Swin; the
+    3-D model adapts window and shift before the call)."""
+    geometry = (window_size, shift_size, clamp_shift)
+    x = _windows(input, *geometry)
+    if logit_scale is not None and qkv_bias is not None:
+        qkv_bias = _without_key_bias(qkv_bias)
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    x = _window_core(
+        qkv,
+        input,
+        relative_position_bias,
+        num_heads,
+        logit_scale,
+        attention_dropout,
+        training,
+        *geometry,
+    )
+    x = F.linear(x, proj_weight, proj_bias)
+    x = F.dropout(x, p=dropout, training=training)
+    return _unwindows(x, input, *geometry)
+
+
+def _geometry(
+    input: Tensor, window_size: list[int], shift_size: list[int], clamp_shift: bool
+) -> tuple[list[int], list[int], list[int]]:
+    """(padded spatial size, window, shift) of a ``(B, *spatial, C)`` map."""
+    spatial = list(input.shape[1:-1])
+    window = [int(w) for w in window_size[: len(spatial)]]
+    padded = [s + (w - s % w) % w for s, w in zip(spatial, window, strict=True)]
+    shift = [int(s) for s in shift_size[: len(spatial)]]
+    if clamp_shift:
+        shift = [0 if w >= p else s for s, w, p in zip(shift, window, padded, strict=True)]
+    return padded, window, shift
+
+
+def _partition(x: Tensor, window: list[int]) -> Tensor:
+    """``(B, *padded, C)`` -> ``(B * windows, window volume, C)``, windows in raster order."""
+    nd = len(window)
+    grid = [p // w for p, w in zip(x.shape[1:-1], window, strict=True)]
+    shape = [x.shape[0]]
+    for g, w in zip(grid, window, strict=True):
+        shape += [g, w]
+    x = x.reshape(*shape, x.shape[-1])
+    order = [0, *range(1, 2 * nd, 2), *range(2, 2 * nd + 1, 2), 2 * nd + 1]
+    return x.permute(order).reshape(-1, math.prod(window), x.shape[-1])
+
+
+@torch.fx.wrap
+def _windows(
+    input: Tensor, window_size: list[int], shift_size: list[int], clamp_shift: bool
+) -> Tensor:
+    """Pad to whole windows, shift cyclically, cut into windows."""
+    padded, window, shift = _geometry(input, window_size, shift_size, clamp_shift)
+    pad: list[int] = [0, 0]
+    for s, p in reversed(list(zip(input.shape[1:-1], padded, strict=True))):
+        pad += [0, p - s]
+    x = F.pad(input, pad)
+    dims = tuple(range(1, len(window) + 1))
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=tuple(-s for s in shift), dims=dims)
+    return _partition(x, window)
+
+
+@torch.fx.wrap
+def _unwindows(
+    x: Tensor, input: Tensor, window_size: list[int], shift_size: list[int], clamp_shift: bool
+) -> Tensor:
+    """Inverse of :func:`_windows`: windows back into the map, shifted back, cropped."""
+    padded, window, shift = _geometry(input, window_size, shift_size, clamp_shift)
+    nd = len(window)
+    grid = [p // w for p, w in zip(padded, window, strict=True)]
+    b, c = input.shape[0], x.shape[-1]
+    x = x.reshape(b, *grid, *window, c)
+    order = [0]
+    for i in range(nd):
+        order += [1 + i, 1 + nd + i]
+    x = x.permute(*order, 2 * nd + 1).reshape(b, *padded, c)
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=tuple(shift), dims=tuple(range(1, nd + 1)))
+    crop = (slice(None), *(slice(0, s) for s in input.shape[1:-1]), slice(None))
+    return x[crop].contiguous()
+
+
+@torch.fx.wrap
+def _without_key_bias(qkv_bias: Tensor) -> Tensor:
+    """Swin V2 has no key bias: the middle third of the packed bias is zero."""
+    third = qkv_bias.numel() // 3
+    keep = torch.ones_like(qkv_bias)
+    keep[third : 2 * third] = 0
+    return qkv_bias * keep
+
+
+@torch.fx.wrap
+def _window_core(
+    qkv: Tensor,
+    input: Tensor,
+    relative_position_bias: Tensor,
+    num_heads: int,
+    logit_scale: Tensor | None,
+    attention_dropout: float,
+    training: bool,
+    window_size: list[int],
+    shift_size: list[int],
+    clamp_shift: bool,
+) -> Tensor:
+    """Attention inside each window: scaled dot product (cosine with a learned scale for
+    V2), plus the relative position bias, with tokens from different regions of a shifted
+    window kept apart."""
+    padded, window, shift = _geometry(input, window_size, shift_size, clamp_shift)
+    n, tokens, c3 = qkv.shape
+    c = c3 // 3
+    qkv = qkv.reshape(n, tokens, 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if logit_scale is not None:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * (c // num_heads) ** -0.5).matmul(k.transpose(-2, -1))
+    attn = attn + relative_position_bias
+    if sum(shift) > 0:
+        mask = _shift_mask(padded, window, shift, qkv)
+        windows = mask.shape[0]
+        attn = attn.view(n // windows, windows, num_heads, tokens, tokens) + mask[None, :, None]
+        attn = attn.view(-1, num_heads, tokens, tokens)
+    attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
+    return attn.matmul(v).transpose(1, 2).reshape(n, tokens, c)
+
+
+def _shift_mask(padded: list[int], window: list[int], shift: list[int], like: Tensor) -> Tensor:
+    """``(windows, tokens, tokens)``: -100 between tokens that a cyclic shift brought
+    together from different regions of the map, 0 elsewhere.
+
+    Along each dimension the shifted map has three regions, ``[0, p - w)``,
+    ``[p - w, p - s)`` and ``[p - s, p)``; a token's region is the tuple over dimensions.
+    """
+    region = torch.zeros(padded, dtype=torch.long, device=like.device)
+    for i, (p, w, s) in enumerate(zip(padded, window, shift, strict=True)):
+        along = torch.zeros(p, dtype=torch.long, device=like.device)
+        along[p - w :] = 1
+        along[p - s :] = 2 if s else 1
+        shape = [1] * len(padded)
+        shape[i] = p
+        region = region * 3 + along.view(shape)
+    ids = _partition(region[None, ..., None], window)[..., 0]  # (windows, tokens)
+    differ = ids[:, None, :] != ids[:, :, None]
+    return torch.zeros(differ.shape, dtype=like.dtype, device=like.device).masked_fill(
+        differ, -100.0
+    )
+
+
+# torchvision modules whose attention calls a wrapped function -> (name, stand-in).
+_SWIN: dict[str, tuple[tuple[str, Callable[..., Any]], ...]] = {
+    "torchvision.models.swin_transformer": (
+        (
+            "shifted_window_attention",
+            functools.partial(_shifted_window_attention, clamp_shift=True),
+        ),
+    ),
+    "torchvision.models.video.swin_transformer": (
+        (
+            "shifted_window_attention_3d",
+            functools.partial(_shifted_window_attention, clamp_shift=False, logit_scale=None),
+        ),
+    ),
+}

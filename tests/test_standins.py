@@ -1,0 +1,228 @@
+"""Attention stand-ins (passes/_standins.py): traced graphs compute what the modules do.
+
+``nn.MultiheadAttention`` and torchvision's Swin attention are traced through stand-ins
+that put their projections in the graph. The references are the modules themselves, run
+eagerly: outputs (and attention weights) must match, gradients too, at sizes that make
+Swin pad and shift; the projections must then be quantised layers named after their
+weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import compile_quiet, examples, quantizers_off
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import Tensor, nn
+from torchvision.models import swin_transformer
+from torchvision.models.video import swin_transformer as swin3d
+
+import dpc_fx
+from dpc_fx.passes import trace
+
+
+class Attend(nn.Module):
+    """Self-attention, cross-attention with masks, and per-head weights, from one module."""
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.attn = mha
+
+    def forward(self, x: Tensor, mem: Tensor, pad: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
+        own, own_weights = self.attn(x, x, x)
+        cross, _ = self.attn(x, mem, mem, key_padding_mask=pad, attn_mask=mask, need_weights=False)
+        scored, heads = self.attn(
+            x, mem, 2 * mem, attn_mask=mask.float() * -3.0, average_attn_weights=False
+        )
+        return own, own_weights, cross, scored, heads
+
+
+def attend_inputs(batch_first: bool, seed: int, *, kdim: int = 16) -> tuple[Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 5, 16, generator=g)
+    mem = torch.randn(3, 7, kdim, generator=g)
+    if not batch_first:
+        x, mem = x.transpose(0, 1), mem.transpose(0, 1)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[0, -2:] = True
+    mask = torch.zeros(5, 7, dtype=torch.bool)
+    mask[1, :3] = True
+    return x, mem, pad, mask
+
+
+@examples(10)
+@given(batch_first=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_multihead_attention_stand_in_matches_the_module(
+    batch_first: bool, bias: bool, seed: int
+) -> None:
+    torch.manual_seed(seed)
+    model = Attend(nn.MultiheadAttention(16, 4, bias=bias, batch_first=batch_first)).eval()
+    gm = trace(model)
+    assert not any(n.op == "call_module" and n.target == "attn" for n in gm.graph.nodes)
+    inputs = attend_inputs(batch_first, seed)
+    for want, got in zip(model(*inputs), gm(*inputs), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_multihead_attention_with_own_key_and_value_sizes() -> None:
+    torch.manual_seed(0)
+
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, kdim=12, vdim=10, batch_first=True)
+
+        def forward(self, x: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            return self.attn(x, k, v)
+
+    model = Cross().eval()
+    inputs = (torch.randn(3, 5, 16), torch.randn(3, 7, 12), torch.randn(3, 7, 10))
+    gm = compile_quiet(model, inputs, config=dpc_fx.DPCConfig(pin_first_last=False))
+    names = {m.layer for m in dpc_fx.layers(gm)}
+    assert names == {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"}
+    for w, g in zip(model(*inputs), quantizers_off(gm)(*inputs), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_unbatched_multihead_attention() -> None:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2)
+
+    class SelfAttend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = mha
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.attn(x, x, x)[0]
+
+    model = SelfAttend().eval()
+    x = torch.randn(6, 8)
+    torch.testing.assert_close(trace(model)(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_through_the_stand_in_match_the_module() -> None:
+    torch.manual_seed(0)
+    model = Attend(nn.MultiheadAttention(16, 4, batch_first=True)).train()
+    gm = trace(model)
+    inputs = attend_inputs(True, 1)
+    grads = []
+    for m in (model, gm):
+        m.zero_grad()
+        sum(out.square().sum() for out in m(*inputs)).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 4
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "mha",
+    [
+        nn.MultiheadAttention(16, 4, dropout=0.1),  # dropout would be frozen at trace time
+        nn.MultiheadAttention(16, 4, add_bias_kv=True),
+        nn.MultiheadAttention(16, 4, add_zero_attn=True),
+    ],
+    ids=["dropout", "bias_kv", "zero_attn"],
+)
+def test_unsupported_multihead_attention_stays_one_call(mha: nn.MultiheadAttention) -> None:
+    gm = trace(Attend(mha))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"].count("attn") == 3
+
+
+def test_multihead_attention_projections_are_quantised_and_named() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+
+    class Block(nn.Module):  # the encoder layer's own forward is a torch.nn leaf
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(8, 16)
+            self.attn = layer.self_attn
+            self.ff = nn.Sequential(layer.linear1, nn.ReLU(), layer.linear2)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.embed(x)
+            h = h + self.attn(h, h, h, need_weights=False)[0]
+            return self.head(h + self.ff(h))
+
+    model = Block()
+    x = torch.randn(2, 5, 8)
+    gm = compile_quiet(model, x)
+    bits = {m.layer: m.bits for m in dpc_fx.layers(gm)}
+    assert {"attn.in_proj", "attn.out_proj"} <= bits.keys()
+    assert bits["attn.in_proj"].w is not None and bits["attn.out_proj"].w is not None
+    cov = dpc_fx.coverage(gm)
+    assert (cov.quantised, cov.layers) == (4, 6)  # embed and head pinned
+    assert set(gm.state_dict()) == set(model.state_dict())
+    F.cross_entropy(gm(x).flatten(0, 1), torch.zeros(10, dtype=torch.long)).backward()
+    assert all(p.grad is not None for p in gm.parameters())
+
+
+def tiny_swin(block: type[nn.Module]) -> nn.Module:
+    return swin_transformer.SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 2],
+        window_size=[4, 4],
+        num_classes=10,
+        block=block,
+        downsample_layer=(
+            swin_transformer.PatchMergingV2
+            if block is swin_transformer.SwinTransformerBlockV2
+            else swin_transformer.PatchMerging
+        ),
+    )
+
+
+SWINS = {
+    "v1": lambda: tiny_swin(swin_transformer.SwinTransformerBlock),
+    "v2": lambda: tiny_swin(swin_transformer.SwinTransformerBlockV2),
+    "3d": lambda: swin3d.SwinTransformer3d(
+        patch_size=[2, 4, 4],
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 2],
+        window_size=[2, 4, 4],
+        stochastic_depth_prob=0.0,
+        num_classes=10,
+    ),
+}
+
+
+@pytest.mark.parametrize("version", list(SWINS))
+@pytest.mark.parametrize("size", [32, 44, 20], ids=["whole-windows", "padded", "one-window"])
+def test_swin_stand_in_is_exact(version: str, size: int) -> None:
+    torch.manual_seed(0)
+    model = SWINS[version]().eval()
+    x = (
+        torch.randn(2, 3, 4, size, size + 8)
+        if version == "3d"
+        else torch.randn(2, 3, size, size + 8)
+    )
+    gm = trace(model)
+    linears = [n for n in gm.graph.nodes if n.target is F.linear]
+    assert len(linears) == 2 * 4  # qkv and proj in each of four blocks
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+
+
+@pytest.mark.parametrize("version", list(SWINS))
+def test_swin_compiles_with_attention_quantised_and_trains(version: str) -> None:
+    torch.manual_seed(0)
+    model = SWINS[version]()
+    x = torch.randn(2, 3, 4, 32, 32) if version == "3d" else torch.randn(2, 3, 32, 32)
+    gm = compile_quiet(model, x)
+    bits = {m.layer: m.bits for m in dpc_fx.layers(gm)}
+    attention = [name for name in bits if name.endswith(("attn.qkv", "attn.proj"))]
+    assert len(attention) == 8 and all(bits[name].w is not None for name in attention)
+    gm.train()
+    gm(x).square().mean().backward()
+    assert all(p.grad is not None for p in gm.parameters() if p.requires_grad)
+    quantizers_off(gm).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model.eval()(x), rtol=1e-5, atol=1e-6)
