@@ -11,6 +11,7 @@ torch.fx compiler pass.
 from dpc_fx.compiler import compile, coverage, layers
 from dpc_fx.config import DPCConfig
 from dpc_fx.cost import Cost, cost
+from dpc_fx.distributed import sync_ranges
 from dpc_fx.errors import ConfigError, DPCError, PassOrderError, PlanError, ShapeError, TraceError
 from dpc_fx.export import export
 from dpc_fx.meta import Bits, LayerMeta
@@ -38,4 +39,5 @@ __all__ = [
     "layers",
     "plan_of",
     "show",
+    "sync_ranges",
 ]

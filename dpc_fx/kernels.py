@@ -16,8 +16,8 @@ Ranges ignore ``inf``/``nan``; an empty or all-non-finite slice gets the range [
 a constant slice (``hi == lo``) comes back unchanged.
 
 Stochastic rounding draws its uniform noise from a counter-based hash of the element index
-and a seed taken from torch's default generator: the same in eager and compiled code, and
-reproducible under ``torch.manual_seed``.
+and a seed taken from torch's default generator (offset by the rank in a distributed run):
+the same in eager and compiled code, and reproducible under ``torch.manual_seed``.
 """
 
 from __future__ import annotations
@@ -180,8 +180,22 @@ def levels_tensor(bits: int, like: Tensor) -> Tensor:
 
 
 def new_seed() -> Tensor:
-    """A seed for :func:`fake_quant_stochastic` from torch's default generator."""
-    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+    """A seed for :func:`fake_quant_stochastic` from torch's default generator, offset by
+    the process's rank under ``torch.distributed``: ranks seeded alike (as DDP scripts do,
+    for identical initial weights) still round their gradients with independent noise,
+    and a run stays reproducible under ``torch.manual_seed``. Rank 0 and single-process
+    runs get the generator's draw unchanged."""
+    seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+    rank = _rank()
+    return (seed + rank * _RANK_STRIDE) % (2**31 - 1) if rank else seed
+
+
+_RANK_STRIDE = 0x2545F491  # 2**31 - 1 is prime: distinct ranks get distinct offsets
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 @fused

@@ -6,7 +6,8 @@ Each rank compiles the same model, wraps it in DDP and trains on its own shard o
 DDP averages the (quantised) gradients, so parameters stay identical across ranks; it also
 broadcasts buffers from rank 0 before each forward, which includes the activation
 quantisers' running ranges, so every rank quantises alike in eval. Stochastic rounding draws
-from torch's generator: seed it per rank (as below) for reproducible runs.
+its seed from torch's generator, offset by the rank: ranks round with independent noise,
+and a run is reproducible under torch.manual_seed.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main(steps: int = 20) -> None:
     ddp = nn.parallel.DistributedDataParallel(gm)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
 
-    torch.manual_seed(1000 + rank)  # each rank: its own data and rounding noise
+    torch.manual_seed(1000 + rank)  # each rank: its own data
     for step in range(steps):
         x = torch.randn(16, 32, device=device)
         y = (x[:, :8]).argmax(1)

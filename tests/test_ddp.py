@@ -1,7 +1,9 @@
-"""DistributedDataParallel: two gloo processes on loopback train a compiled module."""
+"""Distributed training: two gloo processes on loopback train a compiled module under
+DistributedDataParallel, and under FSDP2 (``fully_shard``) against DDP."""
 
 from __future__ import annotations
 
+import copy
 import socket
 from pathlib import Path
 
@@ -9,8 +11,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 import dpc_fx
+from dpc_fx import kernels
 
 
 def _free_port() -> int:
@@ -24,6 +29,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     torch.set_num_threads(1)
+    torch.manual_seed(7)  # ranks seeded alike round with their own noise
+    seed = kernels.new_seed()
+    torch.manual_seed(7)
+    seeds = torch.stack([seed, torch.randint(0, 2**31 - 1, (), dtype=torch.int64)])
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
@@ -44,6 +53,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     state = {
         "params": torch.cat([p.detach().flatten() for p in gm.parameters()]),
         "range": torch.stack([act.running_min, act.running_max]),
+        "seeds": seeds,
     }
     torch.save(state, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -56,3 +66,70 @@ def test_ranks_stay_identical_under_ddp(tmp_path: Path) -> None:
     assert torch.equal(states[0]["params"], states[1]["params"])
     assert torch.equal(states[0]["range"], states[1]["range"])
     assert float(states[0]["range"][1]) > float(states[0]["range"][0])
+    # Stochastic rounding: the same generator state gives each rank its own seed; rank 0
+    # gets the generator's draw unchanged, as a single process would.
+    (seed0, draw0), (seed1, draw1) = states[0]["seeds"], states[1]["seeds"]
+    assert torch.equal(draw0, draw1) and torch.equal(seed0, draw0)
+    assert not torch.equal(seed1, seed0)
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
+    )
+
+
+def _train(module: nn.Module, rank: int) -> None:
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    torch.manual_seed(100 + rank)  # the same data and rounding noise for both wrappers
+    for _ in range(5):
+        loss = module(torch.randn(16, 8)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """A parameter as a whole tensor: FSDP2 keeps the root's unsharded after a forward."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = _mlp()
+    x = torch.randn(4, 8)
+    ddp_gm, fsdp_gm = dpc_fx.compile(model, x), dpc_fx.compile(copy.deepcopy(model), x)
+    _train(nn.parallel.DistributedDataParallel(ddp_gm), rank)
+    fully_shard(fsdp_gm, mesh=init_device_mesh("cpu", (world,)))
+    _train(fsdp_gm, rank)
+    fsdp_gm.eval()
+    before = fsdp_gm(x).detach()  # each rank's own running ranges
+    synced = dpc_fx.sync_ranges(fsdp_gm)
+    after = fsdp_gm(x).detach()
+    state = {
+        "ddp": torch.cat([p.detach().flatten() for p in ddp_gm.parameters()]),
+        "fsdp": torch.cat([_full(p).detach().flatten() for p in fsdp_gm.parameters()]),
+        "before": before,
+        "after": after,
+        "synced": synced,
+    }
+    torch.save(state, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_fsdp2_trains_as_ddp_does_and_ranges_sync(tmp_path: Path) -> None:
+    world = 2
+    mp.spawn(_fsdp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    # Same data, seeds and rounding noise: sharded training lands where DDP does, up to
+    # the order of the gradient reductions.
+    for s in states:
+        torch.testing.assert_close(s["fsdp"], s["ddp"], rtol=1e-4, atol=1e-5)
+    # FSDP2 leaves buffers alone: eval differs per rank until the ranges are synchronised.
+    assert states[0]["synced"] == 1  # the middle layer; the first and last are pinned
+    assert not torch.equal(states[0]["before"], states[1]["before"])
+    assert torch.equal(states[0]["after"], states[1]["after"])
