@@ -79,11 +79,20 @@ class _ExportWeight(nn.Module):
         return q + self.lo
 
 
-def export(gm: nn.Module, example_inputs: Any, path: str | Path, *, opset: int = 17) -> Path:
+def export(
+    gm: nn.Module,
+    example_inputs: Any,
+    path: str | Path,
+    *,
+    opset: int = 17,
+    dynamic_batch: bool = True,
+) -> Path:
     """Write the eval-mode ``gm`` (from :func:`dpc_fx.compile`) as an ONNX model at ``path``.
 
     Activation quantisers need a running range: train (or run in train mode) at least one
-    step first. Returns the path written.
+    step first. With ``dynamic_batch`` (and tensors in and out), the first dimension of
+    every input and output is left free, so the model takes any batch size. Returns the
+    path written.
     """
     model = copy.deepcopy(gm).eval()
     weights = {n: m for n, m in model.named_modules() if isinstance(m, WeightQuantizer)}
@@ -100,8 +109,25 @@ def export(gm: nn.Module, example_inputs: Any, path: str | Path, *, opset: int =
     # by itself; the newer torch.export-based one would need a custom translation table.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, args, str(path), opset_version=opset, dynamo=False)
+        axes = _batch_axes(model, args) if dynamic_batch else {}
+        torch.onnx.export(model, args, str(path), opset_version=opset, dynamo=False, **axes)
     return Path(path)
+
+
+def _batch_axes(model: nn.Module, args: tuple[Any, ...]) -> dict[str, Any]:
+    """Names and a free first dimension for every input and output, where all are tensors."""
+    with torch.no_grad():
+        out = model(*args)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    if not all(isinstance(t, Tensor) and t.dim() for t in (*args, *outs)):
+        return {}
+    inputs = ["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))]
+    outputs = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+    return {
+        "input_names": inputs,
+        "output_names": outputs,
+        "dynamic_axes": {name: {0: "batch"} for name in inputs + outputs},
+    }
 
 
 def _weight_of(model: nn.Module, quantizer_path: str) -> Tensor:

@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 import dpc_fx
 from dpc_fx import DPCConfig
+from dpc_fx.export import _ExportAct
+from dpc_fx.quant import ActQuantizer
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -33,17 +36,33 @@ def test_resnet18_exports_with_a_qdq_pair_per_quantised_tensor(
     quantised = sum(1 for m in dpc_fx.layers(gm) if m.bits and not m.bits.full_precision)
     assert quantised == 19
     assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") == 2 * quantised
+    # The batch dimension is free: run more images than the export saw.
+    images = torch.randn(32, 3, 32, 32)
     session = ort.InferenceSession(str(path))
-    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    ref = gm(x).detach().numpy()
-    # Same grid, same codes, but onnxruntime and torch may round a value that lies on a
-    # half-step boundary differently; one such flip early in an untrained ResNet-18 moves
-    # that sample's logits by a few percent. So: every sample within 10% of the output
-    # range, and all but one within 1%.
+    out = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+    ref = gm(images).detach().numpy()
+    # Same grid, same codes (see the quantiser test below), but a convolution output that
+    # torch and onnxruntime compute a float rounding apart can sit on a level boundary and
+    # be rounded to neighbouring levels; in an untrained ResNet-18 that moves the image's
+    # logits by a level's worth, several percent at 3-4 bits (docs/EXPORT.md: about 5% of
+    # images). So: most images agree to float rounding, hence well within 1% of the range.
     span = ref.max() - ref.min()
-    per_sample = np.abs(out - ref).max(axis=1)
-    assert (per_sample <= 0.10 * span).all()
-    assert (per_sample <= 0.01 * span).sum() >= len(per_sample) - 1
+    per_sample = np.abs(out - ref).max(axis=1) / span
+    assert (per_sample <= 1e-5).mean() >= 0.8
+    assert (per_sample <= 0.01).mean() >= 0.8
+
+
+@pytest.mark.parametrize("bits", [2, 5, 8])
+def test_exported_activation_quantiser_matches_torch_exactly(bits: int, tmp_path: Path) -> None:
+    torch.manual_seed(bits)
+    q = ActQuantizer(bits)
+    q(torch.randn(1000) * 3)  # training mode: the running range
+    q.eval()
+    x = torch.randn(1, 50_000) * 4  # reaches past the range on both sides
+    torch.onnx.export(nn.Sequential(_ExportAct(q)), (x,), str(tmp_path / "q.onnx"), dynamo=False)
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"))
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.array_equal(out, q(x).numpy())
 
 
 def test_export_needs_a_running_range(tmp_path: Path) -> None:
