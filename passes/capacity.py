@@ -217,6 +217,8 @@ class _FakeProp(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops()
         try:
+            if n in self.layers:
+                self._check_dtypes(n)
             out = super().run_node(n)
         except Exception as e:
             raise ShapeError(_shape_message(n, self, e), node=n.name, module=module_path(n)) from e
@@ -224,6 +226,18 @@ class _FakeProp(fx.Interpreter):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
             self.measured[n.name] = (self.counter.get_total_flops() - before, shape)
         return out
+
+
+    def _check_dtypes(self, n: fx.Node) -> None:
+        """Fake tensors let ``float16 @ float32`` through where real ones fail: a layer's
+        floating-point operands (its module's weight included) must share one dtype."""
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        operands = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if n.op == "call_module":
+            operands += list(self.fetch_attr(str(n.target)).parameters(recurse=False))
+        dtypes = sorted({str(t.dtype) for t in operands if t.is_floating_point()})
+        if len(dtypes) > 1:
+            raise RuntimeError(f"mixed dtypes {' and '.join(dtypes)} in one layer")
 
 
 def _mutable(value: Any) -> Any:

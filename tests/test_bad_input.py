@@ -164,6 +164,16 @@ def test_wrong_dtype_names_the_failing_layer() -> None:
         dpc_fx.compile(convnet(), torch.ones(2, 3, 8, 8, dtype=torch.long))
 
 
+def test_half_precision_input_to_a_float_model_names_the_layer() -> None:
+    # Fake tensors let float16 @ float32 through; the capacity pass checks it.
+    with pytest.raises(
+        ShapeError,
+        match=r"node '_0' \(module '0'\) failed on inputs \[input_1: \(3, 4\) float16\] with "
+        r"RuntimeError: mixed dtypes torch.float16 and torch.float32 in one layer",
+    ):
+        dpc_fx.compile(mlp(), torch.randn(3, 4, dtype=torch.float16))
+
+
 def test_wrong_type_of_input() -> None:
     with pytest.raises(
         ShapeError,

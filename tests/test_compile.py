@@ -23,6 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import models
 from torch import Tensor, nn
+from toys import mlp
 
 import dpc_fx
 from dpc_fx import Bits, ConfigError, DPCConfig
@@ -137,15 +138,7 @@ def test_training_a_compiled_mlp_with_adam_reduces_the_loss() -> None:
     torch.manual_seed(0)
     x = torch.randn(64, 8)
     y = torch.sin(x @ torch.randn(8, 1)) + 0.5 * x[:, :1] ** 2
-    model = nn.Sequential(
-        nn.Linear(8, 32),
-        nn.ReLU(),
-        nn.Linear(32, 32),
-        nn.ReLU(),
-        nn.Linear(32, 32),
-        nn.ReLU(),
-        nn.Linear(32, 1),
-    )
+    model = mlp(8, 32, 32, 32, 1)
     gm = dpc_fx.compile(model, x)
     assert [str(m.bits) for m in dpc_fx.layers(gm)] == ["fp/fp/fp", "6/6/8", "6/6/8", "fp/fp/fp"]
     opt = torch.optim.Adam(gm.parameters(), lr=1e-2)
@@ -407,15 +400,7 @@ def test_show_renders_every_layer() -> None:
 
 
 def test_plan_round_trip_reproduces_the_bits(tmp_path) -> None:
-    model = nn.Sequential(
-        nn.Linear(4, 8),
-        nn.ReLU(),
-        nn.Linear(8, 16),
-        nn.ReLU(),
-        nn.Linear(16, 8),
-        nn.ReLU(),
-        nn.Linear(8, 2),
-    )
+    model = mlp(4, 8, 16, 8, 2)
     gm = dpc_fx.compile(model, config=DPCConfig(b_min=3, b_max=7))
     plan = dpc_fx.plan_of(gm)
     plan.save(tmp_path / "plan.json")

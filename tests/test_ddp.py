@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -59,10 +60,15 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_ranks_stay_identical_under_ddp(tmp_path: Path) -> None:
+def _spawn(worker: Callable[[int, int, int, str], None], tmp_path: Path) -> list[dict]:
+    """Run ``worker`` on two gloo ranks; what each saved, by rank."""
     world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    mp.spawn(worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+def test_ranks_stay_identical_under_ddp(tmp_path: Path) -> None:
+    states = _spawn(_worker, tmp_path)
     assert torch.equal(states[0]["params"], states[1]["params"])
     assert torch.equal(states[0]["range"], states[1]["range"])
     assert float(states[0]["range"][1]) > float(states[0]["range"][0])
@@ -122,9 +128,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_fsdp2_trains_as_ddp_does_and_ranges_sync(tmp_path: Path) -> None:
-    world = 2
-    mp.spawn(_fsdp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    states = _spawn(_fsdp_worker, tmp_path)
     # Same data, seeds and rounding noise: sharded training lands where DDP does, up to
     # the order of the gradient reductions.
     for s in states:

@@ -11,41 +11,12 @@ import torch
 import torch.fx
 from helpers import quantizers_off
 from torch import Tensor, nn
+from toys import GatedNet
 
 import dpc_fx
 from dpc_fx import DPCConfig, ShapeError
 from dpc_fx.cli import main
 from dpc_fx.quant import ActQuantizer
-
-
-class Gate(nn.Module):
-    """Python control flow on a tensor value: symbolic tracing cannot follow it."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x if x.sum() > 0 else -x
-
-
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(8, 8)
-        self.gate = Gate()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.gate(self.lin(x))
-
-
-class Net(nn.Module):
-    """Traceable but for ``body.1.gate``, two levels down."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Linear(4, 8)
-        self.body = nn.Sequential(nn.Linear(8, 8), Block(), nn.Linear(8, 8))
-        self.head = nn.Linear(8, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(self.stem(x)))
 
 
 class Detector(nn.Module):
@@ -55,7 +26,7 @@ class Detector(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3))
-        self.neck = Net()
+        self.neck = GatedNet()
         self.heads = nn.ModuleList([nn.Linear(2, 3), nn.Linear(2, 3)])
 
     def forward(self, images: list[Tensor], scale: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -106,12 +77,12 @@ def compile_recording(
 
 def test_an_untraceable_submodule_is_kept_whole_and_the_rest_is_compiled() -> None:
     torch.manual_seed(0)
-    model = Net()
+    model = GatedNet()
     x = torch.randn(5, 4)
     before = copy.deepcopy(model.state_dict())
     with pytest.warns(
         UserWarning,
-        match=r"Net: torch\.fx cannot trace submodule 'body\.1\.gate' \(Gate\): TraceError: "
+        match=r"GatedNet: torch\.fx cannot trace submodule 'body\.1\.gate' \(Gate\): TraceError: "
         r"symbolically traced variables cannot be used as inputs to control flow\. It runs as it "
         r"is, in full precision \(0\.0% of the model's MACs\)",
     ):
@@ -168,7 +139,7 @@ def test_a_model_whose_own_forward_cannot_be_traced_keeps_its_class() -> None:
     )
     assert isinstance(gm.neck, torch.fx.GraphModule)  # traced with its leaf kept whole
     assert gm.get_submodule("neck.body.1.gate") is model.neck.body[1].gate
-    assert type(model.neck) is Net and not hasattr(model, "dpc")  # the model is untouched
+    assert type(model.neck) is GatedNet and not hasattr(model, "dpc")  # the model is untouched
     assert list(gm.state_dict()) == list(model.state_dict())
     expected, got = model(*inputs), quantizers_off(copy.deepcopy(gm))(*inputs)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
@@ -303,7 +274,7 @@ def test_user_leaf_modules_stay_whole_in_the_fallback() -> None:
 
 
 def test_inspect_prints_the_coverage(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["inspect", "test_fallback:Net", "--input", "2,4"])
+    code = main(["inspect", "toys:GatedNet", "--input", "2,4"])
     out = capsys.readouterr().out
     assert code == 0
     assert "coverage: 1 untraceable leaves; 3/5 conv/linear layers quantised" in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from toys import mlp
 
 import dpc_fx
 from dpc_fx import CyclicSchedule, DPCConfig
@@ -12,15 +13,7 @@ from dpc_fx import CyclicSchedule, DPCConfig
 
 def compiled() -> torch.fx.GraphModule:
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(16, 64),
-        nn.ReLU(),
-        nn.Linear(64, 64),
-        nn.ReLU(),
-        nn.Linear(64, 8),
-        nn.ReLU(),
-        nn.Linear(8, 4),
-    )
+    model = mlp(16, 64, 64, 8, 4)
     return dpc_fx.compile(model, torch.randn(4, 16))
 
 

@@ -16,8 +16,8 @@ from helpers import compile_quiet, examples, quantizers_off
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
-from torchvision.models import swin_transformer
 from torchvision.models.video import swin_transformer as swin3d
+from toys import tiny_swin
 
 import dpc_fx
 from dpc_fx.passes import trace
@@ -162,26 +162,9 @@ def test_multihead_attention_projections_are_quantised_and_named() -> None:
     assert all(p.grad is not None for p in gm.parameters())
 
 
-def tiny_swin(block: type[nn.Module]) -> nn.Module:
-    return swin_transformer.SwinTransformer(
-        patch_size=[4, 4],
-        embed_dim=16,
-        depths=[2, 2],
-        num_heads=[2, 2],
-        window_size=[4, 4],
-        num_classes=10,
-        block=block,
-        downsample_layer=(
-            swin_transformer.PatchMergingV2
-            if block is swin_transformer.SwinTransformerBlockV2
-            else swin_transformer.PatchMerging
-        ),
-    )
-
-
 SWINS = {
-    "v1": lambda: tiny_swin(swin_transformer.SwinTransformerBlock),
-    "v2": lambda: tiny_swin(swin_transformer.SwinTransformerBlockV2),
+    "v1": tiny_swin,
+    "v2": lambda: tiny_swin(v2=True),
     "3d": lambda: swin3d.SwinTransformer3d(
         patch_size=[2, 4, 4],
         embed_dim=16,

@@ -11,42 +11,11 @@ from helpers import check_pass, examples, quantizers_off
 from hypothesis import given
 from strategies import models
 from torch import Tensor, nn
+from toys import GatedNet
 
 import dpc_fx
 from dpc_fx import ConfigError, TraceError
 from dpc_fx.passes import trace
-
-
-class DataDependent(nn.Module):
-    """Python control flow on a tensor value: symbolic tracing cannot follow it."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.sum() > 0:
-            return x
-        return -x
-
-
-class Inner(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        self.gate = DataDependent()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.gate(self.lin(x))
-
-
-class Outer(nn.Module):
-    """The untraceable module sits two levels down, at ``body.1.gate``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Linear(4, 4)
-        self.body = nn.Sequential(nn.Linear(4, 4), Inner(), nn.Linear(4, 4))
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(self.stem(x)))
 
 
 class RootDataDependent(nn.Module):
@@ -96,10 +65,10 @@ def test_trace_shares_submodules_and_parameters() -> None:
 def test_untraceable_submodule_raises_trace_error_naming_its_path() -> None:
     with pytest.raises(
         TraceError,
-        match=r"could not trace Outer: submodule 'body\.1\.gate' \(DataDependent\) failed with "
+        match=r"could not trace GatedNet: submodule 'body\.1\.gate' \(Gate\) failed with "
         r"TraceError: symbolically traced variables cannot be used as inputs to control flow",
     ) as info:
-        trace(Outer())
+        trace(GatedNet(4))
     # FX's own error is kept as the cause.
     assert isinstance(info.value.__cause__, torch.fx.proxy.TraceError)
     assert isinstance(info.value, dpc_fx.DPCError)
@@ -114,7 +83,7 @@ def test_untraceable_root_forward_is_named_as_such() -> None:
 
 
 def test_leaf_modules_keep_an_untraceable_submodule_whole() -> None:
-    model = Outer()
+    model = GatedNet(4)
     gm = check_pass(trace, model, leaf_modules=("body.1.gate",), inputs=(torch.randn(3, 4),))
     calls = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
     assert calls == ["stem", "body.0", "body.1.lin", "body.1.gate", "body.2", "head"]
@@ -123,10 +92,10 @@ def test_leaf_modules_keep_an_untraceable_submodule_whole() -> None:
 def test_leaf_modules_path_that_does_not_exist_is_a_config_error() -> None:
     with pytest.raises(
         ConfigError,
-        match=r"trace: leaf_modules \['body\.9', 'nope'\] are not submodules of Outer; "
+        match=r"trace: leaf_modules \['body\.9', 'nope'\] are not submodules of GatedNet; "
         r"use paths as model\.named_modules\(\) lists them\.",
     ):
-        trace(Outer(), leaf_modules=("nope", "body.1.gate", "body.9"))
+        trace(GatedNet(4), leaf_modules=("nope", "body.1.gate", "body.9"))
 
 
 @pytest.mark.parametrize("not_a_module", [lambda x: x, "resnet18", torch.randn(2)])
@@ -158,7 +127,7 @@ def test_concrete_args_specialise_a_flag() -> None:
 def test_trace_error_suggests_a_fix_that_works() -> None:
     """The message proposes ``DPCConfig(leaf_modules=(...))``; following it compiles the
     model with that submodule kept whole, and nothing left to warn about."""
-    model = Outer()
+    model = GatedNet(4)
     with pytest.raises(TraceError) as info:
         trace(model)
     assert "DPCConfig(leaf_modules=('body.1.gate',))" in str(info.value)
@@ -173,10 +142,10 @@ def test_trace_error_suggests_a_fix_that_works() -> None:
 def test_compile_keeps_untraceable_submodules_as_leaves() -> None:
     """DESIGN.md, pipeline step 1: an untraceable submodule does not end the run; it is
     kept whole, its traceable siblings and parent are compiled, and compile says so."""
-    model = Outer()
+    model = GatedNet(4)
     with pytest.warns(
         UserWarning,
-        match=r"Outer: torch\.fx cannot trace submodule 'body\.1\.gate' \(DataDependent\): "
+        match=r"GatedNet: torch\.fx cannot trace submodule 'body\.1\.gate' \(Gate\): "
         r"TraceError: .*its traceable children are compiled",
     ):
         gm = dpc_fx.compile(model, torch.randn(3, 4))

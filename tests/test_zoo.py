@@ -16,33 +16,11 @@ import pytest
 import torch
 import torchvision
 from torch import Tensor, nn
-from torchvision.models import convnext, swin_transformer, vision_transformer
+from torchvision.models import convnext
+from toys import tiny_swin, tiny_vit
 
 import dpc_fx
 from dpc_fx import DPCConfig
-
-
-def tiny_vit() -> nn.Module:
-    return vision_transformer.VisionTransformer(
-        image_size=32,
-        patch_size=8,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=32,
-        mlp_dim=64,
-        num_classes=10,
-    )
-
-
-def tiny_swin() -> nn.Module:
-    return swin_transformer.SwinTransformer(
-        patch_size=[4, 4],
-        embed_dim=16,
-        depths=[2, 2],
-        num_heads=[2, 2],
-        window_size=[4, 4],
-        num_classes=10,
-    )
 
 
 def tiny_convnext() -> nn.Module:
