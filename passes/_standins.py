@@ -1,18 +1,23 @@
-"""Traceable stand-ins for attention modules whose projections torch.fx cannot see.
+"""Traceable stand-ins for attention modules whose layers torch.fx cannot see.
 
-Two families of attention hide their matmul-like layers from a symbolic trace:
+Three families of attention hide their matmul-like layers from a symbolic trace:
 
 - ``nn.MultiheadAttention`` is a ``torch.nn`` module, so FX records it as one call; its
   in-projection (a packed ``in_proj_weight``) and ``out_proj`` never reach the graph.
+- ``nn.Transformer`` and its encoder and decoder (layers) are ``torch.nn`` modules too,
+  and their forwards branch on tensor values to pick a fused inference kernel.
 - torchvision's Swin attention (2-D, V2 and 3-D) runs in a function marked
   ``torch.fx.wrap`` that takes the ``qkv`` and ``proj`` weights as arguments, because its
   padding, shifting and masking depend on the feature map's size.
 
 While tracing, :func:`standin_for` gives the tracer a forward to trace instead of the
-module's own. Each stand-in computes what the original computes, but lays the projections
-out as ``F.linear`` calls on the module's own parameters and ``out_proj`` as a module call,
-and keeps what depends on concrete sizes (window partitioning, masks, the attention core)
-inside small functions that FX records as single calls:
+module's own (for submodules; a model's own forward is traced as written). Each stand-in
+computes what the original computes (the general path, not the fused inference kernel),
+but lays the projections out as ``F.linear`` calls on the module's own parameters and
+``out_proj`` as a module call, and keeps what depends on concrete sizes (window
+partitioning, masks, the attention core) inside small functions that FX records as
+single calls. Dropout inside a stand-in reads the module's ``training`` flag at run time
+(a ``get_attr`` node), so it follows ``train()``/``eval()``:
 
     Swin block attention, before:   x ──► shifted_window_attention(x, qkv.weight, ...) ──►
     after:   x ──► _windows ──► linear(qkv.weight) ──► _window_core ──► linear(proj.weight)
@@ -37,18 +42,25 @@ from torch import Tensor, nn
 __all__ = ["standin_for", "swin_standins"]
 
 
-def standin_for(m: nn.Module) -> Callable[..., Any] | None:
-    """A traceable forward for ``m``, or ``None`` when ``m`` has none (trace it as usual)."""
+def standin_for(m: nn.Module, mode: Callable[[], Any]) -> Callable[..., Any] | None:
+    """A traceable forward for ``m``, or ``None`` when ``m`` has none (trace it as usual).
+
+    ``mode()`` gives a graph value for ``m.training`` read at run time (FX would record the
+    flag as a constant), for dropout inside a stand-in to follow ``train()``/``eval()``.
+    """
     if isinstance(m, nn.MultiheadAttention):
-        return functools.partial(_multihead_attention, m) if _mha_supported(m) else None
+        if m.bias_k is not None or m.bias_v is not None or m.add_zero_attn:
+            return None  # rare options, left to the module itself (one call)
+        return functools.partial(_multihead_attention, m, mode)
+    if isinstance(m, nn.TransformerEncoderLayer):
+        return functools.partial(_encoder_layer, m)
+    if isinstance(m, nn.TransformerDecoderLayer):
+        return m.forward  # no fast path: its own forward traces
+    if isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        return functools.partial(_stack, m)
+    if isinstance(m, nn.Transformer):
+        return functools.partial(_transformer, m)
     return None
-
-
-def _mha_supported(m: nn.MultiheadAttention) -> bool:
-    """Stand in for the common configuration. Extra key/value biases and zero attention
-    are rare; dropout would be baked in at the trace's training mode (FX records
-    ``self.training`` as a constant), so modules with dropout stay whole."""
-    return m.bias_k is None and m.bias_v is None and not m.add_zero_attn and m.dropout == 0.0
 
 
 # --- nn.MultiheadAttention -------------------------------------------------------------
@@ -56,6 +68,7 @@ def _mha_supported(m: nn.MultiheadAttention) -> bool:
 
 def _multihead_attention(
     m: nn.MultiheadAttention,
+    mode: Callable[[], Any],
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -96,6 +109,8 @@ def _multihead_attention(
         need_weights,
         average_attn_weights,
         is_causal,
+        m.dropout,
+        mode() if m.dropout > 0 else False,
     )
     out = m.out_proj(out_weights[0])
     return out, (out_weights[1] if need_weights else None)
@@ -113,10 +128,13 @@ def _mha_core(
     need_weights: bool,
     average_attn_weights: bool,
     is_causal: bool,
+    dropout: float,
+    training: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention over projected ``q, k, v`` in the module's layout;
     masks follow ``nn.MultiheadAttention`` (boolean ``True`` = may not attend, floats
-    added to the scores). Returns the heads merged back, and the attention weights."""
+    added to the scores), dropout on the attention weights in training. Returns the heads
+    merged back, and the attention weights."""
     if is_causal and attn_mask is None:
         raise RuntimeError(
             "nn.MultiheadAttention: is_causal=True needs attn_mask (it is only a hint "
@@ -141,13 +159,14 @@ def _mha_core(
         scores = (q * math.sqrt(1.0 / d)) @ k.transpose(-2, -1)
         if mask is not None:
             scores = scores + mask
-        weights = scores.softmax(dim=-1)
+        weights = F.dropout(scores.softmax(dim=-1), p=dropout, training=training)
         out = weights @ v
         weights = weights.mean(dim=1) if average_attn_weights else weights
         if unbatched:
             weights = weights.squeeze(0)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        p = dropout if training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         weights = None
     out = out.transpose(1, 2).reshape(n, length, e)
     if unbatched:
@@ -182,27 +201,107 @@ def _additive_mask(
     return out
 
 
+# --- nn.Transformer and its parts ------------------------------------------------------
+# Their own forwards first check, on tensor values, whether a fused inference kernel
+# applies; the stand-ins take the general path, which computes the same function.
+
+
+def _encoder_layer(
+    m: nn.TransformerEncoderLayer,
+    src: Tensor,
+    src_mask: Tensor | None = None,
+    src_key_padding_mask: Tensor | None = None,
+    is_causal: bool = False,
+) -> Tensor:
+    x = src
+    if m.norm_first:
+        x = x + m._sa_block(m.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+        return x + m._ff_block(m.norm2(x))
+    x = m.norm1(x + m._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+    return m.norm2(x + m._ff_block(x))
+
+
+_STACK_ARGS = {
+    nn.TransformerEncoder: ("mask", "src_key_padding_mask", "is_causal"),
+    nn.TransformerDecoder: (
+        "memory",
+        "tgt_mask",
+        "memory_mask",
+        "tgt_key_padding_mask",
+        "memory_key_padding_mask",
+        "tgt_is_causal",
+        "memory_is_causal",
+    ),
+}
+
+
+def _stack(
+    m: nn.TransformerEncoder | nn.TransformerDecoder, x: Tensor, *args: Any, **kwargs: Any
+) -> Tensor:
+    """The layers in turn, then the final norm. Masks pass through as given; a causal hint
+    of ``None`` (detect it from the mask) is dropped: the mask itself is applied."""
+    names = _STACK_ARGS[
+        nn.TransformerEncoder if isinstance(m, nn.TransformerEncoder) else nn.TransformerDecoder
+    ]
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    bound = {k: v for k, v in bound.items() if not (k.endswith("is_causal") and v is None)}
+    if "mask" in bound:  # the encoder's name for its layers' src_mask
+        bound["src_mask"] = bound.pop("mask")
+    for layer in m.layers:
+        x = layer(x, **bound)
+    return x if m.norm is None else m.norm(x)
+
+
+def _transformer(
+    m: nn.Transformer,
+    src: Tensor,
+    tgt: Tensor,
+    src_mask: Tensor | None = None,
+    tgt_mask: Tensor | None = None,
+    memory_mask: Tensor | None = None,
+    src_key_padding_mask: Tensor | None = None,
+    tgt_key_padding_mask: Tensor | None = None,
+    memory_key_padding_mask: Tensor | None = None,
+    src_is_causal: bool | None = None,
+    tgt_is_causal: bool | None = None,
+    memory_is_causal: bool = False,
+) -> Tensor:
+    memory = m.encoder(
+        src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal
+    )
+    return m.decoder(
+        tgt,
+        memory,
+        tgt_mask=tgt_mask,
+        memory_mask=memory_mask,
+        tgt_key_padding_mask=tgt_key_padding_mask,
+        memory_key_padding_mask=memory_key_padding_mask,
+        tgt_is_causal=tgt_is_causal,
+        memory_is_causal=memory_is_causal,
+    )
+
+
 # --- torchvision's Swin attention ------------------------------------------------------
 
 
 @contextlib.contextmanager
-def swin_standins(m: nn.Module) -> Iterator[None]:
+def swin_standins(m: nn.Module, mode: Callable[[], Any]) -> Iterator[None]:
     """While ``m`` (a torchvision Swin attention module) is traced, point torchvision's
-    attention function at its stand-in. torch.fx patches each ``torch.fx.wrap``'d function
-    for the length of a trace; the stand-in goes on top of that patch, which is put back
-    on exit."""
-    standins = _SWIN.get(type(m).__module__, ())
-    saved = []
+    attention function at its stand-in, with ``mode`` for its dropout. torch.fx patches
+    each ``torch.fx.wrap``'d function for the length of a trace; the stand-in goes on top
+    of that patch, which is put back on exit."""
+    found = _SWIN.get((type(m).__module__, type(m).__name__))
+    if found is None:
+        yield
+        return
+    name, standin = found
     namespace = vars(sys.modules[type(m).__module__])
-    for name, standin in standins:
-        if name in namespace:
-            saved.append((name, namespace[name]))
-            namespace[name] = standin
+    saved = namespace[name]
+    namespace[name] = functools.partial(standin, mode=mode)
     try:
         yield
     finally:
-        for name, value in saved:
-            namespace[name] = value
+        namespace[name] = saved
 
 
 def _shifted_window_attention(
@@ -221,10 +320,13 @@ def _shifted_window_attention(
     training: bool = True,
     *,
     clamp_shift: bool,
+    mode: Callable[[], Any],
 ) -> Tensor:
     """Window attention of a ``(B, *spatial, C)`` map with the two projections in the
     graph. ``clamp_shift``: no shift along a dimension the window covers (2-D Swin; the
-    3-D model adapts window and shift before the call)."""
+    3-D model adapts window and shift before the call). Dropout follows the module's mode
+    at run time (``mode()``), not the ``training`` flag of the trace."""
+    training = mode() if attention_dropout > 0 or dropout > 0 else False
     geometry = (window_size, shift_size, clamp_shift)
     x = _windows(input, *geometry)
     if logit_scale is not None and qkv_bias is not None:
@@ -373,18 +475,18 @@ def _shift_mask(padded: list[int], window: list[int], shift: list[int], like: Te
     )
 
 
-# torchvision modules whose attention calls a wrapped function -> (name, stand-in).
-_SWIN: dict[str, tuple[tuple[str, Callable[..., Any]], ...]] = {
-    "torchvision.models.swin_transformer": (
-        (
-            "shifted_window_attention",
-            functools.partial(_shifted_window_attention, clamp_shift=True),
-        ),
-    ),
-    "torchvision.models.video.swin_transformer": (
-        (
-            "shifted_window_attention_3d",
-            functools.partial(_shifted_window_attention, clamp_shift=False, logit_scale=None),
-        ),
-    ),
+# torchvision attention modules (module, class) -> (the wrapped function they call, its
+# stand-in).
+_SWIN_2D: tuple[str, Callable[..., Any]] = (
+    "shifted_window_attention",
+    functools.partial(_shifted_window_attention, clamp_shift=True),
+)
+_SWIN_3D: tuple[str, Callable[..., Any]] = (
+    "shifted_window_attention_3d",
+    functools.partial(_shifted_window_attention, clamp_shift=False, logit_scale=None),
+)
+_SWIN: dict[tuple[str, str], tuple[str, Callable[..., Any]]] = {
+    ("torchvision.models.swin_transformer", "ShiftedWindowAttention"): _SWIN_2D,
+    ("torchvision.models.swin_transformer", "ShiftedWindowAttentionV2"): _SWIN_2D,
+    ("torchvision.models.video.swin_transformer", "ShiftedWindowAttention3d"): _SWIN_3D,
 }

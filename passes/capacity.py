@@ -227,7 +227,6 @@ class _FakeProp(fx.Interpreter):
             self.measured[n.name] = (self.counter.get_total_flops() - before, shape)
         return out
 
-
     def _check_dtypes(self, n: fx.Node) -> None:
         """Fake tensors let ``float16 @ float32`` through where real ones fail: a layer's
         floating-point operands (its module's weight included) must share one dtype."""

@@ -17,6 +17,7 @@ Before: ``model`` (any nn.Module). After:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,7 +41,7 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths or _follows_mode(m):
             return True
-        return standin_for(m) is None and super().is_leaf_module(m, module_qualified_name)
+        return standin_for(m, _no_mode) is None and super().is_leaf_module(m, module_qualified_name)
 
     def call_module(
         self,
@@ -50,10 +51,11 @@ class _Tracer(fx.Tracer):
         kwargs: dict[str, Any],
     ) -> Any:
         path = self.path_of_module(m)
+        mode = functools.partial(self.create_proxy, "get_attr", _join(path, "training"), (), {})
         if path not in self.leaf_paths:
-            forward = standin_for(m) or forward
+            forward = standin_for(m, mode) or forward
         try:
-            with swin_standins(m):
+            with swin_standins(m, mode):
                 return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_at is None:  # the innermost module sees the error first
@@ -127,6 +129,14 @@ def trace(
     # weights from, and a functional layer on a module's weight is named after that module.
     gm.meta["dpc_module_types"] = {p: type(m).__name__ for p, m in model.named_modules()}
     return gm
+
+
+def _no_mode() -> Any:
+    raise AssertionError("only asked for while tracing")
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}.{b}" if a else b
 
 
 def _follows_mode(m: nn.Module) -> bool:

@@ -121,15 +121,30 @@ def test_gradients_through_the_stand_in_match_the_module() -> None:
 @pytest.mark.parametrize(
     "mha",
     [
-        nn.MultiheadAttention(16, 4, dropout=0.1),  # dropout would be frozen at trace time
         nn.MultiheadAttention(16, 4, add_bias_kv=True),
         nn.MultiheadAttention(16, 4, add_zero_attn=True),
     ],
-    ids=["dropout", "bias_kv", "zero_attn"],
+    ids=["bias_kv", "zero_attn"],
 )
 def test_unsupported_multihead_attention_stays_one_call(mha: nn.MultiheadAttention) -> None:
     gm = trace(Attend(mha))
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"].count("attn") == 3
+
+
+def test_attention_dropout_follows_train_and_eval() -> None:
+    """FX would record ``self.training`` as a constant; the stand-in reads it at run time."""
+    torch.manual_seed(0)
+    model = Attend(nn.MultiheadAttention(16, 4, dropout=0.5, batch_first=True)).train()
+    gm = trace(model)
+    assert "attn.training" in [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+    inputs = attend_inputs(True, 2)
+    with torch.no_grad():
+        first, second = gm(*inputs)[0], gm(*inputs)[0]
+        assert not torch.equal(first, second)  # dropped at random in training
+        model.eval()
+        gm.eval()
+        for want, got in zip(model(*inputs), gm(*inputs), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_multihead_attention_projections_are_quantised_and_named() -> None:
@@ -209,3 +224,94 @@ def test_swin_compiles_with_attention_quantised_and_trains(version: str) -> None
     quantizers_off(gm).eval()
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def transformer_inputs(batch_first: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    torch.manual_seed(1)
+    src, tgt = torch.randn(2, 7, 16), torch.randn(2, 5, 16)
+    if not batch_first:
+        src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, -3:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    return src, tgt, pad, causal
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_torch_transformer_traces_through_and_matches(batch_first: bool, norm_first: bool) -> None:
+    """``nn.Transformer`` and its parts are ``torch.nn`` modules whose forwards branch on
+    tensor values (for the fused inference path); the stand-ins take the general path."""
+    torch.manual_seed(0)
+
+    class Seq2Seq(nn.Module):  # a model's own forward is traced as written: wrap the parts
+        def __init__(self) -> None:
+            super().__init__()
+            self.transformer = nn.Transformer(
+                d_model=16,
+                nhead=2,
+                num_encoder_layers=2,
+                num_decoder_layers=2,
+                dim_feedforward=32,
+                dropout=0.1,
+                batch_first=batch_first,
+                norm_first=norm_first,
+            )
+
+        def forward(
+            self,
+            src: Tensor,
+            tgt: Tensor,
+            tgt_mask: Tensor,
+            src_key_padding_mask: Tensor,
+            memory_key_padding_mask: Tensor,
+        ) -> Tensor:
+            return self.transformer(
+                src,
+                tgt,
+                tgt_mask=tgt_mask,
+                src_key_padding_mask=src_key_padding_mask,
+                memory_key_padding_mask=memory_key_padding_mask,
+            )
+
+    model = Seq2Seq().eval()
+    src, tgt, pad, causal = transformer_inputs(batch_first)
+
+    def run(m: nn.Module) -> Tensor:
+        return m(src, tgt, tgt_mask=causal, src_key_padding_mask=pad, memory_key_padding_mask=pad)
+
+    gm = trace(model)
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    assert not {t for t in called if t.endswith("attn") or t.endswith(("encoder", "decoder"))}
+    assert len([t for t in called if t.endswith("attn.out_proj")]) == 6
+    # Gradients on: torch's own forward takes its general path too (its fused inference
+    # path would return zeros at padded source positions).
+    torch.testing.assert_close(run(gm), run(model), rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_encoder_compiles_with_every_linear_quantised() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(8, 16)
+            self.encoder = nn.TransformerEncoder(layer, num_layers=2)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.encoder(self.embed(x)).mean(1))
+
+    model = Classifier()
+    x = torch.randn(4, 6, 8)
+    gm = compile_quiet(model, x)
+    cov = dpc_fx.coverage(gm)
+    assert (cov.quantised, cov.layers) == (8, 10)  # 2 x (in_proj, out_proj, linear1, linear2)
+    names = {m.layer for m in dpc_fx.layers(gm)}
+    assert {"encoder.layers.0.self_attn.in_proj", "encoder.layers.1.linear2"} <= names
+    F.cross_entropy(gm(x), torch.tensor([0, 1, 2, 0])).backward()
+    assert all(p.grad is not None for p in gm.parameters())
+    quantizers_off(gm).eval()
+    torch.testing.assert_close(gm(x), model.eval()(x), rtol=1e-5, atol=1e-5)
