@@ -4,8 +4,10 @@ Reads: the model. Writes: a new GraphModule (the model itself is left alone; the
 module shares its submodules and parameters, as ``torch.fx.symbolic_trace`` does).
 
 Attention that FX would record as one opaque call (``nn.MultiheadAttention``,
-torchvision's Swin attention) is traced through a stand-in that computes the same thing
-with its projections in the graph (``passes/_standins.py``), so they can be quantised.
+``nn.Transformer`` and its parts, torchvision's Swin attention) is traced through a
+stand-in that computes the same thing with its projections in the graph
+(``passes/_standins.py``), so they can be quantised. Modules that branch on
+``self.training`` in ways FX would freeze (torchvision's stochastic depth) stay calls.
 
 If tracing fails, the error names the innermost submodule whose ``forward`` was running,
 with FX's own reason, and how to get past it.
