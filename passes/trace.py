@@ -6,8 +6,10 @@ module shares its submodules and parameters, as ``torch.fx.symbolic_trace`` does
 Attention that FX would record as one opaque call (``nn.MultiheadAttention``,
 ``nn.Transformer`` and its parts, torchvision's Swin attention) is traced through a
 stand-in that computes the same thing with its projections in the graph
-(``passes/_standins.py``), so they can be quantised. Modules that branch on
-``self.training`` in ways FX would freeze (torchvision's stochastic depth) stay calls.
+(``passes/_standins.py``), so they can be quantised. Where a model's code branches on
+``self.training``, which FX would freeze at the trace's mode, the pass traces in both
+modes: modules without layers whose code differs (torchvision's stochastic depth) stay
+calls that follow ``train()``/``eval()``; for others it warns.
 
 If tracing fails, the error names the innermost submodule whose ``forward`` was running,
 with FX's own reason, and how to get past it.
@@ -20,13 +22,15 @@ Before: ``model`` (any nn.Module). After:
 from __future__ import annotations
 
 import functools
+import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import fx, nn
 
 from dpc_fx.errors import ConfigError, TraceError
-from dpc_fx.passes._fx import keep_module_order, keep_unused
+from dpc_fx.passes._fx import MODULES, keep_module_order, keep_unused
 from dpc_fx.passes._standins import standin_for, swin_standins
 
 __all__ = ["trace"]
@@ -39,9 +43,10 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.leaf_paths = leaf_modules
         self.failed_at: tuple[str, str] | None = None
+        self.entered: set[str] = set()  # modules whose forward ran (leaves included)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self.leaf_paths or _follows_mode(m):
+        if module_qualified_name in self.leaf_paths:
             return True
         return standin_for(m, _no_mode) is None and super().is_leaf_module(m, module_qualified_name)
 
@@ -53,6 +58,7 @@ class _Tracer(fx.Tracer):
         kwargs: dict[str, Any],
     ) -> Any:
         path = self.path_of_module(m)
+        self.entered.add(path)
         mode = functools.partial(self.create_proxy, "get_attr", _join(path, "training"), (), {})
         if path not in self.leaf_paths:
             forward = standin_for(m, mode) or forward
@@ -98,12 +104,37 @@ def trace(
             f"trace: leaf_modules {unknown} are not submodules of {type(model).__name__}; "
             "use paths as model.named_modules() lists them."
         )
+    gm, entered = _trace(model, tuple(leaf_modules), concrete_args)
+    if _may_branch_on_mode(model):
+        gm = _settle_mode(model, (gm, entered), tuple(leaf_modules), concrete_args)
+    keep_module_order(gm, model)
+    keep_unused(gm, model)  # same state_dict keys as the model, used by forward or not
+    gm.meta["dpc_source"] = model.__class__.__name__
+    # Class names by module path: GraphModule keeps plain holders for modules it only reads
+    # weights from, and a functional layer on a module's weight is named after that module.
+    gm.meta["dpc_module_types"] = {p: type(m).__name__ for p, m in model.named_modules()}
+    return gm
+
+
+def _trace(
+    model: nn.Module,
+    leaf_modules: tuple[str, ...],
+    concrete_args: dict[str, Any] | None,
+    *,
+    training: bool | None = None,
+) -> tuple[fx.GraphModule, frozenset[str]]:
+    """One trace, in ``model``'s own mode or, with ``training``, in that mode; and the
+    paths of the modules it called ("" for the model)."""
     tracer = _Tracer(frozenset(leaf_modules))
     saved = {m: dict(vars(m)) for m in model.modules()}
     try:
+        if training is not None:
+            for m in model.modules():
+                m.training = training
         graph = tracer.trace(model, concrete_args)
         # Before restoring: FX keeps tensor constants as attributes of the model.
         gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+        return gm, frozenset(tracer.entered | {""})
     except Exception as e:
         path, cls = tracer.failed_at or ("", type(model).__name__)
         where = f"submodule '{path}' ({cls})" if path else f"the forward of {cls} itself"
@@ -123,14 +154,102 @@ def trace(
         ) from e
     finally:
         _restore(saved)
-    name = model.__class__.__name__
-    keep_module_order(gm, model)
-    keep_unused(gm, model)  # same state_dict keys as the model, used by forward or not
-    gm.meta["dpc_source"] = name
-    # Class names by module path: GraphModule keeps plain holders for modules it only reads
-    # weights from, and a functional layer on a module's weight is named after that module.
-    gm.meta["dpc_module_types"] = {p: type(m).__name__ for p, m in model.named_modules()}
+
+
+# ------------------------------------------------------------------ train/eval branches
+# FX records ``if self.training:`` as the branch of the mode it traces in. Tracing again in
+# the other mode shows which modules' own code changed: those without layers (stochastic
+# depth, say) are kept as calls, which follow train()/eval() at run time; for the others
+# (GoogLeNet's auxiliary heads) a warning says the compiled module keeps the traced mode.
+
+
+def _settle_mode(
+    model: nn.Module,
+    traced: tuple[fx.GraphModule, frozenset[str]],
+    leaf_modules: tuple[str, ...],
+    concrete_args: dict[str, Any] | None,
+) -> fx.GraphModule:
+    gm = traced[0]
+    try:
+        other = _trace(model, leaf_modules, concrete_args, training=not model.training)
+    except TraceError:
+        return gm  # untraceable in the other mode: nothing to compare
+    causes = _branching_modules(traced, other)
+    if not causes:
+        return gm
+    modules = dict(model.named_modules())
+    calls = tuple(p for p in causes if p and not _holds_layers(modules[p]))
+    if calls:
+        gm = _trace(model, leaf_modules + calls, concrete_args)[0]
+    kept = [p for p in causes if p not in calls]
+    if kept:
+        mode = "training" if model.training else "eval"
+        where = ", ".join(
+            f"'{p}' ({type(modules[p]).__name__})"
+            if p
+            else f"the forward of {type(model).__name__} itself"
+            for p in kept
+        )
+        warnings.warn(
+            f"{type(model).__name__}: {where} branches on self.training, and torch.fx records "
+            f"the branch of the mode it traces in ({mode}); the compiled module runs that "
+            "branch in both modes. Compile the model in the mode you will run it in "
+            "(model.eval() before compiling for inference).",
+            stacklevel=3,
+        )
     return gm
+
+
+def _branching_modules(
+    a: tuple[fx.GraphModule, frozenset[str]], b: tuple[fx.GraphModule, frozenset[str]]
+) -> list[str]:
+    """Module paths whose own code made different nodes in traces ``a`` and ``b``. A module
+    that only one trace called is left out: the branch that skips it lies in a caller."""
+    mine, theirs = _code_by_module(a[0]), _code_by_module(b[0])
+    both = a[1] & b[1]
+    return sorted(p for p in both if mine.get(p, []) != theirs.get(p, []))
+
+
+def _code_by_module(gm: fx.GraphModule) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {"": []}
+    for node in gm.graph.nodes:
+        stack = [
+            v[0] if isinstance(v, tuple) else v
+            for v in node.meta.get("nn_module_stack", {}).values()
+        ]
+        if node.op == "call_module":
+            stack = stack[:-1]  # the call belongs to the caller's code
+        target = getattr(node.target, "__name__", node.target)
+        args = fx.node.map_arg((node.args, node.kwargs), lambda _: "%")
+        out.setdefault(str(stack[-1]) if stack else "", []).append(f"{node.op} {target} {args}")
+    return out
+
+
+def _holds_layers(m: nn.Module) -> bool:
+    kinds = (*MODULES, nn.MultiheadAttention)
+    return any(isinstance(x, kinds) for x in m.modules())
+
+
+def _may_branch_on_mode(model: nn.Module) -> bool:
+    """Whether any class in ``model`` mentions ``training`` in its code (a cheap test
+    that spares most models the second trace)."""
+    classes = {type(m) for m in model.modules()}
+    return any(_mentions_training(cls) for cls in classes)
+
+
+_SOURCES: dict[type, bool] = {}
+
+
+def _mentions_training(cls: type) -> bool:
+    if cls not in _SOURCES:
+        if cls.__module__.startswith("torch.nn.") or cls.__module__ == "torch.fx.graph_module":
+            _SOURCES[cls] = False  # torch.nn modules are calls: they follow the mode
+        else:
+            try:
+                _SOURCES[cls] = "training" in inspect.getsource(cls)
+            except (OSError, TypeError):
+                _SOURCES[cls] = True  # no source to read: compare the traces
+    return _SOURCES[cls]
 
 
 def _no_mode() -> Any:
@@ -139,17 +258,6 @@ def _no_mode() -> Any:
 
 def _join(a: str, b: str) -> str:
     return f"{a}.{b}" if a else b
-
-
-def _follows_mode(m: nn.Module) -> bool:
-    """Kept as a call so it follows ``train()``/``eval()``: FX would freeze the branch on
-    ``self.training`` at the mode of the trace (torchvision's stochastic depth, say,
-    would keep dropping residual branches in eval)."""
-    cls = type(m)
-    return (cls.__module__, cls.__name__) in _MODE_LEAVES
-
-
-_MODE_LEAVES = frozenset({("torchvision.ops.stochastic_depth", "StochasticDepth")})
 
 
 def _restore(saved: dict[nn.Module, dict[str, Any]]) -> None:

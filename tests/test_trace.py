@@ -192,3 +192,54 @@ def test_mode_dependent_torchvision_modules_stay_calls() -> None:
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["fc", "drop"]
     x = torch.randn(64, 4)
     assert torch.equal(gm.eval()(x), model.eval()(x))
+
+
+class NoisyIn(nn.Module):
+    """Adds noise in training only, with no layers of its own."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + 0.1 * torch.randn_like(x) if self.training else x
+
+
+class AuxHead(nn.Module):
+    """A second output in training only, as GoogLeNet's auxiliary classifiers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.noise = NoisyIn()
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+        self.aux = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        h = self.body(self.noise(x))
+        if self.training:
+            return self.head(h), self.aux(h)
+        return self.head(h)
+
+
+def test_code_that_branches_on_the_mode_stays_a_call_or_is_named() -> None:
+    model = AuxHead().train()
+    with pytest.warns(
+        UserWarning,
+        match=r"AuxHead: the forward of AuxHead itself branches on self\.training, and "
+        r"torch\.fx records the branch of the mode it traces in \(training\); the compiled "
+        r"module runs that branch in both modes\. Compile the model in the mode you will run "
+        r"it in \(model\.eval\(\) before compiling for inference\)\.",
+    ):
+        gm = trace(model)
+    # The noise has no layers: it stays a call and follows the mode at run time.
+    assert "noise" in [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    x = torch.randn(8, 4)
+    assert torch.equal(gm.eval()(x)[0], model.eval()(x))  # still the training branch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inference = trace(model.eval())
+    assert torch.equal(inference(x), model(x))
+
+
+def test_a_model_that_does_not_branch_on_the_mode_is_traced_once() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = trace(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)))
+    assert [n.op for n in gm.graph.nodes].count("call_module") == 3
