@@ -52,6 +52,7 @@ def test_resnet18_exports_with_a_qdq_pair_per_quantised_tensor(
     assert (per_sample <= 0.01).mean() >= 0.8
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter's
 @pytest.mark.parametrize("bits", [2, 5, 8])
 def test_exported_activation_quantiser_matches_torch_exactly(bits: int, tmp_path: Path) -> None:
     torch.manual_seed(bits)
