@@ -19,14 +19,16 @@ Before:                       After:
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import networkx as nx
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from dpc_fx.errors import PassOrderError, ShapeError
 from dpc_fx.meta import META_KEY, LayerMeta
@@ -164,6 +166,8 @@ _SHAPE_PRESERVING = frozenset(
         nn.BatchNorm1d,
         nn.BatchNorm2d,
         nn.BatchNorm3d,
+        nn.LayerNorm,
+        nn.GroupNorm,
         nn.ReLU,
         nn.ReLU6,
         nn.GELU,
@@ -187,12 +191,19 @@ _SHAPE_PRESERVING = frozenset(
 class _FakeProp(fx.Interpreter):
     """Runs the graph on fake tensors and records FLOPs and output shape per layer node."""
 
-    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode, layers: set[fx.Node]):
+    def __init__(
+        self, gm: fx.GraphModule, counter: FlopCounterMode, layers: set[fx.Node], *, fake: bool
+    ):
         super().__init__(gm)
         self.extra_traceback = False  # our ShapeError already says which node failed
         self.counter = counter
         self.layers = layers
+        self.fake = fake
+        self.shortcut_flops = 0  # FLOPs of layers sized without a dispatch
         self.measured: dict[str, tuple[int, tuple[int, ...] | None]] = {}
+
+    def flops(self) -> int:
+        return self.counter.get_total_flops() + self.shortcut_flops
 
     def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
         # The generated code passes fresh lists and dicts; FX's immutable ones break
@@ -210,12 +221,26 @@ class _FakeProp(fx.Interpreter):
             and len(args) == 1
             and not kwargs
             and isinstance(args[0], torch.Tensor)
+            and _fits_norm(module, args[0])
         ):
             return args[0]
+        if self.fake and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            sized = _size_module(module, args[0])
+            if sized is not None:
+                self.shortcut_flops += sized[1]
+                return sized[0]
         return super().call_module(target, args, kwargs)
 
+    def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.fake and target is F.linear and not kwargs and 2 <= len(args) <= 3:
+            sized = _size_linear(*args)
+            if sized is not None:
+                self.shortcut_flops += sized[1]
+                return sized[0]
+        return super().call_function(target, args, kwargs)
+
     def run_node(self, n: fx.Node) -> Any:
-        before = self.counter.get_total_flops()
+        before = self.flops()
         try:
             if n in self.layers:
                 self._check_dtypes(n)
@@ -224,7 +249,7 @@ class _FakeProp(fx.Interpreter):
             raise ShapeError(_shape_message(n, self, e), node=n.name, module=module_path(n)) from e
         if n in self.layers:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
-            self.measured[n.name] = (self.counter.get_total_flops() - before, shape)
+            self.measured[n.name] = (self.flops() - before, shape)
         return out
 
     def _check_dtypes(self, n: fx.Node) -> None:
@@ -237,6 +262,69 @@ class _FakeProp(fx.Interpreter):
         dtypes = sorted({str(t.dtype) for t in operands if t.is_floating_point()})
         if len(dtypes) > 1:
             raise RuntimeError(f"mixed dtypes {' and '.join(dtypes)} in one layer")
+
+
+# Linear layers and convolutions, sized by arithmetic: their output shape and the FLOPs
+# FlopCounterMode would count, without the fake dispatch (a few milliseconds per layer, most
+# of a compile). Anything unusual returns None and takes the dispatch, which also raises
+# the errors for inputs that do not fit.
+
+_LINEARS = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+_CONVS: dict[type[nn.Module], int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+
+
+def _size_module(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    if type(m) in _LINEARS:
+        return _size_linear(x, m.weight, m.bias)
+    nd = _CONVS.get(type(m))
+    if nd is None or not isinstance(m, nn.modules.conv._ConvNd):
+        return None
+    w = m.weight
+    if x.dim() != nd + 2 or x.shape[1] != w.shape[1] * m.groups or not _fits(x, w, m.bias):
+        return None
+    if m.padding == "same":
+        spatial = list(x.shape[2:])
+    else:
+        pad: tuple[int, ...] = (0,) * nd if m.padding == "valid" else tuple(m.padding)  # type: ignore[arg-type]
+        spatial = [
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip(
+                x.shape[2:], pad, m.dilation, w.shape[2:], m.stride, strict=True
+            )
+        ]
+    if min(spatial, default=1) < 1:
+        return None
+    out = x.new_empty((x.shape[0], w.shape[0], *spatial))
+    return out, conv_flop_count(list(x.shape), list(w.shape), list(out.shape))
+
+
+def _size_linear(x: Any, w: Any, b: Any = None) -> tuple[torch.Tensor, int] | None:
+    if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor)):
+        return None
+    if x.dim() < 2 or w.dim() != 2 or x.shape[-1] != w.shape[1] or not _fits(x, w, b):
+        return None
+    if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != (w.shape[0],)):
+        return None
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else math.prod(x.shape[:-1])
+    out = x.new_empty((*x.shape[:-1], w.shape[0]))
+    return out, 2 * rows * w.shape[1] * w.shape[0]
+
+
+def _fits_norm(m: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a normalisation's shape check would pass (else: let torch say)."""
+    if isinstance(m, nn.LayerNorm):
+        return tuple(x.shape[x.dim() - len(m.normalized_shape) :]) == tuple(m.normalized_shape)
+    if isinstance(m, nn.GroupNorm):
+        return x.dim() >= 2 and x.shape[1] == m.num_channels
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return x.dim() >= 2 and x.shape[1] == m.num_features
+    return True
+
+
+def _fits(x: torch.Tensor, w: torch.Tensor, b: Any) -> bool:
+    """Same floating dtype and device for input, weight and bias (else: let torch say)."""
+    same = x.dtype == w.dtype and x.device == w.device and x.is_floating_point()
+    return same and (b is None or (isinstance(b, torch.Tensor) and b.dtype == w.dtype))
 
 
 def _mutable(value: Any) -> Any:
@@ -277,13 +365,13 @@ def _propagate(
     fake_log.setLevel(logging.CRITICAL)
     try:
         with mode, FlopCounterMode(display=False) as counter:
-            prop = _FakeProp(gm, counter, layers)
+            prop = _FakeProp(gm, counter, layers, fake=fake)
             prop.run(*inputs)
     finally:
         fake_log.setLevel(level)
         for m, training in modes.items():
             m.training = training
-    return prop.measured, counter.get_total_flops()
+    return prop.measured, prop.flops()
 
 
 def _shape_message(n: fx.Node, prop: fx.Interpreter, e: Exception) -> str:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from helpers import check_pass, examples, layer_node_list
 from hypothesis import example, given
 from strategies import Dense, MLPSpec, SpecMLP, mlp_specs, models
 from torch import Tensor, nn
+from toys import tiny_swin, tiny_vit
 
 import dpc_fx
 from dpc_fx import LayerMeta, ShapeError
@@ -273,3 +278,81 @@ def test_pass_on_an_untraced_module_names_the_pass_to_run_first(pass_name: str) 
         r"run dpc_fx\.passes\.trace on the model first\.",
     ):
         pass_fn(nn.Sequential(nn.Linear(2, 2)))
+
+
+# ---------------------------------------------------- sizing layers without a dispatch
+
+
+def _measured(gm: torch.fx.GraphModule) -> tuple[dict[str, tuple], int]:
+    layers = {n.name: (n.meta["dpc"].flops, n.meta["dpc"].out_shape) for n in layer_node_list(gm)}
+    return layers, gm.meta["dpc_macs"]
+
+
+def _dispatched(monkeypatch: pytest.MonkeyPatch, model: nn.Module, *inputs: Tensor) -> tuple:
+    """Capacity with every layer sized by the fake dispatch and FlopCounterMode."""
+    capacity_module = sys.modules["dpc_fx.passes.capacity"]
+    with monkeypatch.context() as patch:
+        patch.setattr(capacity_module, "_size_module", lambda m, x: None)
+        patch.setattr(capacity_module, "_size_linear", lambda *args: None)
+        return _measured(capacity(trace(model), inputs))
+
+
+class Convs(nn.Module):
+    """Convolutions of every kind the arithmetic covers, and linears on 2-D to 4-D input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 6, 3, stride=2, padding=2, dilation=2)
+        self.c2 = nn.Conv2d(3, 8, (3, 5), stride=(2, 1), padding=(1, 2))
+        self.grouped = nn.Conv2d(8, 8, 3, padding="same", groups=4, bias=False)
+        self.valid = nn.Conv2d(8, 4, 2, padding="valid", padding_mode="zeros")
+        self.circular = nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular")
+        self.c3 = nn.Conv3d(2, 4, (1, 3, 3), stride=(1, 2, 2))
+        self.fc = nn.Linear(4, 5)
+        self.mha = nn.MultiheadAttention(5, 1, batch_first=True)
+
+    def forward(self, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+        a = self.c1(a).mean()
+        b = self.circular(self.valid(self.grouped(self.c2(b))))  # (n, 4, h, w)
+        b = self.fc(b.permute(0, 2, 3, 1))  # a linear on 4-D input
+        b = self.mha(b.flatten(1, 2), b.flatten(1, 2), b.flatten(1, 2))[0].sum()
+        return (
+            a + b + self.c3(c).mean() + F.linear(c.flatten(1), torch.ones(3, 2 * 3 * 9 * 9)).sum()
+        )
+
+
+@pytest.mark.parametrize(
+    "build, inputs",
+    [
+        (Convs, (torch.randn(2, 3, 17), torch.randn(2, 3, 15, 12), torch.randn(2, 2, 3, 9, 9))),
+        (lambda: torchvision.models.resnet18(), (torch.randn(2, 3, 40, 40),)),
+        (lambda: torchvision.models.mobilenet_v3_small(), (torch.randn(1, 3, 64, 64),)),
+        (lambda: tiny_vit(), (torch.randn(2, 3, 32, 32),)),
+        (lambda: tiny_swin(v2=True), (torch.randn(1, 3, 44, 36),)),
+    ],
+    ids=["convs", "resnet18", "mobilenet_v3", "vit", "swin_v2"],
+)
+def test_sizing_by_arithmetic_matches_the_flop_counter(
+    monkeypatch: pytest.MonkeyPatch, build: Callable[[], nn.Module], inputs: tuple[Tensor, ...]
+) -> None:
+    torch.manual_seed(0)
+    model = build()
+    assert _measured(capacity(trace(model), inputs)) == _dispatched(monkeypatch, model, *inputs)
+
+
+@examples(15)
+@given(models())
+def test_sizing_by_arithmetic_matches_on_generated_models(
+    model_x: tuple[nn.Module, Tensor],
+) -> None:
+    model, x = model_x
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        assert _measured(capacity(trace(model), (x,))) == _dispatched(monkeypatch, model, x)
+
+
+def test_a_layer_norm_of_the_wrong_size_is_still_caught() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(6))
+    with pytest.raises(
+        ShapeError, match=r"node '_1' \(module '1'\) failed on inputs \[_0: \(3, 8\)"
+    ):
+        capacity(trace(model), torch.randn(3, 4))
