@@ -295,6 +295,8 @@ def _size_module(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int] | No
     if min(spatial, default=1) < 1:
         return None
     out = x.new_empty((x.shape[0], w.shape[0], *spatial))
+    if nd == 2 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)  # as the convolution's would be
     return out, conv_flop_count(list(x.shape), list(w.shape), list(out.shape))
 
 
@@ -305,9 +307,8 @@ def _size_linear(x: Any, w: Any, b: Any = None) -> tuple[torch.Tensor, int] | No
         return None
     if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != (w.shape[0],)):
         return None
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else math.prod(x.shape[:-1])
     out = x.new_empty((*x.shape[:-1], w.shape[0]))
-    return out, 2 * rows * w.shape[1] * w.shape[0]
+    return out, 2 * math.prod(x.shape[:-1]) * w.shape[1] * w.shape[0]
 
 
 def _fits_norm(m: nn.Module, x: torch.Tensor) -> bool:
