@@ -112,8 +112,7 @@ def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
     new.meta = dict(getattr(gm, "meta", {}))
     new.training = gm.training
     quantizers.train(gm.training)
-    new.graph.lint()
-    new.recompile()
+    new.graph.lint()  # its code was generated when the graph was set, complete
     return new
 
 
