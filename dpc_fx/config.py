@@ -42,8 +42,9 @@ class DPCConfig:
         overrides: bits for chosen layers, by module path (``"fc"``), glob pattern
             (``"*.downsample.*"``) or module type (``"Linear"``); a value is an int (weights
             and activations; gradients keep ``grad_bits``), a ``(w, a, g)`` triple, or
-            ``None`` for full precision. Later entries win over earlier ones. Overridden
-            layers do not enter the DPC statistics.
+            ``None`` for full precision. A dict, or (pattern, value) pairs; later entries
+            win over earlier ones. Kept as a tuple of pairs (also as ``override_rules``,
+            typed so). Overridden layers do not enter the DPC statistics.
         budget: a target saving of training bit-operations versus static 8-bit, in (0, 1);
             ``delta`` (and if needed the bounds) are solved to meet it within one
             percentage point. Needs example inputs.
@@ -76,7 +77,7 @@ class DPCConfig:
     capacity: Capacity = "params"
     centre: Centre = "median"
     pin_first_last: bool = True
-    overrides: tuple[tuple[str, Override], ...] = field(default=())
+    overrides: Mapping[str, Override] | tuple[tuple[str, Override], ...] = field(default=())
     budget: float | None = None
     similarity: float = 0.95
     leaf_modules: tuple[str, ...] = ()
@@ -123,11 +124,16 @@ class DPCConfig:
         """A copy with ``changes`` applied (and validated)."""
         return dataclasses.replace(self, **changes)
 
+    @property
+    def override_rules(self) -> tuple[tuple[str, Override], ...]:
+        """``overrides`` as (pattern, value) pairs in order: the form it is kept in."""
+        return self.overrides  # type: ignore[return-value]  # normalised on construction
+
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON-ready values; :meth:`from_dict` reads them back."""
         out = dataclasses.asdict(self)
         out["overrides"] = [
-            [pattern, list(v) if isinstance(v, tuple) else v] for pattern, v in self.overrides
+            [pattern, list(v) if isinstance(v, tuple) else v] for pattern, v in self.override_rules
         ]
         out["leaf_modules"] = list(self.leaf_modules)
         return out

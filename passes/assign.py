@@ -206,7 +206,7 @@ def _overrides(metas: dict[fx.Node, LayerMeta], config: DPCConfig) -> dict[fx.No
     """Bits of the layers the config's overrides name; later entries win."""
     out: dict[fx.Node, Bits] = {}
     unmatched = []
-    for pattern, value in config.overrides:
+    for pattern, value in config.override_rules:
         hits = [node for node, meta in metas.items() if _matches(pattern, meta)]
         if not hits:
             unmatched.append(pattern)
