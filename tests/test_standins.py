@@ -315,3 +315,28 @@ def test_transformer_encoder_compiles_with_every_linear_quantised() -> None:
     assert all(p.grad is not None for p in gm.parameters())
     quantizers_off(gm).eval()
     torch.testing.assert_close(gm(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["float", "bool"])
+def test_per_head_attention_masks(kind: str) -> None:
+    """A 3-D ``attn_mask`` (one per batch element and head) and a key padding mask."""
+    torch.manual_seed(0)
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+
+        def forward(self, x: Tensor, mask: Tensor, pad: Tensor) -> tuple[Tensor, Tensor]:
+            return self.attn(x, x, x, attn_mask=mask, key_padding_mask=pad)
+
+    model = Masked().eval()
+    x = torch.randn(3, 5, 16)
+    if kind == "float":
+        mask, pad = torch.randn(3 * 4, 5, 5), torch.randn(3, 5)
+    else:
+        mask, pad = torch.rand(3 * 4, 5, 5) > 0.7, torch.zeros(3, 5, dtype=torch.bool)
+        mask[..., 0] = False  # every query may attend somewhere
+        pad[1, -2:] = True
+    for want, got in zip(model(x, mask, pad), trace(model)(x, mask, pad), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
