@@ -11,7 +11,8 @@ Three families of attention hide their matmul-like layers from a symbolic trace:
   padding, shifting and masking depend on the feature map's size.
 
 While tracing, :func:`standin_for` gives the tracer a forward to trace instead of the
-module's own (for submodules; a model's own forward is traced as written). Each stand-in
+module's own (and :func:`root_standin` one for a model that is itself such a module). Each
+stand-in
 computes what the original computes (the general path, not the fused inference kernel),
 but lays the projections out as ``F.linear`` calls on the module's own parameters and
 ``out_proj`` as a module call, and keeps what depends on concrete sizes (window
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["standin_for", "swin_standins"]
+__all__ = ["root_standin", "standin_for", "swin_standins"]
 
 
 def standin_for(m: nn.Module, mode: Callable[[], Any]) -> Callable[..., Any] | None:
@@ -52,14 +53,18 @@ def standin_for(m: nn.Module, mode: Callable[[], Any]) -> Callable[..., Any] | N
         if m.bias_k is not None or m.bias_v is not None or m.add_zero_attn:
             return None  # rare options, left to the module itself (one call)
         return functools.partial(_multihead_attention, m, mode)
-    if isinstance(m, nn.TransformerEncoderLayer):
-        return functools.partial(_encoder_layer, m)
     if isinstance(m, nn.TransformerDecoderLayer):
         return m.forward  # no fast path: its own forward traces
-    if isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder)):
-        return functools.partial(_stack, m)
-    if isinstance(m, nn.Transformer):
-        return functools.partial(_transformer, m)
+    method = root_standin(m)
+    return None if method is None else functools.partial(method, m)
+
+
+def root_standin(m: nn.Module) -> Callable[..., Any] | None:
+    """The stand-in for ``m``'s forward as a function of ``(m, *inputs)``, which can also
+    trace ``m`` as the model itself; ``None`` where there is none."""
+    for cls, method in _ROOTS.items():
+        if isinstance(m, cls):
+            return method
     return None
 
 
@@ -221,34 +226,46 @@ def _encoder_layer(
     return m.norm2(x + m._ff_block(x))
 
 
-_STACK_ARGS = {
-    nn.TransformerEncoder: ("mask", "src_key_padding_mask", "is_causal"),
-    nn.TransformerDecoder: (
-        "memory",
-        "tgt_mask",
-        "memory_mask",
-        "tgt_key_padding_mask",
-        "memory_key_padding_mask",
-        "tgt_is_causal",
-        "memory_is_causal",
-    ),
-}
-
-
-def _stack(
-    m: nn.TransformerEncoder | nn.TransformerDecoder, x: Tensor, *args: Any, **kwargs: Any
+def _encoder(
+    m: nn.TransformerEncoder,
+    src: Tensor,
+    mask: Tensor | None = None,
+    src_key_padding_mask: Tensor | None = None,
+    is_causal: bool | None = None,
 ) -> Tensor:
-    """The layers in turn, then the final norm. Masks pass through as given; a causal hint
-    of ``None`` (detect it from the mask) is dropped: the mask itself is applied."""
-    names = _STACK_ARGS[
-        nn.TransformerEncoder if isinstance(m, nn.TransformerEncoder) else nn.TransformerDecoder
-    ]
-    bound = dict(zip(names, args, strict=False)) | kwargs
-    bound = {k: v for k, v in bound.items() if not (k.endswith("is_causal") and v is None)}
-    if "mask" in bound:  # the encoder's name for its layers' src_mask
-        bound["src_mask"] = bound.pop("mask")
+    """The layers in turn, then the final norm. A causal hint of ``None`` (detect it from
+    the mask) becomes ``False``: the mask itself is applied either way."""
+    x = src
     for layer in m.layers:
-        x = layer(x, **bound)
+        x = layer(
+            x, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal)
+        )
+    return x if m.norm is None else m.norm(x)
+
+
+def _decoder(
+    m: nn.TransformerDecoder,
+    tgt: Tensor,
+    memory: Tensor,
+    tgt_mask: Tensor | None = None,
+    memory_mask: Tensor | None = None,
+    tgt_key_padding_mask: Tensor | None = None,
+    memory_key_padding_mask: Tensor | None = None,
+    tgt_is_causal: bool | None = None,
+    memory_is_causal: bool = False,
+) -> Tensor:
+    x = tgt
+    for layer in m.layers:
+        x = layer(
+            x,
+            memory,
+            tgt_mask=tgt_mask,
+            memory_mask=memory_mask,
+            tgt_key_padding_mask=tgt_key_padding_mask,
+            memory_key_padding_mask=memory_key_padding_mask,
+            tgt_is_causal=bool(tgt_is_causal),
+            memory_is_causal=memory_is_causal,
+        )
     return x if m.norm is None else m.norm(x)
 
 
@@ -279,6 +296,14 @@ def _transformer(
         tgt_is_causal=tgt_is_causal,
         memory_is_causal=memory_is_causal,
     )
+
+
+_ROOTS: dict[type[nn.Module], Callable[..., Any]] = {
+    nn.TransformerEncoderLayer: _encoder_layer,
+    nn.TransformerEncoder: _encoder,
+    nn.TransformerDecoder: _decoder,
+    nn.Transformer: _transformer,
+}
 
 
 # --- torchvision's Swin attention ------------------------------------------------------

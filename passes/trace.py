@@ -31,7 +31,7 @@ from torch import fx, nn
 
 from dpc_fx.errors import ConfigError, TraceError
 from dpc_fx.passes._fx import MODULES, keep_module_order, keep_unused
-from dpc_fx.passes._standins import standin_for, swin_standins
+from dpc_fx.passes._standins import root_standin, standin_for, swin_standins
 
 __all__ = ["trace"]
 
@@ -131,7 +131,7 @@ def _trace(
         if training is not None:
             for m in model.modules():
                 m.training = training
-        graph = tracer.trace(model, concrete_args)
+        graph = tracer.trace(_as_traced(model), _root_flags(model) | (concrete_args or {}))
         # Before restoring: FX keeps tensor constants as attributes of the model.
         gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
         return gm, frozenset(tracer.entered | {""})
@@ -250,6 +250,29 @@ def _mentions_training(cls: type) -> bool:
             except (OSError, TypeError):
                 _SOURCES[cls] = True  # no source to read: compare the traces
     return _SOURCES[cls]
+
+
+def _as_traced(model: nn.Module) -> nn.Module:
+    """``model``, or where the model itself is a module with a stand-in (a bare
+    ``nn.TransformerEncoder``, say) a view of it whose class's forward is the stand-in:
+    same attributes (one ``__dict__``), so paths and parameters are the model's."""
+    standin = root_standin(model)
+    if standin is None:
+        return model
+    cls = type(model)
+    view: nn.Module = object.__new__(type(cls.__name__, (cls,), {"forward": standin}))
+    object.__setattr__(view, "__dict__", model.__dict__)
+    return view
+
+
+def _root_flags(model: nn.Module) -> dict[str, Any]:
+    """A root stand-in's causal-mask hints, fixed at their defaults: FX would make them
+    graph inputs, and the stand-ins branch on them (the masks themselves stay inputs)."""
+    standin = root_standin(model)
+    if standin is None:
+        return {}
+    params = inspect.signature(standin).parameters.values()
+    return {p.name: p.default for p in params if p.name.endswith("is_causal")}
 
 
 def _no_mode() -> Any:

@@ -9,6 +9,8 @@ weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -245,7 +247,7 @@ def test_torch_transformer_traces_through_and_matches(batch_first: bool, norm_fi
     tensor values (for the fused inference path); the stand-ins take the general path."""
     torch.manual_seed(0)
 
-    class Seq2Seq(nn.Module):  # a model's own forward is traced as written: wrap the parts
+    class Seq2Seq(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.transformer = nn.Transformer(
@@ -340,3 +342,38 @@ def test_per_head_attention_masks(kind: str) -> None:
         pad[1, -2:] = True
     for want, got in zip(model(x, mask, pad), trace(model)(x, mask, pad), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
+@pytest.mark.parametrize(
+    "build, shapes, quantised",
+    [
+        (lambda: nn.TransformerEncoderLayer(16, 2, 32), [(5, 2, 16)], (2, 4)),
+        (
+            lambda: nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2
+            ),
+            [(2, 5, 16)],
+            (6, 8),
+        ),
+        (
+            lambda: nn.Transformer(16, 2, 1, 1, 32, batch_first=True),
+            [(2, 5, 16), (2, 4, 16)],
+            (8, 10),
+        ),
+    ],
+    ids=["encoder-layer", "encoder", "transformer"],
+)
+def test_a_torch_transformer_as_the_model_itself(
+    build: Callable[[], nn.Module], shapes: list[tuple[int, ...]], quantised: tuple[int, int]
+) -> None:
+    """The model's own forward is the stand-in too: no fallback, every projection reached."""
+    torch.manual_seed(0)
+    model = build().eval()
+    inputs = tuple(torch.randn(shape) for shape in shapes)
+    torch.testing.assert_close(trace(model)(*inputs), model(*inputs), rtol=1e-5, atol=1e-5)
+    gm = compile_quiet(model, inputs)
+    cov = dpc_fx.coverage(gm)
+    assert cov.traced and (cov.quantised, cov.layers) == quantised
+    assert type(gm).__name__ == type(model).__name__
+    assert set(gm.state_dict()) == set(model.state_dict())
