@@ -40,10 +40,12 @@ from dpc_fx.passes._fx import (
     MODULES,
     attach,
     attached,
+    join,
     keep_module_order,
     layer_nodes,
     matmul_spec,
     parameter_source,
+    weight_name,
 )
 from dpc_fx.passes.assign import assign
 from dpc_fx.passes.capacity import capacity, example_tuple, module_path
@@ -170,10 +172,6 @@ class _Part:
         return type(self.module).forward is nn.Module.forward
 
 
-def _join(a: str, b: str) -> str:
-    return f"{a}.{b}" if a and b else a or b
-
-
 def _under(path: str, prefix: str) -> str | None:
     """``path`` relative to ``prefix`` if it lies strictly below it, else ``None``."""
     if not prefix:
@@ -205,7 +203,7 @@ def _split(
             reasons[e.path] = e.reason
     children = []
     for rel in leaves:
-        full = _join(path, rel)
+        full = join(path, rel)
         why = bad.get(full, reasons.get(rel, ""))
         children.append(_split(module.get_submodule(rel), full, rel, keep, {**bad, full: why}))
     return _Part(path, name, module, gm, children=children)
@@ -217,9 +215,9 @@ def _leaf(
     if not _has_parameters(module):
         return _Part(path, name, module, None, reason)
     children = [
-        _split(child, _join(path, n), n, keep, bad)
+        _split(child, join(path, n), n, keep, bad)
         for n, child in module.named_children()
-        if _has_parameters(child) and _join(path, n) not in keep
+        if _has_parameters(child) and join(path, n) not in keep
     ]
     # Children without parameters have nothing to quantise; those that cannot be traced
     # are still leaves, and said so.
@@ -228,7 +226,7 @@ def _leaf(
             try:
                 trace(child)
             except TraceError as e:
-                children.append(_Part(_join(path, n), n, child, None, e.reason))
+                children.append(_Part(join(path, n), n, child, None, e.reason))
     return _Part(path, name, module, None, reason, children)
 
 
@@ -380,7 +378,7 @@ def failing_modules(gm: fx.GraphModule, path: str, e: ShapeError) -> dict[str, s
     if failed is None:
         return {path: why}
     same = [n for n in nodes.values() if n.op == failed.op and n.target == failed.target]
-    return {_join(path, module_path(n)): why for n in same}
+    return {join(path, module_path(n)): why for n in same}
 
 
 def _plan(
@@ -418,12 +416,12 @@ def _plan(
             new = graph.node_copy(node, env.__getitem__)
             env[node] = new
             if node.op in ("call_module", "get_attr"):
-                new.target = _join(part.path, str(node.target))
+                new.target = join(part.path, str(node.target))
             elif node.op == "placeholder":  # parts' inputs may share names
                 new.target, new.args = new.name, ()
             meta = node.meta.get(META_KEY)
             if isinstance(meta, LayerMeta):
-                new.meta[META_KEY] = meta.replace(layer=_join(part.path, names[node]))
+                new.meta[META_KEY] = meta.replace(layer=join(part.path, names[node]))
                 origin.append(node)
             if node.op == "call_module" and str(node.target) in leaves:
                 emit(leaves[str(node.target)])
@@ -553,11 +551,7 @@ def _weight_owner(node: fx.Node, gm: fx.GraphModule) -> str | None:
         return str(node.target)
     operand = spec.weight.get(node.args, node.kwargs)
     source = parameter_source(operand) if isinstance(operand, fx.Node) else None
-    if source is None:
-        return None
-    owner, _, attr = str(source.target).rpartition(".")
-    packed = attr.removesuffix("_weight")  # nn.MultiheadAttention's in_proj_weight
-    return _join(owner, packed) if attr.endswith("_weight") else owner
+    return None if source is None else weight_name(str(source.target))[0]
 
 
 def _weight_layers(model: nn.Module) -> set[str]:
@@ -571,7 +565,7 @@ def _weight_layers(model: nn.Module) -> set[str]:
             out.add(path)
         elif isinstance(m, nn.MultiheadAttention):
             projections = ("in_proj",) if m._qkv_same_embed_dim else ("q_proj", "k_proj", "v_proj")
-            out.update(_join(path, p) for p in projections)
+            out.update(join(path, p) for p in projections)
     return out
 
 
@@ -589,11 +583,11 @@ def layer_coverage(
         for node in gm.graph.nodes:
             meta = node.meta.get(META_KEY)
             owner = _weight_owner(node, gm) if isinstance(meta, LayerMeta) else None
-            if owner is None or _join(path, owner) not in total:
+            if owner is None or join(path, owner) not in total:
                 continue
-            compiled.add(_join(path, owner))
+            compiled.add(join(path, owner))
             if meta.bits is not None and meta.bits.w is not None:
-                quantised.add(_join(path, owner))
+                quantised.add(join(path, owner))
     return len(total), len(compiled), len(quantised)
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "attached",
     "copy_graph_module",
     "get_attr",
+    "join",
     "keep_module_order",
     "keep_unused",
     "layer_nodes",
@@ -31,6 +32,7 @@ __all__ = [
     "parameter_source",
     "require_graph",
     "to_digraph",
+    "weight_name",
 ]
 
 
@@ -350,6 +352,24 @@ _VIEW_FUNCTIONS = frozenset(
         torch.flatten,
     }
 )
+
+
+def join(a: str, b: str) -> str:
+    """Two module paths joined (``""`` is the model itself)."""
+    return f"{a}.{b}" if a and b else a or b
+
+
+def weight_name(target: str) -> tuple[str, bool]:
+    """What a layer reading the parameter at ``target`` is called, and whether that is a
+    weight's own name: the owning module's path for ``"fc.weight"``, the weight's for a
+    packed one (``"attn.in_proj_weight"`` -> ``"attn.in_proj"``); the owner's path, not a
+    weight's name, for other parameters (``"block.w"``)."""
+    owner, _, attr = target.rpartition(".")
+    if attr == "weight":
+        return owner, True
+    if attr.endswith("_weight"):
+        return join(owner, attr.removesuffix("_weight")), True
+    return owner, False
 
 
 def parameter_source(node: fx.Node, hops: int = 6) -> fx.Node | None:

@@ -39,6 +39,7 @@ from dpc_fx.passes._fx import (
     matmul_spec,
     parameter_source,
     to_digraph,
+    weight_name,
 )
 
 __all__ = ["capacity", "example_tuple", "module_path"]
@@ -111,11 +112,10 @@ def _layer_names(
         source = parameter_source(operand) if isinstance(operand, fx.Node) else None
         if source is None:
             continue
-        path, _, attr = str(source.target).rpartition(".")
-        if path and path in types and attr == "weight":
-            owners[node] = (path, types[path])
-        elif path and path in types and attr.endswith("_weight"):
-            owners[node] = (f"{path}.{attr.removesuffix('_weight')}", types[path])
+        owner = str(source.target).rpartition(".")[0]
+        name, is_weight = weight_name(str(source.target))
+        if owner and owner in types and is_weight:
+            owners[node] = (name, types[owner])
     taken = [o[0] for o in owners.values() if o is not None]
     taken += [str(node.target) for node, spec in specs.items() if spec.module is not None]
     names: dict[fx.Node, tuple[str, str | None]] = {}

@@ -30,7 +30,7 @@ from typing import Any
 from torch import fx, nn
 
 from dpc_fx.errors import ConfigError, TraceError
-from dpc_fx.passes._fx import MODULES, keep_module_order, keep_unused
+from dpc_fx.passes._fx import MODULES, join, keep_module_order, keep_unused
 from dpc_fx.passes._standins import root_standin, standin_for, swin_standins
 
 __all__ = ["trace"]
@@ -59,7 +59,7 @@ class _Tracer(fx.Tracer):
     ) -> Any:
         path = self.path_of_module(m)
         self.entered.add(path)
-        mode = functools.partial(self.create_proxy, "get_attr", _join(path, "training"), (), {})
+        mode = functools.partial(self.create_proxy, "get_attr", join(path, "training"), (), {})
         if path not in self.leaf_paths:
             forward = standin_for(m, mode) or forward
         try:
@@ -277,10 +277,6 @@ def _root_flags(model: nn.Module) -> dict[str, Any]:
 
 def _no_mode() -> Any:
     raise AssertionError("only asked for while tracing")
-
-
-def _join(a: str, b: str) -> str:
-    return f"{a}.{b}" if a else b
 
 
 def _restore(saved: dict[nn.Module, dict[str, Any]]) -> None:
