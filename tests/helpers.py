@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -176,3 +177,11 @@ def examples(n: int) -> settings:
     ``pytest --hypothesis-profile=thorough`` runs every property ten times longer.
     """
     return settings(max_examples=max(1, round(n * settings.default.max_examples / 100)))
+
+
+def reloaded(module: nn.Module) -> nn.Module:
+    """``module`` through ``torch.save`` and ``torch.load`` (a whole pickled module)."""
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)

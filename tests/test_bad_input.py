@@ -6,13 +6,12 @@ Every dpc_fx error is a ``DPCError``; the tests pin the subclass and the message
 from __future__ import annotations
 
 import copy
-import io
 import warnings
 
 import pytest
 import torch
 import torchvision
-from helpers import quantizers_off
+from helpers import quantizers_off, reloaded
 from torch import nn
 
 import dpc_fx
@@ -345,10 +344,7 @@ def test_torch_save_and_load_round_trip_bit_exactly_with_the_plan() -> None:
     gm = dpc_fx.compile(model, x)
     gm(x).sum().backward()  # one training step's worth of running ranges
     gm.eval()
-    buffer = io.BytesIO()
-    torch.save(gm, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
+    loaded = reloaded(gm)
     assert torch.equal(loaded(x), gm(x))
     assert list(loaded.state_dict()) == list(model.state_dict())
     assert dpc_fx.plan_of(loaded) == dpc_fx.plan_of(gm)

@@ -18,6 +18,7 @@ from helpers import (
     quantizer_nodes,
     quantizers_off,
     relative_l2,
+    reloaded,
 )
 from hypothesis import given
 from hypothesis import strategies as st
@@ -225,10 +226,7 @@ def test_state_dict_keys_and_strict_loading_both_ways() -> None:
 def test_deepcopy_and_torch_save_round_trip_give_identical_outputs() -> None:
     _, gm, x = trained_pair()
     expected = gm(x)
-    buf = io.BytesIO()
-    torch.save(gm, buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)
+    loaded = reloaded(gm)
     copied = copy.deepcopy(gm)
     for other in (copied, loaded):
         assert torch.equal(other(x), expected)
@@ -243,10 +241,7 @@ def test_layer_records_survive_torch_save() -> None:
     """torch.load rebuilds the graph from code (GraphModule.__reduce__), which drops node
     metadata; the records must come back all the same."""
     _, gm, _ = trained_pair()
-    buf = io.BytesIO()
-    torch.save(gm, buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)
+    loaded = reloaded(gm)
     assert dpc_fx.layers(loaded) == dpc_fx.layers(gm)
     assert dpc_fx.cost(loaded).total == dpc_fx.cost(gm).total
     assert dpc_fx.plan_of(loaded) == dpc_fx.plan_of(gm)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import io
 import warnings
 
 import pytest
 import torch
 import torch.fx
-from helpers import quantizers_off
+from helpers import quantizers_off, reloaded
 from torch import Tensor, nn
 from toys import GatedNet
 
@@ -168,10 +167,7 @@ def test_the_fallback_module_trains_saves_and_loads() -> None:
     (out["a"].sum() + out["b"].pow(2).sum()).backward()
     assert all(p.grad is not None for p in gm.parameters())
     gm.eval()
-    buffer = io.BytesIO()
-    torch.save(gm, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
+    loaded = reloaded(gm)
     a, b = gm(*inputs), loaded(*inputs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert dpc_fx.plan_of(loaded) == dpc_fx.plan_of(gm)

@@ -11,10 +11,10 @@ layer's incoming gradient across a rounding boundary, changing it by one gradien
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
+from helpers import reloaded
 from torch import nn
 
 import dpc_fx
@@ -133,10 +133,7 @@ def test_lowered_module_saves_and_loads() -> None:
     gm.train()
     gm(x)
     gm.eval()
-    buf = io.BytesIO()
-    torch.save(gm, buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)
+    loaded = reloaded(gm)
     assert torch.equal(loaded(x), gm(x))
     assert dpc_fx.plan_of(loaded) == dpc_fx.plan_of(gm)
     assert torch.equal(copy.deepcopy(gm)(x), gm(x))

@@ -7,11 +7,10 @@ rounds the same way on a shared grid); elsewhere the bounds come from the defini
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
-from helpers import examples
+from helpers import examples, reloaded
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from strategies import (
@@ -358,10 +357,7 @@ def test_running_range_survives_copy_and_pickle_but_not_state_dict() -> None:
     q(torch.tensor([-2.0, 6.0]))
     q.eval()
     x = torch.linspace(-8, 8, 17)
-    buf = io.BytesIO()
-    torch.save(q, buf)
-    buf.seek(0)
-    for other in (copy.deepcopy(q), torch.load(buf, weights_only=False)):
+    for other in (copy.deepcopy(q), reloaded(q)):
         assert torch.equal(other(x), q(x))
     assert list(q.state_dict()) == []  # non-persistent: checkpoints match the original model
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -238,8 +239,22 @@ def test_code_that_branches_on_the_mode_stays_a_call_or_is_named() -> None:
     assert torch.equal(inference(x), model(x))
 
 
-def test_a_model_that_does_not_branch_on_the_mode_is_traced_once() -> None:
+def test_only_models_whose_code_mentions_training_are_traced_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trace_module = sys.modules["dpc_fx.passes.trace"]
+    modes: list[bool | None] = []
+    inner = trace_module._trace
+
+    def counted(*args: object, training: bool | None = None) -> object:
+        modes.append(training)
+        return inner(*args, training=training)
+
+    monkeypatch.setattr(trace_module, "_trace", counted)
+    trace(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)))  # torch.nn only
+    assert modes == [None]
+    modes.clear()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        gm = trace(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)))
-    assert [n.op for n in gm.graph.nodes].count("call_module") == 3
+        warnings.simplefilter("ignore")
+        trace(AuxHead().train())  # compared in eval, traced again with the noise a call
+    assert modes == [None, False, None]
