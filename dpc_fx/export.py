@@ -65,12 +65,13 @@ class _ExportWeight(nn.Module):
         self.register_buffer("lo", lo)
         self.register_buffer("scale", _scale(lo, hi, q.bits).reshape(-1))
         self.register_buffer("zero_point", torch.zeros(self.scale.numel(), dtype=torch.int32))
+        self.tensor_scale = float(self.scale[0])  # the per-tensor op takes a Python float
 
     def forward(self, w: Tensor) -> Tensor:
         shifted = w - self.lo
         if self.axis is None:
             return (
-                torch.fake_quantize_per_tensor_affine(shifted, float(self.scale), 0, 0, 255)
+                torch.fake_quantize_per_tensor_affine(shifted, self.tensor_scale, 0, 0, 255)
                 + self.lo
             )
         q = torch.fake_quantize_per_channel_affine(

@@ -4,7 +4,6 @@ DistributedDataParallel, and under FSDP2 (``fully_shard``) against DDP."""
 from __future__ import annotations
 
 import copy
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,16 +18,16 @@ import dpc_fx
 from dpc_fx import kernels
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _join(rank: int, world: int, out: str) -> None:
+    """Join the gloo group through a file in the test's folder: no port to pick (a port
+    found free and released can be taken by another process before rank 0 binds it)."""
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        "gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world
     )
+
+
+def _worker(rank: int, world: int, out: str) -> None:
+    _join(rank, world, out)
     torch.set_num_threads(1)
     torch.manual_seed(7)  # ranks seeded alike round with their own noise
     seed = kernels.new_seed()
@@ -60,10 +59,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _spawn(worker: Callable[[int, int, int, str], None], tmp_path: Path) -> list[dict]:
+def _spawn(worker: Callable[[int, int, str], None], tmp_path: Path) -> list[dict]:
     """Run ``worker`` on two gloo ranks; what each saved, by rank."""
     world = 2
-    mp.spawn(worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(worker, args=(world, str(tmp_path)), nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
@@ -100,10 +99,8 @@ def _full(p: torch.Tensor) -> torch.Tensor:
     return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
-def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+def _fsdp_worker(rank: int, world: int, out: str) -> None:
+    _join(rank, world, out)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = _mlp()
