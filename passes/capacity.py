@@ -100,7 +100,8 @@ def _layer_names(
     A module call is named by its module path. A functional call on a module's weight
     (``F.linear(x, self.qkv.weight)``, as in attention stand-ins) is named after that
     module, and one on a packed weight (``in_proj_weight``) after the weight
-    (``attn.in_proj``), when no other layer reads it; anything else by its node name.
+    (``attn.in_proj``); several on one packed weight are numbered (``attn.in_proj.0``).
+    Anything else by its node name.
     """
     types: dict[str, str] = gm.meta.get("dpc_module_types", {})
     owners: dict[fx.Node, tuple[str, str] | None] = {}
@@ -118,6 +119,8 @@ def _layer_names(
             owners[node] = (name, types[owner])
     taken = [o[0] for o in owners.values() if o is not None]
     taken += [str(node.target) for node, spec in specs.items() if spec.module is not None]
+    modules = {p for p, _ in gm.named_modules()}
+    seen: dict[str, int] = {}
     names: dict[fx.Node, tuple[str, str | None]] = {}
     for node, spec in specs.items():
         named = owners[node]
@@ -125,6 +128,13 @@ def _layer_names(
             names[node] = (str(node.target), type(spec.module).__name__)
         elif named is not None and taken.count(named[0]) == 1:
             names[node] = named
+        elif named is not None and named[0] not in modules:
+            # Several layers on one weight (cross-attention's slices of a packed
+            # in_proj_weight): numbered in graph order, ``attn.in_proj.0`` .. ``.2``.
+            i = seen[named[0]] = seen.get(named[0], -1) + 1
+            numbered = f"{named[0]}.{i}"
+            free = numbered not in modules and numbered not in taken
+            names[node] = (numbered, named[1]) if free else (node.name, None)
         else:
             names[node] = (node.name, None)
     return names
@@ -142,14 +152,41 @@ def example_tuple(example_inputs: Any) -> tuple[Any, ...]:
 
 
 def _params(gm: fx.GraphModule, node: fx.Node, spec: MatmulSpec) -> int:
+    """Parameter elements the layer reads: a module's own, or for a functional layer those
+    of each operand read from a parameter; from a slice of one (a packed ``in_proj_weight``
+    split for cross-attention), the slice's."""
     if spec.module is not None:
         return sum(p.numel() for p in spec.module.parameters(recurse=False))
     total = 0
     for src in node.all_input_nodes:
         attr = parameter_source(src)
-        if attr is not None:
-            total += get_attr(gm, attr).numel()
+        if attr is None:
+            continue
+        whole = get_attr(gm, attr).numel()
+        # A view can read fewer elements (a slice) or seem to read more (an expand): the
+        # elements read are at most the source's.
+        total += whole if src is attr else min(whole, _evaluate_from_parameter(gm, src, whole))
     return total
+
+
+@torch.no_grad()
+def _evaluate_from_parameter(gm: fx.GraphModule, node: fx.Node, default: int) -> int:
+    """The number of elements of ``node``, a chain of one-input ops on a parameter, computed
+    on the parameter itself (views and slices: no copy); ``default`` if it cannot be."""
+
+    def value(n: fx.Node) -> Any:
+        if n.op == "get_attr":
+            return get_attr(gm, n)
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), value)
+        if n.op == "call_method":
+            return getattr(args[0], str(n.target))(*args[1:], **kwargs)
+        return n.target(*args, **kwargs)  # type: ignore[operator]
+
+    try:
+        out = value(node)
+    except Exception:  # an op that needs more than the parameter: count it whole
+        return default
+    return out.numel() if isinstance(out, torch.Tensor) else default
 
 
 def _depths(gm: fx.GraphModule) -> dict[str, int]:

@@ -104,6 +104,7 @@ def trace(
             f"trace: leaf_modules {unknown} are not submodules of {type(model).__name__}; "
             "use paths as model.named_modules() lists them."
         )
+    _check_root_names(model)
     gm, entered = _trace(model, tuple(leaf_modules), concrete_args)
     if _may_branch_on_mode(model):
         gm = _settle_mode(model, (gm, entered), tuple(leaf_modules), concrete_args)
@@ -114,6 +115,27 @@ def trace(
     # weights from, and a functional layer on a module's weight is named after that module.
     gm.meta["dpc_module_types"] = {p: type(m).__name__ for p, m in model.named_modules()}
     return gm
+
+
+# Attributes a GraphModule has and a plain nn.Module has not: a submodule, parameter or
+# buffer of the model itself by one of these names cannot be copied onto the graph module.
+_GRAPH_MODULE_NAMES = frozenset(
+    (set(dir(fx.GraphModule)) | set(vars(fx.GraphModule(nn.Module(), fx.Graph()))))
+    - (set(dir(nn.Module)) | set(vars(nn.Module())))
+)
+
+
+def _check_root_names(model: nn.Module) -> None:
+    kinds = (("submodule", model._modules), ("parameter", model._parameters))
+    for kind, named in (*kinds, ("buffer", model._buffers)):
+        for name in named:
+            if name in _GRAPH_MODULE_NAMES:
+                raise ConfigError(
+                    f"trace: {type(model).__name__} has a {kind} named '{name}', which "
+                    "torch.fx.GraphModule uses for its own attribute of that name, so the traced "
+                    "module cannot hold it. Rename the attribute, or compile a container that "
+                    f"holds the model (nn.Sequential(model): state_dict keys gain the prefix '0.')."
+                )
 
 
 def _trace(

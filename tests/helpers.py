@@ -179,6 +179,25 @@ def examples(n: int) -> settings:
     return settings(max_examples=max(1, round(n * settings.default.max_examples / 100)))
 
 
+def fit(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    opt: torch.optim.Optimizer,
+    steps: int,
+) -> list[float]:
+    """``steps`` full-batch steps of ``opt`` on ``loss_fn(model(x), y)``; the losses."""
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def reloaded(module: nn.Module) -> nn.Module:
     """``module`` through ``torch.save`` and ``torch.load`` (a whole pickled module)."""
     buffer = io.BytesIO()

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torchvision
+import toys
 from helpers import quantizers_off, reloaded
 from torch import nn
 
@@ -29,23 +30,12 @@ from dpc_fx.quant import ActQuantizer, WeightQuantizer
 
 def mlp() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    return toys.mlp(4, 8, 8, 2)
 
 
 def convnet() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 3),
-    )
+    return toys.small_cnn()
 
 
 def test_every_error_is_a_dpc_error() -> None:

@@ -14,6 +14,7 @@ from helpers import (
     backward_grads,
     compile_quiet,
     examples,
+    fit,
     quantizer_modules,
     quantizer_nodes,
     quantizers_off,
@@ -142,14 +143,7 @@ def test_training_a_compiled_mlp_with_adam_reduces_the_loss() -> None:
     model = mlp(8, 32, 32, 32, 1)
     gm = dpc_fx.compile(model, x)
     assert [str(m.bits) for m in dpc_fx.layers(gm)] == ["fp/fp/fp", "6/6/8", "6/6/8", "fp/fp/fp"]
-    opt = torch.optim.Adam(gm.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        loss = F.mse_loss(gm(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(gm, x, y, F.mse_loss, torch.optim.Adam(gm.parameters(), lr=1e-2), steps=30)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
@@ -171,13 +165,7 @@ def test_training_a_compiled_cnn_with_sgd_reduces_the_loss() -> None:
     )
     gm = dpc_fx.compile(model, x, config=DPCConfig(b_min=3, b_max=6))
     opt = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9)
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        loss = F.cross_entropy(gm(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(gm, x, y, F.cross_entropy, opt, steps=30)
     assert losses[-1] < 0.7 * losses[0], losses
     assert gm.dpc._3.act_q.observed and gm.dpc._3.act_q.running_max > 0
 
@@ -493,14 +481,13 @@ def test_a_user_submodule_named_dpc_is_left_alone() -> None:
     assert torch.equal(quantizers_off(gm)(x), model(x))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a submodule named like a GraphModule attribute ('graph') makes fx.GraphModule "
-    "raise a bare TypeError from trace; it should be a dpc_fx error naming the submodule",
-)
-def test_a_submodule_named_graph_gives_a_dpc_error() -> None:
-    with pytest.raises(dpc_fx.DPCError, match=r"'graph'"):
-        dpc_fx.compile(Named("graph"), torch.randn(3, 4))
+@pytest.mark.parametrize("name", ["graph", "code", "meta", "recompile"])
+def test_a_submodule_named_like_a_graph_module_attribute_is_refused(name: str) -> None:
+    with pytest.raises(ConfigError, match=rf"submodule named '{name}'.*nn.Sequential\(model\)"):
+        dpc_fx.compile(Named(name), torch.randn(3, 4))
+    # As the error says: one level down, the name is free.
+    gm = dpc_fx.compile(nn.Sequential(Named(name)), torch.randn(3, 4))
+    assert f"0.{name}.weight" in gm.state_dict()
 
 
 def test_check_finite_names_the_layer_whose_gradient_is_not_finite() -> None:

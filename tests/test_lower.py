@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from helpers import reloaded
+from helpers import fit, reloaded
 from torch import nn
 
 import dpc_fx
@@ -90,14 +90,7 @@ def test_lowered_trains_like_simulated() -> None:
         gm = dpc_fx.compile(model, x, config=LOWER.replace(lower=lowered))
         opt = torch.optim.Adam(gm.parameters(), lr=1e-2)
         torch.manual_seed(0)
-        losses = []
-        for _ in range(40):
-            loss = nn.functional.cross_entropy(gm(x), target)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        curves.append(losses)
+        curves.append(fit(gm, x, target, nn.functional.cross_entropy, opt, steps=40))
     sim, low = curves
     assert low[-1] < 0.5 * low[0]
     assert abs(low[-1] - sim[-1]) < 0.05 * sim[0]

@@ -179,6 +179,34 @@ def test_multihead_attention_projections_are_quantised_and_named() -> None:
     assert all(p.grad is not None for p in gm.parameters())
 
 
+def test_cross_attention_projections_are_numbered_and_count_their_slice() -> None:
+    """Cross-attention splits the packed in_proj_weight in three: three layers, each
+    reading (and sized by) its third, named after the packed weight."""
+    torch.manual_seed(0)
+
+    class Decode(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, x: Tensor, memory: Tensor) -> Tensor:
+            return self.head(self.attn(x, memory, memory, need_weights=False)[0])
+
+    gm = compile_quiet(Decode(), (torch.randn(2, 5, 32), torch.randn(2, 7, 32)))
+    found = {m.layer: m for m in dpc_fx.layers(gm)}
+    projections = [f"attn.in_proj.{i}" for i in range(3)]
+    assert list(found) == [*projections, "attn.out_proj", "head"]
+    assert all(found[p].module_type == "MultiheadAttention" for p in projections)
+    assert [found[p].params for p in projections] == [32 * 32 + 32] * 3  # weight + bias third
+    plan = dpc_fx.compile(
+        Decode(),
+        (torch.randn(2, 5, 32), torch.randn(2, 7, 32)),
+        config=dpc_fx.DPCConfig(overrides={"attn.in_proj.*": 5}),
+    )
+    assert [m.bits.w for m in dpc_fx.layers(plan)][:3] == [5, 5, 5]
+
+
 SWINS = {
     "v1": tiny_swin,
     "v2": lambda: tiny_swin(v2=True),

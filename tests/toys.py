@@ -69,6 +69,23 @@ def tiny_swin(*, v2: bool = False) -> nn.Module:
     )
 
 
+def small_cnn(classes: int = 3) -> nn.Sequential:
+    """Three 3x3 convolutions (batch norm after the first two) and a linear head, for
+    3-channel images of any size."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, classes),
+    )
+
+
 def mlp(*widths: int) -> nn.Sequential:
     """Linear layers of the given widths with ReLUs between: ``mlp(4, 8, 2)``."""
     layers: list[nn.Module] = []

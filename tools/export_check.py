@@ -270,7 +270,8 @@ def main() -> int:
         "## What the numbers say",
         "",
         "The quantisers compute the same values in both runtimes, activations and weights, "
-        "and the unquantised network differs only by float rounding. Where an image differs by more, a convolution's output that two "
+        "and the unquantised network differs only by float rounding. Where an image "
+        "differs by more, a convolution's output that two "
         "implementations compute a rounding error apart lies on the boundary between two "
         "quantisation levels: one picks the level above, the other the level below, and a "
         "whole level (a fifteenth of the range at 4 bits, a 255th at 8) travels on through "
