@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from torch import fx, nn
@@ -25,7 +26,7 @@ from dpc_fx.passes.assign import assign
 from dpc_fx.passes.capacity import capacity
 from dpc_fx.passes.lower import lower
 from dpc_fx.passes.rewrite import rewrite
-from dpc_fx.passes.trace import trace
+from dpc_fx.passes.trace import MODE_BRANCH_REASON, MODE_BRANCHES, trace
 from dpc_fx.plan import Plan
 
 __all__ = ["compile", "coverage", "layers"]
@@ -97,8 +98,10 @@ def compile(
         return lower(gm) if lowered else gm
 
     try:
-        traced = trace(model, leaf_modules=config.leaf_modules)
-        measured = capacity(traced, example_inputs)
+        traced = trace(model, leaf_modules=config.leaf_modules, mode_branches="record")
+        # Modules with layers whose own code follows train()/eval() are kept whole.
+        branches = traced.meta[MODE_BRANCHES]
+        measured = None if branches else capacity(traced, example_inputs)
     except TraceError:
         result = compile_parts(model, example_inputs, config, plan, finish)
     except ShapeError as e:
@@ -110,23 +113,31 @@ def compile(
         except ShapeError:
             raise e from e.__cause__
     else:
-        assigned = assign(measured, config, plan=plan)
-        result = finish(assigned)
-        keep_module_order(result, model)
-        macs = assigned.meta.get("dpc_macs")
-        attach(
-            result,
-            COVERAGE,
-            Coverage(
-                True,
-                *layer_coverage(model, [("", assigned)]),
-                macs,
-                None if macs is None else quantised_macs(assigned),
-            ),
-        )
+        if measured is None:
+            result = compile_parts(model, example_inputs, config, plan, finish, bad=branches)
+        else:
+            result = _compile_whole(model, measured, config, plan, finish)
     attach(result, SOURCE, (model,))  # in a tuple: never a submodule
     _warn(model, result)
     return result  # type: ignore[return-value]
+
+
+def _compile_whole(
+    model: nn.Module,
+    measured: fx.GraphModule,
+    config: DPCConfig,
+    plan: Plan | None,
+    finish: Callable[[fx.GraphModule], fx.GraphModule],
+) -> fx.GraphModule:
+    """The passes after capacity on a model traced whole, with its coverage attached."""
+    assigned = assign(measured, config, plan=plan)
+    result = finish(assigned)
+    keep_module_order(result, model)
+    macs = assigned.meta.get("dpc_macs")
+    reached = layer_coverage(model, [("", assigned)])
+    quantised = None if macs is None else quantised_macs(assigned)
+    attach(result, COVERAGE, Coverage(True, *reached, macs, quantised))
+    return result
 
 
 def _warn(model: nn.Module, result: nn.Module) -> None:
@@ -135,13 +146,20 @@ def _warn(model: nn.Module, result: nn.Module) -> None:
     for leaf in found.leaves if found else ():
         where = f"submodule '{leaf.path}'" if leaf.path else "its forward"
         share = "" if leaf.share is None else f" ({leaf.share:.1%} of the model's MACs)"
-        warnings.warn(
-            f"dpc_fx.compile: {name}: torch.fx cannot trace {where} ({leaf.module_type}): "
-            f"{leaf.reason}. It runs as it is, in full precision{share}; its traceable "
-            "children are compiled. dpc_fx.coverage(compiled) lists every such leaf; to quantise "
-            "more, make that code traceable.",
-            stacklevel=3,
-        )
+        if leaf.reason == MODE_BRANCH_REASON:
+            message = (
+                f"{where} ({leaf.module_type}) is kept whole: {leaf.reason}. Its own code runs "
+                f"as it is, following train()/eval(), in full precision{share}; its children "
+                "are compiled."
+            )
+        else:
+            message = (
+                f"torch.fx cannot trace {where} ({leaf.module_type}): {leaf.reason}. It runs as "
+                f"it is, in full precision{share}; its traceable children are compiled. "
+                "dpc_fx.coverage(compiled) lists every such leaf; to quantise more, make that "
+                "code traceable."
+            )
+        warnings.warn(f"dpc_fx.compile: {name}: {message}", stacklevel=3)
     records = layers(result)
     if not any(m.bits is not None and not m.bits.full_precision for m in records):
         warnings.warn(

@@ -22,6 +22,7 @@ that this run never calls are left alone (their leaf may read their weights dire
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from collections.abc import Callable, Iterator
@@ -49,7 +50,7 @@ from dpc_fx.passes._fx import (
 )
 from dpc_fx.passes.assign import assign
 from dpc_fx.passes.capacity import capacity, example_tuple, module_path
-from dpc_fx.passes.trace import trace
+from dpc_fx.passes.trace import MODE_BRANCHES, trace
 from dpc_fx.plan import Plan
 
 __all__ = [
@@ -124,7 +125,7 @@ class Coverage:
     def lines(self) -> list[str]:
         """A summary line, then one line per leaf."""
         share = "" if self.macs_share is None else f", {self.macs_share:.1%} of MACs quantised"
-        how = "traced whole" if self.traced else f"{len(self.leaves)} untraceable leaves"
+        how = "traced whole" if self.traced else f"{len(self.leaves)} leaves kept whole"
         head = (
             f"coverage: {how}; {self.quantised}/{self.layers} conv/linear layers quantised "
             f"({self.compiled} compiled){share}"
@@ -194,13 +195,20 @@ def _split(
     reasons: dict[str, str] = {}
     while True:
         try:
-            gm = trace(module, leaf_modules=fixed + leaves)
-            break
+            gm = trace(module, leaf_modules=fixed + leaves, mode_branches="record")
         except TraceError as e:
             if not e.path or e.path in leaves:
                 return _leaf(module, path, name, e.reason, keep, bad)
             leaves.append(e.path)
             reasons[e.path] = e.reason
+            continue
+        branches = gm.meta[MODE_BRANCHES]  # modules with layers that follow train()/eval()
+        if "" in branches:
+            return _leaf(module, path, name, branches[""], keep, bad)
+        if not branches:
+            break
+        leaves += list(branches)
+        reasons.update(branches)
     children = []
     for rel in leaves:
         full = join(path, rel)
@@ -224,7 +232,7 @@ def _leaf(
     for n, child in module.named_children():
         if not _has_parameters(child):
             try:
-                trace(child)
+                trace(child, mode_branches="record")
             except TraceError as e:
                 children.append(_Part(join(path, n), n, child, None, e.reason))
     return _Part(path, name, module, None, reason, children)
@@ -234,12 +242,48 @@ def _leaf(
 
 
 def _record(model: nn.Module, inputs: tuple[Any, ...], root: _Part) -> dict[str, int]:
-    """Run ``model`` once; store each part's first inputs; return MACs per module path."""
+    """Run ``model`` once in eval mode; store each part's first inputs; return MACs per module
+    path. Parts that only training mode calls (auxiliary classifiers) get theirs from a second
+    run in training mode, which leaves no trace: buffers (batch-norm statistics) and the
+    random state are restored after it."""
+    stack: list[str] = []
+    with _recording(model, root, stack), _mode(model, training=False):
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                model(*inputs)
+        except Exception as e:
+            where = stack[-1] if stack else ""
+            module = model.get_submodule(where) if where not in ("", "?") else model
+            shapes = ", ".join(_describe(x) for x in inputs)
+            raise ShapeError(
+                f"example inputs do not fit the model: module '{where or '(the model itself)'}' "
+                f"({type(module).__name__}) failed on example inputs [{shapes}] with "
+                f"{type(e).__name__}: {_first_line(e)}. Check the shape and dtype of the example "
+                "inputs (batch first, as the model expects; a tuple holds one entry per argument).",
+                module=where,
+            ) from e
+    if any(part.gm is not None and not part.called for part in root.walk()):
+        with _recording(model, root, []), _mode(model, training=True), _untouched(model):
+            try:
+                model(*inputs)
+            except Exception:  # training may need more (a detector's targets): left alone
+                pass
+    root_name = type(model).__name__
+    macs = {}
+    for key, ops in counter.get_flop_counts().items():
+        if key == root_name or key.startswith(root_name + "."):
+            macs[key[len(root_name) + 1 :]] = sum(ops.values()) // 2
+    return macs
+
+
+@contextlib.contextmanager
+def _recording(model: nn.Module, root: _Part, stack: list[str]) -> Iterator[None]:
+    """Hooks that give each part not called yet its first inputs, and keep ``stack`` of the
+    module paths running."""
     by_module: dict[int, list[_Part]] = {}
     for part in root.walk():
         by_module.setdefault(id(part.module), []).append(part)
     paths = {id(m): p for p, m in model.named_modules()}
-    stack: list[str] = []
 
     def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         stack.append(paths.get(id(module), "?"))
@@ -254,33 +298,42 @@ def _record(model: nn.Module, inputs: tuple[Any, ...], root: _Part) -> dict[str,
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(module.register_forward_hook(after))
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(*inputs)
-    except Exception as e:
-        where = stack[-1] if stack else ""
-        module = model.get_submodule(where) if where not in ("", "?") else model
-        shapes = ", ".join(_describe(x) for x in inputs)
-        raise ShapeError(
-            f"example inputs do not fit the model: module '{where or '(the model itself)'}' "
-            f"({type(module).__name__}) failed on example inputs [{shapes}] with "
-            f"{type(e).__name__}: {_first_line(e)}. Check the shape and dtype of the example "
-            "inputs (batch first, as the model expects; a tuple holds one entry per argument).",
-            module=where,
-        ) from e
+        yield
     finally:
         for handle in handles:
             handle.remove()
-        for m, training in modes.items():
-            m.training = training
-    root_name = type(model).__name__
-    macs = {}
-    for key, ops in counter.get_flop_counts().items():
-        if key == root_name or key.startswith(root_name + "."):
-            macs[key[len(root_name) + 1 :]] = sum(ops.values()) // 2
-    return macs
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, *, training: bool) -> Iterator[None]:
+    modes = {m: m.training for m in model.modules()}
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, was in modes.items():
+            m.training = was
+
+
+@contextlib.contextmanager
+def _untouched(model: nn.Module) -> Iterator[None]:
+    """Run without gradients, then put back every buffer (same tensor, same values) and the
+    CPU random state."""
+    saved = [
+        (m, name, b, b.clone())
+        for m in model.modules()
+        for name, b in m._buffers.items()
+        if b is not None
+    ]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        with torch.no_grad():
+            for module, name, buffer, values in saved:
+                module._buffers[name] = buffer
+                buffer.copy_(values)
 
 
 def _positional(

@@ -9,7 +9,10 @@ stand-in that computes the same thing with its projections in the graph
 (``passes/_standins.py``), so they can be quantised. Where a model's code branches on
 ``self.training``, which FX would freeze at the trace's mode, the pass traces in both
 modes: modules without layers whose code differs (torchvision's stochastic depth) stay
-calls that follow ``train()``/``eval()``; for others it warns.
+calls that follow ``train()``/``eval()``. Modules with layers whose code differs
+(GoogLeNet's auxiliary classifiers, run in training only) are listed in
+``gm.meta["dpc_mode_branches"]``: ``dpc_fx.compile`` keeps them whole and compiles their
+children; a plain ``trace`` warns that the graph keeps the traced mode's branch.
 
 If tracing fails, the error names the innermost submodule whose ``forward`` was running,
 with FX's own reason, and how to get past it.
@@ -25,7 +28,7 @@ import functools
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from torch import fx, nn
 
@@ -33,7 +36,9 @@ from dpc_fx.errors import ConfigError, TraceError
 from dpc_fx.passes._fx import MODULES, join, keep_module_order, keep_unused
 from dpc_fx.passes._standins import root_standin, standin_for, swin_standins
 
-__all__ = ["trace"]
+__all__ = ["MODE_BRANCHES", "MODE_BRANCH_REASON", "trace"]
+
+MODE_BRANCHES = "dpc_mode_branches"  # gm.meta key: {module path: why} (see _settle_mode)
 
 
 class _Tracer(fx.Tracer):
@@ -76,6 +81,7 @@ def trace(
     *,
     leaf_modules: Sequence[str] = (),
     concrete_args: dict[str, Any] | None = None,
+    mode_branches: Literal["warn", "record"] = "warn",
 ) -> fx.GraphModule:
     """Symbolically trace ``model`` into a GraphModule.
 
@@ -84,6 +90,10 @@ def trace(
         leaf_modules: module paths to keep as single opaque calls (not traced into).
         concrete_args: forwarded to ``torch.fx.Tracer.trace`` to specialise arguments
             (e.g. a flag that drives control flow).
+        mode_branches: modules with layers whose code branches on ``self.training`` are
+            always listed in ``gm.meta[MODE_BRANCHES]``; ``"warn"`` also warns that the
+            graph runs the traced mode's branch in both modes, ``"record"`` leaves that to
+            the caller (``dpc_fx.compile`` keeps such modules whole).
 
     Raises:
         TraceError: naming the submodule that could not be traced and why.
@@ -106,8 +116,12 @@ def trace(
         )
     _check_root_names(model)
     gm, entered = _trace(model, tuple(leaf_modules), concrete_args)
+    branches: dict[str, str] = {}
     if _may_branch_on_mode(model):
-        gm = _settle_mode(model, (gm, entered), tuple(leaf_modules), concrete_args)
+        gm, branches = _settle_mode(model, (gm, entered), tuple(leaf_modules), concrete_args)
+    if branches and mode_branches == "warn":
+        _warn_mode(model, branches)
+    gm.meta[MODE_BRANCHES] = branches
     keep_module_order(gm, model)
     keep_unused(gm, model)  # same state_dict keys as the model, used by forward or not
     gm.meta["dpc_source"] = model.__class__.__name__
@@ -181,8 +195,13 @@ def _trace(
 # ------------------------------------------------------------------ train/eval branches
 # FX records ``if self.training:`` as the branch of the mode it traces in. Tracing again in
 # the other mode shows which modules' own code changed: those without layers (stochastic
-# depth, say) are kept as calls, which follow train()/eval() at run time; for the others
-# (GoogLeNet's auxiliary heads) a warning says the compiled module keeps the traced mode.
+# depth, say) are kept as calls, which follow train()/eval() at run time; the others
+# (GoogLeNet, whose auxiliary heads run in training only) are returned, for the caller to
+# keep whole, or named in a warning that the graph keeps the traced mode's branch.
+
+MODE_BRANCH_REASON = (
+    "its code branches on self.training (a traced graph would run one branch in both modes)"
+)
 
 
 def _settle_mode(
@@ -190,36 +209,40 @@ def _settle_mode(
     traced: tuple[fx.GraphModule, frozenset[str]],
     leaf_modules: tuple[str, ...],
     concrete_args: dict[str, Any] | None,
-) -> fx.GraphModule:
+) -> tuple[fx.GraphModule, dict[str, str]]:
+    """The graph with modules without layers whose code depends on the mode kept as calls;
+    and the modules with layers whose code does, with the reason."""
     gm = traced[0]
     try:
         other = _trace(model, leaf_modules, concrete_args, training=not model.training)
     except TraceError:
-        return gm  # untraceable in the other mode: nothing to compare
+        return gm, {}  # untraceable in the other mode: nothing to compare
     causes = _branching_modules(traced, other)
     if not causes:
-        return gm
+        return gm, {}
     modules = dict(model.named_modules())
     calls = tuple(p for p in causes if p and not _holds_layers(modules[p]))
     if calls:
         gm = _trace(model, leaf_modules + calls, concrete_args)[0]
-    kept = [p for p in causes if p not in calls]
-    if kept:
-        mode = "training" if model.training else "eval"
-        where = ", ".join(
-            f"'{p}' ({type(modules[p]).__name__})"
-            if p
-            else f"the forward of {type(model).__name__} itself"
-            for p in kept
-        )
-        warnings.warn(
-            f"{type(model).__name__}: {where} branches on self.training, and torch.fx records "
-            f"the branch of the mode it traces in ({mode}); the compiled module runs that "
-            "branch in both modes. Compile the model in the mode you will run it in "
-            "(model.eval() before compiling for inference).",
-            stacklevel=3,
-        )
-    return gm
+    return gm, {p: MODE_BRANCH_REASON for p in causes if p not in calls}
+
+
+def _warn_mode(model: nn.Module, branches: dict[str, str]) -> None:
+    modules = dict(model.named_modules())
+    mode = "training" if model.training else "eval"
+    where = ", ".join(
+        f"'{p}' ({type(modules[p]).__name__})"
+        if p
+        else f"the forward of {type(model).__name__} itself"
+        for p in branches
+    )
+    warnings.warn(
+        f"{type(model).__name__}: {where} branches on self.training, and torch.fx records "
+        f"the branch of the mode it traces in ({mode}); the traced module runs that branch in "
+        "both modes. dpc_fx.compile keeps such modules whole; with trace alone, trace the "
+        "model in the mode you will run it in.",
+        stacklevel=3,
+    )
 
 
 def _branching_modules(

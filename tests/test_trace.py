@@ -17,6 +17,7 @@ from toys import GatedNet
 import dpc_fx
 from dpc_fx import ConfigError, TraceError
 from dpc_fx.passes import trace
+from dpc_fx.passes.trace import MODE_BRANCHES
 
 
 class RootDataDependent(nn.Module):
@@ -224,19 +225,64 @@ def test_code_that_branches_on_the_mode_stays_a_call_or_is_named() -> None:
     with pytest.warns(
         UserWarning,
         match=r"AuxHead: the forward of AuxHead itself branches on self\.training, and "
-        r"torch\.fx records the branch of the mode it traces in \(training\); the compiled "
-        r"module runs that branch in both modes\. Compile the model in the mode you will run "
-        r"it in \(model\.eval\(\) before compiling for inference\)\.",
+        r"torch\.fx records the branch of the mode it traces in \(training\); the traced "
+        r"module runs that branch in both modes\. dpc_fx\.compile keeps such modules whole",
     ):
         gm = trace(model)
+    assert list(gm.meta[MODE_BRANCHES]) == [""]
     # The noise has no layers: it stays a call and follows the mode at run time.
     assert "noise" in [n.target for n in gm.graph.nodes if n.op == "call_module"]
     x = torch.randn(8, 4)
     assert torch.equal(gm.eval()(x)[0], model.eval()(x))  # still the training branch
     with warnings.catch_warnings():
+        warnings.simplefilter("error")  # recorded, not warned
+        again = trace(model.train(), mode_branches="record")
+    assert list(again.meta[MODE_BRANCHES]) == [""]
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         inference = trace(model.eval())
     assert torch.equal(inference(x), model(x))
+
+
+class WithAux(nn.Module):
+    """AuxHead inside a model: the branching module is a submodule, with a BatchNorm
+    before it (running statistics the compile must not touch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        self.block = AuxHead()
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        return self.block(self.stem(x))
+
+
+@pytest.mark.parametrize("model", [AuxHead, WithAux])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_compile_keeps_mode_branching_code_whole_so_both_modes_run(
+    model: type[nn.Module], mode: str
+) -> None:
+    """Compiled in either mode, the module runs the training branch in training (its
+    auxiliary layer quantised and reached by gradients) and the eval branch in eval."""
+    torch.manual_seed(0)
+    net = model()
+    getattr(net, mode)()
+    x = torch.randn(8, 4)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.warns(UserWarning, match=r"\(AuxHead\) is kept whole: its code branches on self"):
+        gm = dpc_fx.compile(net, x, config=dpc_fx.DPCConfig(pin_first_last=False))
+    assert torch.equal(torch.get_rng_state(), rng)  # the training-mode example run left
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # no trace
+    aux = "aux" if model is AuxHead else "block.aux"
+    assert {m.layer: m.bits.full_precision for m in dpc_fx.layers(gm)}[aux] is False
+    cov = dpc_fx.coverage(gm)
+    assert cov.compiled == cov.layers == cov.quantised
+    out, side = gm.train()(x)
+    (out.sum() + side.sum()).backward()
+    assert net.get_submodule(aux).weight.grad is not None
+    assert isinstance(gm.eval()(x), Tensor)
+    assert torch.allclose(gm(x), net.eval()(x), atol=0.3)  # quantised, so only close
 
 
 def test_only_models_whose_code_mentions_training_are_traced_twice(
