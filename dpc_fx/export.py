@@ -132,13 +132,18 @@ def _batch_axes(model: nn.Module, args: tuple[Any, ...]) -> dict[str, Any]:
 
 
 def _weight_of(model: nn.Module, quantizer_path: str) -> Tensor:
-    """The weight tensor a weight quantiser reads: found through the graph's call on it."""
-    graph = getattr(model, "graph", None)
-    for node in graph.nodes if graph is not None else ():
-        if node.op == "call_module" and node.target == quantizer_path:
-            source = node.args[0]
-            obj: Any = model
-            for part in str(source.target).split("."):
-                obj = getattr(obj, part)
-            return obj.detach()
+    """The weight tensor a weight quantiser reads, found through the graph that calls it:
+    the model's own, or a compiled part's inside a model compiled part by part."""
+    parts = quantizer_path.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        owner = model.get_submodule(".".join(parts[:cut]))
+        if not isinstance(owner, torch.fx.GraphModule):
+            continue
+        target = ".".join(parts[cut:])
+        for node in owner.graph.nodes:
+            if node.op == "call_module" and node.target == target:
+                obj: Any = owner
+                for part in str(node.args[0].target).split("."):
+                    obj = getattr(obj, part)
+                return obj.detach()
     raise ValueError(f"export: no graph node calls '{quantizer_path}'")

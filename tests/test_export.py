@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from torch import nn
+import toys
+from torch import Tensor, nn
 
 import dpc_fx
 from dpc_fx import DPCConfig
@@ -83,6 +84,39 @@ def test_exported_weight_quantiser_matches_torch_exactly(
     session = ort.InferenceSession(str(tmp_path / "w.onnx"))
     out = session.run(None, {session.get_inputs()[0].name: w.numpy()})[0]
     assert np.array_equal(out, q(w).numpy())
+
+
+class AuxHeads(nn.Module):
+    """An auxiliary head in training only, as GoogLeNet's: compiled part by part."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = toys.small_cnn(classes=8)
+        self.head, self.aux = nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        h = self.body(x)
+        return (self.head(h), self.aux(h)) if self.training else self.head(h)
+
+
+def test_a_model_compiled_part_by_part_exports(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 12, 12)
+    with pytest.warns(UserWarning, match="is kept whole"):
+        gm = dpc_fx.compile(AuxHeads().train(), x, config=DPCConfig(pin_first_last=False))
+    assert not isinstance(gm, torch.fx.GraphModule)
+    gm(x)
+    gm.eval()
+    path = dpc_fx.export(gm, x, tmp_path / "aux.onnx")
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    in_eval = [m for m in dpc_fx.layers(gm) if m.layer != "aux"]  # aux runs in training only
+    assert all(not m.bits.full_precision for m in in_eval)
+    assert ops.count("QuantizeLinear") == 2 * len(in_eval)
+    session = ort.InferenceSession(str(path))
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    ref = gm(x).detach().numpy()
+    per_sample = np.abs(out - ref).max(axis=1) / (ref.max() - ref.min())
+    assert (per_sample <= 1e-5).mean() >= 0.8
 
 
 def test_export_needs_a_running_range(tmp_path: Path) -> None:
