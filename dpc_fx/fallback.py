@@ -2,7 +2,8 @@
 
 When tracing a module fails inside one of its submodules, that submodule becomes a *leaf*
 (called as it is) and tracing is tried again; when a module's own ``forward`` cannot be
-traced (or its traced graph does not run), the module itself is a leaf. A leaf is never
+traced (or its traced graph does not run, or it holds layers and its own code branches on
+``self.training``, which a graph would freeze), the module itself is a leaf. A leaf is never
 compiled, but its children are, recursively, so the smallest untraceable modules are what
 stays in full precision. The traceable *parts* then go through the usual passes, with one
 plan for the whole model (the DPC rule's statistics and the pinned first and last layers
