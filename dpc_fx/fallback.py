@@ -320,7 +320,7 @@ def _mode(model: nn.Module, *, training: bool) -> Iterator[None]:
 @contextlib.contextmanager
 def _untouched(model: nn.Module) -> Iterator[None]:
     """Run without gradients, then put back every buffer (same tensor, same values) and the
-    CPU random state."""
+    random state (the CPU's, and that of the GPUs the model lives on)."""
     saved = [
         (m, name, b, b.clone())
         for m in model.modules()
@@ -328,7 +328,8 @@ def _untouched(model: nn.Module) -> Iterator[None]:
         if b is not None
     ]
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        gpus = sorted({t.device.index or 0 for t in model.parameters() if t.is_cuda})
+        with torch.no_grad(), torch.random.fork_rng(devices=gpus):
             yield
     finally:
         with torch.no_grad():

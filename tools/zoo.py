@@ -1,6 +1,6 @@
 """Compile every torchvision model and write the coverage table to docs/ZOO.md.
 
-    python tools/zoo.py                          # all families, about half an hour on 2 cores
+    python tools/zoo.py                          # all families, about 4 minutes on 2 cores
     python tools/zoo.py --models resnet18 raft_small --out /tmp/zoo.md
 
 For each model (random weights, small inputs) it records: traced whole or compiled through
