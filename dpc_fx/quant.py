@@ -64,6 +64,8 @@ def _flat(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """
     if torch.compiler.is_compiling():  # the outer compiler traces shapes; nothing to save
         return x, lambda out: out
+    if x.is_contiguous():
+        return x.view(-1), lambda out: out.view(x.shape)
     order = sorted(range(x.dim()), key=lambda d: -x.stride()[d])
     dense = x.permute(order)
     if not dense.is_contiguous():
@@ -159,6 +161,23 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         return grad, None, None, None, None
+
+
+class _MeasuredFakeQuantSTE(torch.autograd.Function):
+    """Per-tensor range and nearest-rounding fake-quantise in one kernel, straight-through in
+    backward: ``(x_hat, lo, hi)``, the range for the running average."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+        work = _working(x.detach())
+        flat, back = _flat(work)
+        out, lo, hi = kernels.fake_quant_tensor(flat, kernels.levels_tensor(bits, work))
+        ctx.mark_non_differentiable(lo, hi)
+        return back(out).to(x.dtype), lo, hi
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Tensor, None]:
+        return grad, None
 
 
 def _quantize_grad(grad: Tensor, bits: int) -> Tensor:
@@ -262,6 +281,10 @@ class ActQuantizer(Quantizer):
             return x
         assert self.bits is not None
         self._check(x)
+        if self.training:  # the batch's range, measured in the quantising kernel itself
+            out, lo, hi = _MeasuredFakeQuantSTE.apply(x, self.bits)
+            self._observe(lo, hi)
+            return out
         lo, hi = self.range_for(x)
         return _FakeQuantSTE.apply(x, self.bits, lo, hi, None)
 

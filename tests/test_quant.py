@@ -404,6 +404,26 @@ def test_fused_kernels_match_the_eager_ones(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.mark.usefixtures("fused_kernels")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_training_act_quantiser_is_quantising_over_the_batch_range(layout: str) -> None:
+    """In training the range is measured inside the quantising kernel: the same values, bit
+    for bit, as measuring it first and quantising over it, in any memory layout."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 6, 5, 7) * 3 + 1
+    x = {
+        "contiguous": x,
+        "channels_last": x.to(memory_format=torch.channels_last),
+        "transposed": x.transpose(1, 3),
+    }[layout]
+    q = ActQuantizer(5).train()
+    out = q(x)
+    lo, hi = tensor_range(x)
+    assert out.shape == x.shape
+    assert torch.equal(out, fake_quantize(x, 5, lo, hi))
+    assert q.running_min == lo and q.running_max == hi
+
+
+@pytest.mark.usefixtures("fused_kernels")
 def test_fused_weight_quantiser_handles_every_layer_kind() -> None:
     """Weights of every layer kind through the compiled kernels: nine (rank, channel_dim)
     variants, one more than dynamo's default recompile limit."""
