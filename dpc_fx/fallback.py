@@ -476,7 +476,10 @@ def _plan(
                 new.target, new.args = new.name, ()
             meta = node.meta.get(META_KEY)
             if isinstance(meta, LayerMeta):
-                new.meta[META_KEY] = meta.replace(layer=join(part.path, names[node]))
+                name, module_type = names[node]
+                new.meta[META_KEY] = meta.replace(
+                    layer=join(part.path, name), module_type=module_type
+                )
                 origin.append(node)
             if node.op == "call_module" and str(node.target) in leaves:
                 emit(leaves[str(node.target)])
@@ -498,10 +501,10 @@ def _plan(
     return compiled, resolved
 
 
-def _layer_names(gm: fx.GraphModule, module: nn.Module) -> dict[fx.Node, str]:
-    """Layer names inside a part: a functional layer reading a conv/linear module's weight
-    (a part traced from an ``nn.Linear`` itself, say) takes the module's path when no other
-    layer reads it; others keep their record's name."""
+def _layer_names(gm: fx.GraphModule, module: nn.Module) -> dict[fx.Node, tuple[str, str | None]]:
+    """Layer names and module types inside a part: a functional layer reading a conv/linear
+    module's weight (a part traced from an ``nn.Linear`` itself, say) takes the module's path
+    and class when no other layer reads it; others keep their record's."""
     metas = {n: m for n in gm.graph.nodes if isinstance(m := n.meta.get(META_KEY), LayerMeta)}
     owners = {n: _weight_owner(n, gm) for n in metas}
     kinds = tuple(MODULES)
@@ -509,11 +512,11 @@ def _layer_names(gm: fx.GraphModule, module: nn.Module) -> dict[fx.Node, str]:
     names = {}
     for node, meta in metas.items():
         owner = owners[node]
-        names[node] = meta.layer
+        names[node] = (meta.layer, meta.module_type)
         if owner is None or meta.module_type is not None:
             continue
         if list(owners.values()).count(owner) == 1 and isinstance(modules.get(owner), kinds):
-            names[node] = owner
+            names[node] = (owner, type(modules[owner]).__name__)
     return names
 
 

@@ -275,7 +275,9 @@ def test_compile_keeps_mode_branching_code_whole_so_both_modes_run(
     assert torch.equal(torch.get_rng_state(), rng)  # the training-mode example run left
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # no trace
     aux = "aux" if model is AuxHead else "block.aux"
-    assert {m.layer: m.bits.full_precision for m in dpc_fx.layers(gm)}[aux] is False
+    found = {m.layer: m for m in dpc_fx.layers(gm)}
+    assert not found[aux].bits.full_precision
+    assert found[aux].module_type == "Linear"  # a part that is a Linear itself keeps its class
     cov = dpc_fx.coverage(gm)
     assert cov.compiled == cov.layers == cov.quantised
     out, side = gm.train()(x)

@@ -243,9 +243,12 @@ def render(rows: list[Row], command: str, seconds: float) -> str:
         "first and last layer pinned to full precision). *quantised*: conv/linear layers whose "
         "weights the compiled model quantises, of all its conv/linear layers (modules, and the "
         "input projections of `nn.MultiheadAttention`; pinned ones count as not quantised). "
-        "*reached*: those under the plan, pinned ones included. *MACs*: share of one forward's MACs (torch.utils.flop_counter) spent in "
-        "quantised layers. *leaves*: submodules kept whole because torch.fx cannot trace them "
-        "(`dpc_fx.coverage(gm)` lists them with the reason). *step*: forward in train mode, a "
+        "*reached*: those under the plan, pinned ones included. *MACs*: share of one "
+        "forward's MACs (torch.utils.flop_counter) spent in quantised layers. *leaves*: "
+        "modules kept whole, their children compiled, because torch.fx cannot trace them or "
+        "because their own code branches on `self.training` (`dpc_fx.coverage(gm)` lists them "
+        "with the reason). *status* fallback: the model has such leaves. *step*: forward in "
+        "train mode, a "
         "loss (detection: the model's loss dict with one box per image), backward.",
         "",
         "## Summary",
