@@ -12,6 +12,7 @@ and a run is reproducible under torch.manual_seed.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -54,6 +55,11 @@ def main(steps: int = 20) -> None:
     if rank == 0:
         same = all(torch.equal(gathered[0], g) for g in gathered[1:])
         print(f"parameters identical on all {world} ranks: {same}")
+    # DDP holds the process group in a reference cycle. Collect it before leaving the group:
+    # if the group lived on into interpreter shutdown, a gloo thread would free a finished
+    # collective's tensors then and abort the process (after training, but with an error).
+    del ddp, opt
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -4,6 +4,7 @@ DistributedDataParallel, and under FSDP2 (``fully_shard``) against DDP."""
 from __future__ import annotations
 
 import copy
+import gc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,14 @@ def _join(rank: int, world: int, out: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world
     )
+
+
+def _leave() -> None:
+    """Leave the group once nothing holds it: DDP and FSDP keep the process group in
+    reference cycles, and if the last one is only collected while the interpreter shuts
+    down, a gloo thread frees a finished collective's tensors then and aborts the process."""
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def _worker(rank: int, world: int, out: str) -> None:
@@ -56,7 +65,8 @@ def _worker(rank: int, world: int, out: str) -> None:
         "seeds": seeds,
     }
     torch.save(state, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    del ddp, opt
+    _leave()
 
 
 def _spawn(worker: Callable[[int, int, str], None], tmp_path: Path) -> list[dict]:
@@ -121,7 +131,8 @@ def _fsdp_worker(rank: int, world: int, out: str) -> None:
         "synced": synced,
     }
     torch.save(state, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    del ddp_gm, fsdp_gm
+    _leave()
 
 
 def test_fsdp2_trains_as_ddp_does_and_ranges_sync(tmp_path: Path) -> None:
