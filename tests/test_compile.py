@@ -25,11 +25,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import models
 from torch import Tensor, nn
-from toys import mlp
+from toys import mlp, small_cnn
 
 import dpc_fx
 from dpc_fx import Bits, ConfigError, DPCConfig
-from dpc_fx.quant import Quantizer
+from dpc_fx.quant import ActQuantizer, Quantizer
 
 
 def quantised_layers(gm: torch.fx.GraphModule) -> list[str]:
@@ -500,3 +500,24 @@ def test_check_finite_names_the_layer_whose_gradient_is_not_finite() -> None:
         match=r"layer '2': its gradient holds NaN or Inf \(\d+ of 24 values\)",
     ):
         (out * torch.tensor([float("inf"), 1.0])).sum().backward()
+
+
+def test_trains_under_autocast() -> None:
+    """Mixed precision as users run it: activations and gradients in bfloat16, weights in
+    float32; the quantisers work in float32 and hand back each tensor's own dtype."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 12, 12), torch.randint(0, 3, (8,))
+    gm = dpc_fx.compile(small_cnn(), x, config=DPCConfig(pin_first_last=False))
+    opt = torch.optim.SGD(gm.parameters(), lr=0.05)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = gm(x)
+            loss = F.cross_entropy(out.float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert out.dtype == torch.bfloat16
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gm.parameters())
+    ranges = quantizer_modules(gm, ActQuantizer)
+    assert ranges and all(q.observed and q.running_max > q.running_min for q in ranges)
+    assert all(q.running_min.dtype == torch.float32 for q in ranges)
