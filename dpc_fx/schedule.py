@@ -62,11 +62,15 @@ class CyclicSchedule:
             bits = layer_meta(node, needed_by="CyclicSchedule", bits=True).bits
             # The graph that owns the node: gm itself, or a traced part of a fallback model.
             holder = getattr(node.graph.owning_module, STATE, None)
-            if holder is None or node.name not in holder._modules or bits is None:
+            # A layer's quantisers sit under its node's name; a lowered layer's node calls
+            # the module holding them (``dpc.<name>``).
+            target = str(node.target) if node.op == "call_module" else ""
+            key = target.removeprefix(f"{STATE}.") if target.startswith(f"{STATE}.") else node.name
+            if holder is None or key not in holder._modules or bits is None:
                 continue
             quantizers = [
                 q
-                for role, q in holder.get_submodule(node.name).named_children()
+                for role, q in holder.get_submodule(key).named_children()
                 if role in ("act_q", "weight_q") and isinstance(q, Quantizer)
             ]
             forward = [b for b in (bits.w, bits.a) if b is not None]

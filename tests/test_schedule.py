@@ -55,6 +55,23 @@ def test_bits_change_forward_and_backward_without_recompiling() -> None:
     assert gm.dpc.get_submodule("_2").grad_q.bits == 8  # gradients stay as planned
 
 
+def test_lowered_layers_are_scheduled_too() -> None:
+    """A lowered linear layer reads its quantisers' bits on every call: the schedule sets
+    them like any other layer's (and above 8 bits the layer runs simulated)."""
+    torch.manual_seed(0)
+    config = DPCConfig(b_min=4, b_max=8, grad_bits=8, lower=True, pin_first_last=False)
+    gm = dpc_fx.compile(mlp(16, 64, 64, 8, 4), torch.randn(4, 16), config=config)
+    lowered = [m.layer for m in dpc_fx.layers(gm) if m.lowered]
+    assert len(lowered) == 4
+    sched = CyclicSchedule(gm, low=3, high=8, period=4)
+    assert len(sched.bits()) == 4
+    for _ in range(3):
+        sched.step()
+        held = [q.bits for m in gm.dpc.children() for q in (m.act_q, m.weight_q)]
+        assert sorted(set(held)) == sorted(set(sched.bits()))
+        gm(torch.randn(4, 16)).sum().backward()
+
+
 def test_state_dict_resumes() -> None:
     gm = compiled()
     sched = CyclicSchedule(gm, low=3, high=8, period=6)
