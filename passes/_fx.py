@@ -262,6 +262,7 @@ _METHODS: dict[str, MatmulSpec] = {
     "matmul": MatmulSpec("matmul", Operand(0, None), Operand(1, "other"), -1),
     "mm": MatmulSpec("mm", Operand(0, None), Operand(1, "mat2"), -1),
     "bmm": MatmulSpec("bmm", Operand(0, None), Operand(1, "mat2"), -1),
+    "addmm": MatmulSpec("addmm", Operand(1, "mat1"), Operand(2, "mat2"), -1),
     "__matmul__": MatmulSpec("matmul", Operand(0, None), Operand(1, None), -1),
 }
 

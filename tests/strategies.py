@@ -143,8 +143,17 @@ def special_tensors(draw: st.DrawFn, *, min_dims: int = 1, max_dims: int = 4) ->
 
 # --------------------------------------------------------------------------- MLP models
 
-DenseKind = Literal["linear", "f_linear", "at", "matmul", "bmm", "einsum"]
-DENSE_KINDS: tuple[DenseKind, ...] = ("linear", "f_linear", "at", "matmul", "bmm", "einsum")
+DenseKind = Literal["linear", "f_linear", "at", "matmul", "mm", "addmm", "bmm", "einsum"]
+DENSE_KINDS: tuple[DenseKind, ...] = (
+    "linear",
+    "f_linear",
+    "at",
+    "matmul",
+    "mm",  # the method, x.mm(w)
+    "addmm",  # the method, b.addmm(x, w)
+    "bmm",
+    "einsum",
+)
 
 
 @dataclass(frozen=True)
@@ -200,6 +209,8 @@ class SpecMLP(nn.Module):
                     self.register_parameter(
                         f"w{i}", nn.Parameter(torch.randn(d_in, d_out) / d_in**0.5)
                     )
+                    if layer.kind == "addmm":
+                        self.register_parameter(f"b{i}", nn.Parameter(torch.randn(d_out) * 0.1))
 
     def _dense(self, i: int, layer: Dense, x: Tensor) -> Tensor:
         if layer.kind == "linear":
@@ -211,6 +222,10 @@ class SpecMLP(nn.Module):
             return x @ w
         if layer.kind == "matmul":
             return torch.matmul(x, w)
+        if layer.kind == "mm":
+            return x.mm(w)
+        if layer.kind == "addmm":
+            return getattr(self, f"b{i}").addmm(x, w)
         if layer.kind == "bmm":
             return torch.bmm(x.unsqueeze(1), w.unsqueeze(0).expand(x.shape[0], -1, -1)).squeeze(1)
         return torch.einsum("bij,jk->bik", x.unsqueeze(1), w).squeeze(1)
