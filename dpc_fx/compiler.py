@@ -150,12 +150,13 @@ def _warn(model: nn.Module, result: nn.Module) -> None:
             message = (
                 f"{where} ({leaf.module_type}) is kept whole: {leaf.reason}. Its own code runs "
                 f"as it is, following train()/eval(), in full precision{share}; its children "
-                "are compiled."
+                "that the example inputs reach are compiled."
             )
         else:
             message = (
                 f"torch.fx cannot trace {where} ({leaf.module_type}): {leaf.reason}. It runs as "
-                f"it is, in full precision{share}; its traceable children are compiled. "
+                f"it is, in full precision{share}; its traceable children that the example "
+                "inputs reach are compiled. "
                 "dpc_fx.coverage(compiled) lists every such leaf; to quantise more, make that "
                 "code traceable."
             )
