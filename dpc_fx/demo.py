@@ -3,6 +3,8 @@
 MNIST-1D is generated locally by the ``mnist1d`` package (4000 train / 1000 test sequences
 of length 40, 10 classes). The CNN is the one of the MNIST-1D paper (about 94% test accuracy
 in fp32); the MLP and the 1-D ResNet give DPC more layers of different sizes to work on.
+scikit-learn's bundled 8x8 digits (:func:`digits`) with :class:`DigitsCNN` are a small 2-D
+image task.
 :class:`CharTransformer` is a tiny character-level language model (see
 :func:`dpc_fx.data.stdlib_text` for text that ships with Python). The CIFAR models
 (:func:`cifar_resnet`, :func:`cifar_mobilenet_v2`) are those of the DPC paper's setting.
@@ -26,10 +28,12 @@ __all__ = [
     "MNIST1DCNN",
     "MNIST1DMLP",
     "CharTransformer",
+    "DigitsCNN",
     "MNIST1DResNet",
     "Split",
     "cifar_mobilenet_v2",
     "cifar_resnet",
+    "digits",
     "evaluate",
     "mnist1d",
     "train",
@@ -75,6 +79,48 @@ def mnist1d(seed: int = 42) -> tuple[Split, Split]:
         )
 
     return split(data["x"], data["y"]), split(data["x_test"], data["y_test"])
+
+
+def digits(*, size: int = 8, channels: int = 1, test: int = 397) -> tuple[Split, Split]:
+    """scikit-learn's 1,797 handwritten digits (8x8, bundled with it: no download) as train
+    and test splits of ``(N, channels, size, size)`` images, 10 classes.
+
+    Pixels are scaled to zero mean and unit variance over all images, resized bilinearly
+    when ``size`` is not 8 and repeated over ``channels``; the split (``test`` images held
+    out) is a fixed shuffle.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the digits data needs `pip install scikit-learn` (or dpc-fx[demo])"
+        ) from e
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16
+    if size != 8:
+        x = nn.functional.interpolate(x, size=size, mode="bilinear")
+    x = x.expand(-1, channels, -1, -1)
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(data.target)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train, held = order[: len(x) - test], order[len(x) - test :]
+    return Split(x[train], y[train]), Split(x[held], y[held])
+
+
+class DigitsCNN(nn.Module):
+    """A small 2-D CNN for the 8x8 digits: three 3x3 convolutions (16, 32, 64 channels)
+    with batch norm, global average pooling and a linear classifier."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for n_in, n_out, stride in ((1, 16, 1), (16, 32, 2), (32, 64, 2)):
+            layers += [nn.Conv2d(n_in, n_out, 3, stride, 1), nn.BatchNorm2d(n_out), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
 
 
 class MNIST1DCNN(nn.Module):

@@ -18,7 +18,7 @@ from dpc_fx.data import (
     cifar_batches,
     stdlib_text,
 )
-from dpc_fx.demo import Split
+from dpc_fx.demo import Split, digits
 from dpc_fx.errors import DPCError
 
 N = 3  # images per file
@@ -209,3 +209,16 @@ def test_char_corpus_round_trip_and_split() -> None:
 def test_char_corpus_too_short() -> None:
     with pytest.raises(DataError, match=r"make fewer than 10 blocks of 2048"):
         char_corpus("short text")
+
+
+def test_digits_splits() -> None:
+    train, test = digits()
+    assert train.x.shape == (1400, 1, 8, 8) and test.x.shape == (397, 1, 8, 8)
+    everything = torch.cat([train.x, test.x])
+    assert abs(float(everything.mean())) < 1e-5 and abs(float(everything.std()) - 1) < 1e-5
+    assert sorted(set(train.y.tolist())) == list(range(10))
+    again = digits()[1]
+    assert torch.equal(again.x, test.x) and torch.equal(again.y, test.y)  # a fixed split
+    big, _ = digits(size=32, channels=3, test=97)
+    assert big.x.shape == (1700, 3, 32, 32)
+    assert torch.equal(big.x[:, 0], big.x[:, 2])

@@ -33,6 +33,11 @@ def test_mnist1d_experiment_short() -> None:
     assert [line.split()[0] for line in out.splitlines()[-3:]] == ["fp32", "static", "DPC"]
 
 
+def test_digits_experiment_short() -> None:
+    out = run(sys.executable, str(EXAMPLES / "digits_experiment.py"), "--steps", "20")
+    assert [line.split()[0] for line in out.splitlines()[-3:]] == ["fp32", "static", "DPC"]
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_ddp_example_under_torchrun() -> None:
     """Two gloo ranks train and exit cleanly (the example leaves its process group only once

@@ -41,10 +41,10 @@ import torchvision
 from rich.console import Console
 from rich.markdown import Markdown
 from rich.progress import track
-from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
 import dpc_fx
+from dpc_fx import demo
 from dpc_fx.export import _ExportAct, _ExportWeight, _weight_of
 from dpc_fx.quant import ActQuantizer, WeightQuantizer
 
@@ -129,14 +129,9 @@ def untrained(seed: int, batch: int, tmp: Path, plan: str) -> Row:
 
 
 def digits() -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """scikit-learn's 1,797 8x8 digits as normalised 3x32x32 images: 1,400 train, 397 test."""
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16
-    x = F.interpolate(x, size=32, mode="bilinear").expand(-1, 3, -1, -1)
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(data.target)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    return (x[order[:1400]], y[order[:1400]]), (x[order[1400:]], y[order[1400:]])
+    """scikit-learn's digits as normalised 3x32x32 images: 1,400 train, 397 test."""
+    train, test = demo.digits(size=32, channels=3)
+    return (train.x, train.y), (test.x, test.y)
 
 
 def trained(
