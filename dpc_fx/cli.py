@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -42,12 +43,15 @@ def load_model(spec: str, num_classes: int | None = None) -> nn.Module:
     """A model from a torchvision name (``resnet18``) or ``module:callable``."""
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
+        # As `python -m` does: the user's own package in the current folder is importable.
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as e:
             raise ConfigError(
                 f"model {spec!r}: cannot import {attr!r} from {module_name!r} ({e}); "
-                "use module:callable with the module on PYTHONPATH."
+                "use module:callable with the module in the current folder or on PYTHONPATH."
             ) from e
         model = factory()
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,32 @@ def test_inspect_config_file_and_plot(capsys: pytest.CaptureFixture[str], tmp_pa
 def test_module_callable_models(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "inspect", "dpc_fx.demo:MNIST1DCNN", "--input", "2,1,40")
     assert code == 0 and "conv2" in out
+
+
+def test_a_model_from_a_package_in_the_current_folder(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the README shows it: `dpc-fx inspect mypackage.models:build` run where mypackage is
+    (the installed command, unlike `python -m`, does not put that folder on the path)."""
+    package = tmp_path / "dpc_cli_test_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "models.py").write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 64),"
+        " nn.ReLU(), nn.Linear(64, 4))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "dpc_cli_test_pkg", raising=False)
+    code, out, _ = run(
+        capsys, "inspect", "dpc_cli_test_pkg.models:build", "--input", "4,128", "--json"
+    )
+    assert code == 0
+    assert json.loads(out)["model"] == "Sequential"
+    for name in ("dpc_cli_test_pkg", "dpc_cli_test_pkg.models"):
+        sys.modules.pop(name, None)
 
 
 @pytest.mark.parametrize(
