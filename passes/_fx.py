@@ -313,13 +313,32 @@ def matmul_spec(node: fx.Node, gm: fx.GraphModule) -> MatmulSpec | None:
 def _einsum_spec(node: fx.Node) -> MatmulSpec | None:
     """A two-operand einsum is a (batched) matmul; other einsums are left alone."""
     operands = node.args[1:]
+    channel = _einsum_channel(node.args[0]) if node.args else None
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         if len(operands[0]) != 2:
             return None
-        return MatmulSpec("einsum", Operand(1, None, 0), Operand(1, None, 1), None)
+        return MatmulSpec("einsum", Operand(1, None, 0), Operand(1, None, 1), channel)
     if len(operands) != 2:
         return None
-    return MatmulSpec("einsum", Operand(1, None), Operand(2, None), None)
+    return MatmulSpec("einsum", Operand(1, None), Operand(2, None), channel)
+
+
+def _einsum_channel(equation: Any) -> int | None:
+    """The second operand's output-channel dimension in an explicit two-operand equation:
+    its one index that the output keeps and the first operand lacks (``k`` in
+    ``"bij,jk->bik"``: dimension 1); ``None`` where there is not exactly one."""
+    if not isinstance(equation, str):
+        return None
+    equation = equation.replace(" ", "")
+    if "->" not in equation or "." in equation:
+        return None
+    inputs, out = equation.split("->")
+    terms = inputs.split(",")
+    if len(terms) != 2:
+        return None
+    first, second = terms
+    own = [i for i, c in enumerate(second) if c in out and c not in first]
+    return own[0] if len(own) == 1 else None
 
 
 _VIEW_METHODS = frozenset(

@@ -13,7 +13,7 @@ from torch import Tensor, fx, nn
 import dpc_fx
 from dpc_fx import Bits, DPCConfig, DPCError, PassOrderError
 from dpc_fx.passes import assign, capacity, rewrite, trace
-from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer
+from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer, fake_quantize
 
 
 def assigned(
@@ -160,9 +160,12 @@ def test_functional_layers_quantise_their_operands() -> None:
     )
     check_layout(gm)
     dims = {name: held.weight_q.channel_dim for name, held in gm.dpc.named_children()}
-    # x @ w: output channels are w's columns; F.linear: rows; einsum and activation @
-    # activation: per tensor.
-    assert dims == {"matmul": -1, "linear": 0, "einsum": None, "matmul_1": None}
+    # x @ w: output channels are w's columns; F.linear: rows; einsum "bij,jk->bik": k, the
+    # weight's index the output keeps; activation @ activation: per tensor.
+    assert dims == {"matmul": -1, "linear": 0, "einsum": 1, "matmul_1": None}
+    w = gm.get_parameter("w_ein")
+    bits = gm.dpc.einsum.weight_q.bits
+    assert torch.equal(gm.dpc.einsum.weight_q(w), fake_quantize(w, bits, channel_dim=1))
     assert gm.dpc.matmul.weight_q.channel_dim == -1
     matmul_1 = next(n for n in gm.graph.nodes if n.name == "matmul_1")
     assert [a.name for a in matmul_1.args] == ["matmul_1_act_q", "matmul_1_weight_q"]
