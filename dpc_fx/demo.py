@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -30,9 +32,11 @@ __all__ = [
     "CharTransformer",
     "DigitsCNN",
     "MNIST1DResNet",
+    "Result",
     "Split",
     "cifar_mobilenet_v2",
     "cifar_resnet",
+    "compare",
     "digits",
     "evaluate",
     "mnist1d",
@@ -351,3 +355,58 @@ def train(
             if len(losses) == steps:
                 break
     return losses
+
+
+@dataclass(frozen=True)
+class Result:
+    """One method's run in :func:`compare`; :meth:`line` formats it under :attr:`HEADER`."""
+
+    HEADER: ClassVar[str] = (
+        f"{'method':<14}{'test acc':>9}{'vs fp32':>10}{'vs 8-bit':>10}{'time':>8}"
+    )
+
+    method: str
+    accuracy: float
+    saving_vs_fp32: float | None  # training bit-operations saved; None for fp32 itself
+    saving_vs_8bit: float | None
+    seconds: float
+
+    def line(self) -> str:
+        fp32, eight = (
+            ("-", "-")
+            if self.saving_vs_fp32 is None or self.saving_vs_8bit is None
+            else (f"{self.saving_vs_fp32:.1%}", f"{self.saving_vs_8bit:.1%}")
+        )
+        return f"{self.method:<14}{self.accuracy:>9.1%}{fp32:>10}{eight:>10}{self.seconds:>7.0f}s"
+
+
+def compare(
+    methods: dict[str, Any],
+    make_model: Callable[[], nn.Module],
+    data: tuple[Split, Split],
+    *,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 100,
+) -> Iterator[Result]:
+    """Train a fresh ``make_model()`` under each method in turn; a :class:`Result` each.
+
+    ``methods`` maps a name to a :class:`~dpc_fx.DPCConfig`, or ``None`` for fp32. Every
+    method starts from the same weights (``torch.manual_seed(seed)`` before ``make_model``)
+    and sees the same batches (:func:`train`: Adam, cosine decay).
+    """
+    import dpc_fx  # the package imports this module
+
+    train_set, test_set = data
+    for name, config in methods.items():
+        torch.manual_seed(seed)
+        model = make_model()
+        saving: tuple[float | None, float | None] = (None, None)
+        if config is not None:
+            model = dpc_fx.compile(model, train_set.x[:100], config=config)
+            c = dpc_fx.cost(model)
+            saving = (c.saving_vs_fp32, c.saving_vs_8bit)
+        start = time.perf_counter()
+        train(model, train_set, steps=steps, batch_size=batch_size, seed=seed)
+        seconds = time.perf_counter() - start
+        yield Result(name, evaluate(model, test_set), *saving, seconds)

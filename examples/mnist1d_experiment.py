@@ -4,19 +4,16 @@
     python examples/mnist1d_experiment.py --steps 4000 --seed 1
 
 MNIST-1D is generated locally by the ``mnist1d`` package (4000 train / 1000 test). Every
-method starts from the same weights and sees the same batches. For the full comparison
-(more methods, several seeds, a results page) use ``tools/reproduce.py``.
+method starts from the same weights and sees the same batches (Adam, cosine decay). For the
+full comparison (more methods, several seeds, a results page) use ``tools/reproduce.py``.
 """
 
 import argparse
-import time
 
 import torch
-from torch import nn
 
-import dpc_fx
 from dpc_fx import DPCConfig
-from dpc_fx.demo import MNIST1DCNN, evaluate, mnist1d, train
+from dpc_fx.demo import MNIST1DCNN, Result, compare, mnist1d
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--steps", type=int, default=2000)
@@ -24,23 +21,11 @@ parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 torch.set_num_threads(1)  # a model this small runs best on one thread
 
-train_set, test_set = mnist1d()
 methods = {
     "fp32": None,
     "static 8-bit": DPCConfig(policy="uniform", b_min=8, b_max=8, grad_bits=8),
     "DPC": DPCConfig(),
 }
-print(f"{'method':<14}{'test acc':>9}{'vs fp32':>10}{'vs 8-bit':>10}{'time':>8}")
-for name, config in methods.items():
-    torch.manual_seed(args.seed)  # same initial weights for every method
-    model: nn.Module = MNIST1DCNN()
-    saving = ("-", "-")
-    if config is not None:
-        model = dpc_fx.compile(model, train_set.x[:100], config=config)
-        c = dpc_fx.cost(model)
-        saving = (f"{c.saving_vs_fp32:.1%}", f"{c.saving_vs_8bit:.1%}")
-    start = time.perf_counter()
-    train(model, train_set, steps=args.steps, seed=args.seed)  # Adam 1e-2, cosine decay
-    seconds = time.perf_counter() - start
-    accuracy = evaluate(model, test_set)
-    print(f"{name:<14}{accuracy:>9.1%}{saving[0]:>10}{saving[1]:>10}{seconds:>7.0f}s")
+print(Result.HEADER)
+for result in compare(methods, MNIST1DCNN, mnist1d(), steps=args.steps, seed=args.seed):
+    print(result.line())
