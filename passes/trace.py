@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import torch.nn.functional as F
 from torch import fx, nn
 
 from dpc_fx.errors import ConfigError, TraceError
@@ -41,14 +42,57 @@ __all__ = ["MODE_BRANCHES", "MODE_BRANCH_REASON", "trace"]
 MODE_BRANCHES = "dpc_mode_branches"  # gm.meta key: {module path: why} (see _settle_mode)
 
 
-class _Tracer(fx.Tracer):
-    """A tracer that remembers where it failed and treats chosen submodules as leaves."""
+# Dropout calls whose ``training`` argument (third, or by keyword) a module usually passes
+# as ``self.training``.
+_DROPOUTS = frozenset(
+    {
+        F.dropout,
+        F.dropout1d,
+        F.dropout2d,
+        F.dropout3d,
+        F.alpha_dropout,
+        F.feature_alpha_dropout,
+    }
+)
 
-    def __init__(self, leaf_modules: frozenset[str]) -> None:
+
+class _Tracer(fx.Tracer):
+    """A tracer that remembers where it failed and treats chosen submodules as leaves.
+
+    With ``follow_mode``, a dropout call whose ``training`` flag equals the calling module's
+    reads that module's flag at run time instead (a ``get_attr`` node), so
+    ``F.dropout(x, p, training=self.training)`` follows ``train()``/``eval()``. A flag
+    that merely happens to equal it (a literal ``True`` traced in training mode) gets the
+    same treatment, and tracing in the other mode, which always goes with ``follow_mode``,
+    shows the difference (see ``_settle_mode``).
+    """
+
+    def __init__(self, leaf_modules: frozenset[str], *, follow_mode: bool = False) -> None:
         super().__init__()
         self.leaf_paths = leaf_modules
+        self.follow_mode = follow_mode
         self.failed_at: tuple[str, str] | None = None
         self.entered: set[str] = set()  # modules whose forward ran (leaves included)
+        self.running: list[tuple[str, nn.Module]] = []  # the modules being traced into
+
+    def create_proxy(
+        self,
+        kind: str,
+        target: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *rest: Any,
+        **more: Any,
+    ) -> fx.Proxy:
+        if self.follow_mode and kind == "call_function" and target in _DROPOUTS:
+            path, module = self.running[-1] if self.running else ("", self.root)
+            if kwargs.get("training", args[2] if len(args) > 2 else None) is module.training:
+                mode = self.create_proxy("get_attr", join(path, "training"), (), {})
+                if "training" in kwargs:
+                    kwargs = {**kwargs, "training": mode}
+                else:
+                    args = (*args[:2], mode, *args[3:])
+        return super().create_proxy(kind, target, args, kwargs, *rest, **more)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths:
@@ -67,6 +111,7 @@ class _Tracer(fx.Tracer):
         mode = functools.partial(self.create_proxy, "get_attr", join(path, "training"), (), {})
         if path not in self.leaf_paths:
             forward = standin_for(m, mode) or forward
+        self.running.append((path, m))
         try:
             with swin_standins(m, mode):
                 return super().call_module(m, forward, args, kwargs)
@@ -74,6 +119,8 @@ class _Tracer(fx.Tracer):
             if self.failed_at is None:  # the innermost module sees the error first
                 self.failed_at = (path, type(m).__name__)
             raise
+        finally:
+            self.running.pop()
 
 
 def trace(
@@ -158,10 +205,11 @@ def _trace(
     concrete_args: dict[str, Any] | None,
     *,
     training: bool | None = None,
+    follow_mode: bool = False,
 ) -> tuple[fx.GraphModule, frozenset[str]]:
     """One trace, in ``model``'s own mode or, with ``training``, in that mode; and the
     paths of the modules it called ("" for the model)."""
-    tracer = _Tracer(frozenset(leaf_modules))
+    tracer = _Tracer(frozenset(leaf_modules), follow_mode=follow_mode)
     saved = {m: dict(vars(m)) for m in model.modules()}
     try:
         if training is not None:
@@ -211,19 +259,32 @@ def _settle_mode(
     concrete_args: dict[str, Any] | None,
 ) -> tuple[fx.GraphModule, dict[str, str]]:
     """The graph with modules without layers whose code depends on the mode kept as calls;
-    and the modules with layers whose code does, with the reason."""
+    and the modules with layers whose code does, with the reason.
+
+    Where the two modes' traces differ, they are traced again with dropout calls on
+    ``self.training`` reading the flag at run time (``_Tracer``'s ``follow_mode``); that
+    pair is kept when it leaves fewer modules differing and no new ones (a literal
+    ``training=False`` would look like the flag in eval mode)."""
     gm = traced[0]
+    flip = not model.training
     try:
-        other = _trace(model, leaf_modules, concrete_args, training=not model.training)
+        other = _trace(model, leaf_modules, concrete_args, training=flip)
     except TraceError:
         return gm, {}  # untraceable in the other mode: nothing to compare
     causes = _branching_modules(traced, other)
+    follow = False
+    if causes and any(n.op == "call_function" and n.target in _DROPOUTS for n in gm.graph.nodes):
+        mine = _trace(model, leaf_modules, concrete_args, follow_mode=True)
+        theirs = _trace(model, leaf_modules, concrete_args, training=flip, follow_mode=True)
+        remaining = _branching_modules(mine, theirs)
+        if set(remaining) < set(causes):
+            gm, causes, follow = mine[0], remaining, True
     if not causes:
         return gm, {}
     modules = dict(model.named_modules())
     calls = tuple(p for p in causes if p and not _holds_layers(modules[p]))
     if calls:
-        gm = _trace(model, leaf_modules + calls, concrete_args)[0]
+        gm = _trace(model, leaf_modules + calls, concrete_args, follow_mode=follow)[0]
     return gm, {p: MODE_BRANCH_REASON for p in causes if p not in calls}
 
 

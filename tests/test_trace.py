@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.fx
+import torch.nn.functional as F
 from helpers import check_pass, examples, quantizers_off
 from hypothesis import given
 from strategies import models
@@ -294,9 +295,9 @@ def test_only_models_whose_code_mentions_training_are_traced_twice(
     modes: list[bool | None] = []
     inner = trace_module._trace
 
-    def counted(*args: object, training: bool | None = None) -> object:
+    def counted(*args: object, training: bool | None = None, **kwargs: object) -> object:
         modes.append(training)
-        return inner(*args, training=training)
+        return inner(*args, training=training, **kwargs)
 
     monkeypatch.setattr(trace_module, "_trace", counted)
     trace(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)))  # torch.nn only
@@ -306,3 +307,52 @@ def test_only_models_whose_code_mentions_training_are_traced_twice(
         warnings.simplefilter("ignore")
         trace(AuxHead().train())  # compared in eval, traced again with the noise a call
     assert modes == [None, False, None]
+    modes.clear()
+    trace(FunctionalDropout().train())  # and again in both modes, dropout following the mode
+    assert modes == [None, False, None, False]
+
+
+class FunctionalDropout(nn.Module):
+    """``F.dropout(x, p, training=self.training)``, in the model and in a submodule, and
+    optionally a dropout that stays on in eval (Monte Carlo dropout)."""
+
+    def __init__(self, always_on: bool = False) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 2)
+        self.block = nn.ModuleDict({"lin": nn.Linear(16, 16)})
+        self.always_on = always_on
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.dropout(torch.relu(self.a(x)), p=0.5, training=self.training)
+        h = F.dropout(self.block["lin"](h), 0.3, self.training)
+        if self.always_on:
+            h = F.dropout(h, p=0.2, training=True)
+        return self.b(h)
+
+
+def test_dropout_on_self_training_follows_the_mode_in_one_graph() -> None:
+    torch.manual_seed(0)
+    model, x = FunctionalDropout(), torch.randn(64, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # traced whole: no mode-branch leaf, no warning
+        gm = dpc_fx.compile(model, x, config=dpc_fx.DPCConfig(pin_first_last=False))
+    assert isinstance(gm, torch.fx.GraphModule) and dpc_fx.coverage(gm).traced
+    reference = quantizers_off(gm)
+    for training in (True, False):
+        model.train(training)
+        reference.train(training)
+        torch.manual_seed(1)
+        expected = model(x)
+        torch.manual_seed(1)
+        assert torch.equal(reference(x), expected)  # dropout in training only, same draws
+
+
+def test_a_dropout_that_stays_on_in_eval_keeps_the_model_whole() -> None:
+    """A literal ``training=True`` looks like ``self.training`` when traced in training
+    mode; the trace in eval mode tells them apart."""
+    torch.manual_seed(0)
+    model, x = FunctionalDropout(always_on=True), torch.randn(64, 4)
+    with pytest.warns(UserWarning, match=r"its forward \(FunctionalDropout\) is kept whole"):
+        gm = dpc_fx.compile(model, x, config=dpc_fx.DPCConfig(pin_first_last=False))
+    gm.eval()
+    assert not torch.equal(gm(x), gm(x))  # still dropping in eval
