@@ -8,8 +8,9 @@ Attention that FX would record as one opaque call (``nn.MultiheadAttention``,
 stand-in that computes the same thing with its projections in the graph
 (``passes/_standins.py``), so they can be quantised. Where a model's code branches on
 ``self.training``, which FX would freeze at the trace's mode, the pass traces in both
-modes: modules without layers whose code differs (torchvision's stochastic depth) stay
-calls that follow ``train()``/``eval()``. Modules with layers whose code differs
+modes: dropout calls given ``training=self.training`` read the flag at run time, modules
+without layers whose code differs (torchvision's stochastic depth) stay calls that follow
+``train()``/``eval()``. Modules with layers whose code differs
 (GoogLeNet's auxiliary classifiers, run in training only) are listed in
 ``gm.meta["dpc_mode_branches"]``: ``dpc_fx.compile`` keeps them whole and compiles their
 children; a plain ``trace`` warns that the graph keeps the traced mode's branch.
