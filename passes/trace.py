@@ -62,10 +62,10 @@ class _Tracer(fx.Tracer):
 
     With ``follow_mode``, a dropout call whose ``training`` flag equals the calling module's
     reads that module's flag at run time instead (a ``get_attr`` node), so
-    ``F.dropout(x, p, training=self.training)`` follows ``train()``/``eval()``. A flag
-    that merely happens to equal it (a literal ``True`` traced in training mode) gets the
-    same treatment, and tracing in the other mode, which always goes with ``follow_mode``,
-    shows the difference (see ``_settle_mode``).
+    ``F.dropout(x, p, training=self.training)`` follows ``train()``/``eval()``. A literal
+    that merely equals the flag in the mode traced (``True`` in training) gets the same
+    treatment; ``_settle_mode`` traces both modes this way and compares, which tells the two
+    apart.
     """
 
     def __init__(self, leaf_modules: frozenset[str], *, follow_mode: bool = False) -> None:
