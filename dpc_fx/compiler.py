@@ -114,7 +114,9 @@ def compile(
             raise e from e.__cause__
     else:
         if measured is None:
-            result = compile_parts(model, example_inputs, config, plan, finish, bad=branches)
+            # Submodules first: the model's own code may differ only through what they return.
+            inner = {p: why for p, why in branches.items() if p}
+            result = compile_parts(model, example_inputs, config, plan, finish, bad=inner)
         else:
             result = _compile_whole(model, measured, config, plan, finish)
     attach(result, SOURCE, (model,))  # in a tuple: never a submodule

@@ -204,12 +204,14 @@ def _split(
             reasons[e.path] = e.reason
             continue
         branches = gm.meta[MODE_BRANCHES]  # modules with layers that follow train()/eval()
+        inner = {p: why for p, why in branches.items() if p}
+        if inner:  # kept whole first: the module's own code may differ only through them
+            leaves += list(inner)
+            reasons.update(inner)
+            continue
         if "" in branches:
             return _leaf(module, path, name, branches[""], keep, bad)
-        if not branches:
-            break
-        leaves += list(branches)
-        reasons.update(branches)
+        break
     children = []
     for rel in leaves:
         full = join(path, rel)

@@ -281,6 +281,9 @@ def test_compile_keeps_mode_branching_code_whole_so_both_modes_run(
     assert found[aux].module_type == "Linear"  # a part that is a Linear itself keeps its class
     cov = dpc_fx.coverage(gm)
     assert cov.compiled == cov.layers == cov.quantised
+    # Only the branching module is kept whole; the model around it, whose output differs
+    # between modes only through it, traces.
+    assert [leaf.path for leaf in cov.leaves] == (["block"] if model is WithAux else [""])
     out, side = gm.train()(x)
     (out.sum() + side.sum()).backward()
     assert net.get_submodule(aux).weight.grad is not None
