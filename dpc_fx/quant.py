@@ -125,6 +125,8 @@ def fake_quantize(
         return back(kernels.fake_quant_channels(rows, levels)).to(x.dtype)
     if lo is not None and hi is not None and (lo.numel() > 1 or hi.numel() > 1):
         return kernels.fake_quant(work, lo.to(work.dtype), hi.to(work.dtype), levels).to(x.dtype)
+    if not stochastic and (lo is None or hi is None):
+        return _measured_fake_quantize(x, bits)[0]
     flat, back = _flat(work)
     if stochastic:
         if lo is not None:
@@ -132,13 +134,21 @@ def fake_quantize(
                 "fake_quantize: stochastic rounding measures its own range; drop lo/hi"
             )
         out = kernels.fake_quant_stochastic(flat, levels, kernels.new_seed())
-    elif lo is not None and hi is not None:
+    else:
+        assert lo is not None and hi is not None  # measured above when either is missing
         out = kernels.fake_quant(
             flat, lo.reshape(()).to(work.dtype), hi.reshape(()).to(work.dtype), levels
         )
-    else:
-        out = kernels.fake_quant_tensor(flat, levels)[0]
     return back(out).to(x.dtype)
+
+
+def _measured_fake_quantize(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``x`` quantised per tensor over its own finite range, in one kernel: ``(x_hat, lo,
+    hi)``; ``x`` must not be empty."""
+    work = _working(x.detach())
+    flat, back = _flat(work)
+    out, lo, hi = kernels.fake_quant_tensor(flat, kernels.levels_tensor(bits, work))
+    return back(out).to(x.dtype), lo, hi
 
 
 class _FakeQuantSTE(torch.autograd.Function):
@@ -169,11 +179,9 @@ class _MeasuredFakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
-        work = _working(x.detach())
-        flat, back = _flat(work)
-        out, lo, hi = kernels.fake_quant_tensor(flat, kernels.levels_tensor(bits, work))
+        out, lo, hi = _measured_fake_quantize(x, bits)
         ctx.mark_non_differentiable(lo, hi)
-        return back(out).to(x.dtype), lo, hi
+        return out, lo, hi
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Tensor, None]:
