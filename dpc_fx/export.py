@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from dpc_fx.errors import ConfigError
+from dpc_fx.passes._fx import get_attr
 from dpc_fx.passes.capacity import example_tuple
 from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer, tensor_range
 
@@ -142,8 +143,5 @@ def _weight_of(model: nn.Module, quantizer_path: str) -> Tensor:
         target = ".".join(parts[cut:])
         for node in owner.graph.nodes:
             if node.op == "call_module" and node.target == target:
-                obj: Any = owner
-                for part in str(node.args[0].target).split("."):
-                    obj = getattr(obj, part)
-                return obj.detach()
+                return get_attr(owner, node.args[0]).detach()
     raise ValueError(f"export: no graph node calls '{quantizer_path}'")
