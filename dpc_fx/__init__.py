@@ -12,9 +12,17 @@ from dpc_fx.compiler import compile, coverage, layers
 from dpc_fx.config import DPCConfig
 from dpc_fx.cost import Cost, cost
 from dpc_fx.distributed import sync_ranges
-from dpc_fx.errors import ConfigError, DPCError, PassOrderError, PlanError, ShapeError, TraceError
-from dpc_fx.export import export
-from dpc_fx.meta import Bits, LayerMeta
+from dpc_fx.errors import (
+    ConfigError,
+    DPCError,
+    NonFiniteError,
+    PassOrderError,
+    PlanError,
+    ShapeError,
+    TraceError,
+)
+from dpc_fx.export import export, export_onnx
+from dpc_fx.meta import Bits, Coverage, LayerMeta, Leaf
 from dpc_fx.plan import Plan, plan_of
 from dpc_fx.report import show
 from dpc_fx.schedule import CyclicSchedule
@@ -23,10 +31,13 @@ __all__ = [
     "Bits",
     "ConfigError",
     "Cost",
+    "Coverage",
     "CyclicSchedule",
     "DPCConfig",
     "DPCError",
     "LayerMeta",
+    "Leaf",
+    "NonFiniteError",
     "PassOrderError",
     "Plan",
     "PlanError",
@@ -36,6 +47,7 @@ __all__ = [
     "cost",
     "coverage",
     "export",
+    "export_onnx",
     "layers",
     "plan_of",
     "show",

@@ -1,33 +1,46 @@
-"""``dpc_fx.compile``: the four passes, composed."""
+"""``dpc_fx.compile``: the pipeline, stage by stage.
+
+split      parts.split       trace the model into parts (a model traced whole is one
+                             part), measure each part's layers (passes.capacity)
+decide     policy.decide     bits for every layer of the model, from the records alone
+assign     passes.assign     write the bits onto each part's graph
+rewrite    passes.rewrite    quantisers around every quantised layer
+lower      passes.lower      optional: 8-bit linears on integer kernels
+assemble   parts.assemble    the compiled parts put back where their modules sat
+record     meta.Compiled     the plan, the quantisers' places and the coverage, kept
+                             with the result
+"""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 from torch import fx, nn
 
+from dpc_fx import coverage as coverage_
+from dpc_fx import parts
 from dpc_fx.config import DPCConfig
-from dpc_fx.errors import ConfigError, ShapeError, TraceError
-from dpc_fx.fallback import (
-    COVERAGE,
-    SOURCE,
+from dpc_fx.errors import ConfigError
+from dpc_fx.inputs import example_tuple
+from dpc_fx.meta import (
+    META_KEY,
+    QUANTIZERS,
+    Compiled,
     Coverage,
-    compile_parts,
-    coverage_of,
-    failing_modules,
-    layer_coverage,
-    quantised_macs,
+    DPCState,
+    LayerMeta,
+    attach_compiled,
+    compiled,
+    records,
 )
-from dpc_fx.meta import STATE, DPCState, layer_meta
-from dpc_fx.passes._fx import attach, attached, keep_module_order, layer_nodes
+from dpc_fx.passes._graph import join
 from dpc_fx.passes.assign import assign
-from dpc_fx.passes.capacity import capacity
 from dpc_fx.passes.lower import lower
 from dpc_fx.passes.rewrite import rewrite
-from dpc_fx.passes.trace import MODE_BRANCH_REASON, MODE_BRANCHES, trace
+from dpc_fx.passes.trace import MODE_BRANCH_REASON
 from dpc_fx.plan import Plan
+from dpc_fx.policy import decide
 
 __all__ = ["compile", "coverage", "layers"]
 
@@ -38,7 +51,7 @@ def compile(
     *,
     config: DPCConfig | None = None,
     plan: Plan | None = None,
-) -> fx.GraphModule:
+) -> nn.Module:
     """Compile ``model`` for DPC low-precision training.
 
     Traces the model, measures each matmul-like layer, assigns it bit-widths and inserts
@@ -49,10 +62,10 @@ def compile(
 
     Submodules that torch.fx cannot trace (or whose traced graph does not run) are kept
     whole as *leaves* and their traceable children compiled, under one plan for the whole
-    model (see :mod:`dpc_fx.fallback`); a warning names each leaf and :func:`coverage` lists
-    them. When the model's own ``forward`` cannot be traced, the result is not a GraphModule
-    but a copy of the model's class with compiled parts inside; :func:`layers`,
-    :func:`dpc_fx.plan_of`, :func:`dpc_fx.cost` and :func:`dpc_fx.show` work on it alike.
+    model (see :mod:`dpc_fx.parts`); a warning names each leaf and :func:`coverage` lists
+    them. The result is a ``torch.fx.GraphModule`` when the model's own ``forward`` traces,
+    else a copy of the model's class with compiled parts inside; :func:`layers`,
+    :func:`dpc_fx.plan_of`, :func:`dpc_fx.cost` and :func:`dpc_fx.show` work on both alike.
 
     Compiling a module this function returned re-plans the model it was compiled from
     (quantisers are never stacked): ``compile(gm, config=other)`` is
@@ -73,6 +86,32 @@ def compile(
     >>> [str(m.bits) for m in layers(gm)]
     ['fp/fp/fp', '6/6/8', 'fp/fp/fp']
     """
+    model, config = _arguments(model, config)
+    inputs = None if example_inputs is None else example_tuple(example_inputs)
+
+    tree = parts.split(model, inputs, config)
+    decided = decide(tree.layers(), config, plan=plan, weights=tree.weights())
+    assigned = {p.path: assign(p.gm, decided) for p in tree.parts if _to_compile(p)}  # type: ignore[arg-type]
+    done = {path: _rewrite(gm, decided.config.lower) for path, gm in assigned.items()}
+    result = parts.assemble(tree, done)
+
+    final = tree.layers(done)
+    attach_compiled(
+        result,
+        Compiled(
+            source=model,
+            config=decided.config,
+            layers=tuple(final),
+            quantizers=tuple(_quantizers(done)[m.layer] for m in final),
+            coverage=coverage_.measure(tree, assigned),
+        ),
+    )
+    _warn(model, result)
+    return result
+
+
+def _arguments(model: Any, config: Any) -> tuple[nn.Module, DPCConfig]:
+    """The model to compile (the source of an already compiled one) and the config."""
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"dpc_fx.compile: model must be an nn.Module, got {type(model).__name__}."
@@ -83,69 +122,50 @@ def compile(
             f"dpc_fx.compile: config must be a DPCConfig, got {type(config).__name__}; "
             "build one with dpc_fx.DPCConfig(b_min=..., b_max=...)."
         )
-    source = attached(model, SOURCE, (None,))[0]
-    if isinstance(getattr(model, STATE, None), DPCState):
-        if not isinstance(source, nn.Module):
-            raise ConfigError(
-                f"dpc_fx.compile: this {type(model).__name__} was compiled by dpc_fx, but it does "
-                "not hold the model it was compiled from; compile the original model instead."
-            )
-        model = source  # re-plan the model it came from: quantisers are never stacked
-
-    def finish(gm: fx.GraphModule) -> fx.GraphModule:
-        lowered = gm.meta["dpc_config"].lower  # as assign resolved it (a plan's own config)
-        gm = rewrite(gm)
-        return lower(gm) if lowered else gm
-
-    try:
-        traced = trace(model, leaf_modules=config.leaf_modules, mode_branches="record")
-        # Modules with layers whose own code follows train()/eval() are kept whole.
-        branches = traced.meta[MODE_BRANCHES]
-        measured = None if branches else capacity(traced, example_inputs)
-    except TraceError:
-        result = compile_parts(model, example_inputs, config, plan, finish)
-    except ShapeError as e:
-        if example_inputs is None:
-            raise
-        try:  # if the model runs on the inputs, its traced graph is at fault: keep it whole
-            bad = failing_modules(traced, "", e)
-            result = compile_parts(model, example_inputs, config, plan, finish, bad=bad)
-        except ShapeError:
-            raise e from e.__cause__
-    else:
-        if measured is None:
-            # Submodules first: the model's own code may differ only through what they return.
-            inner = {p: why for p, why in branches.items() if p}
-            result = compile_parts(model, example_inputs, config, plan, finish, bad=inner)
-        else:
-            result = _compile_whole(model, measured, config, plan, finish)
-    attach(result, SOURCE, (model,))  # in a tuple: never a submodule
-    _warn(model, result)
-    return result  # type: ignore[return-value]
+    found = compiled(model)
+    if found is not None:  # re-plan the model it came from: quantisers are never stacked
+        return found.source, config
+    if any(isinstance(m, DPCState) for m in model.modules()):
+        raise ConfigError(
+            f"dpc_fx.compile: this {type(model).__name__} was compiled by dpc_fx, but it does "
+            "not hold the model it was compiled from; compile the original model instead."
+        )
+    return model, config
 
 
-def _compile_whole(
-    model: nn.Module,
-    measured: fx.GraphModule,
-    config: DPCConfig,
-    plan: Plan | None,
-    finish: Callable[[fx.GraphModule], fx.GraphModule],
-) -> fx.GraphModule:
-    """The passes after capacity on a model traced whole, with its coverage attached."""
-    assigned = assign(measured, config, plan=plan)
-    result = finish(assigned)
-    keep_module_order(result, model)
-    macs = assigned.meta.get("dpc_macs")
-    reached = layer_coverage(model, [("", assigned)])
-    quantised = None if macs is None else quantised_macs(assigned)
-    attach(result, COVERAGE, Coverage(True, *reached, macs, quantised))
-    return result
+def _to_compile(part: parts.Part) -> bool:
+    """The root always (it is what runs), a part holding leaves, or one with layers."""
+    assert part.gm is not None
+    return (
+        not part.path or bool(part.children) or any(META_KEY in n.meta for n in part.gm.graph.nodes)
+    )
+
+
+def _rewrite(gm: fx.GraphModule, lowered: bool) -> fx.GraphModule:
+    gm = rewrite(gm)
+    return lower(gm) if lowered else gm
+
+
+def _quantizers(done: dict[str, fx.GraphModule]) -> dict[str, str | None]:
+    """Per layer key, the path (in the assembled module) of what holds its quantisers."""
+    out: dict[str, str | None] = {}
+    for path, gm in done.items():
+        held = getattr(gm, QUANTIZERS, None)
+        for node in gm.graph.nodes:
+            meta = node.meta.get(META_KEY)
+            if not isinstance(meta, LayerMeta):
+                continue
+            target = str(node.target) if node.op == "call_module" else ""
+            name = target.removeprefix(f"{QUANTIZERS}.") if meta.lowered else node.name
+            has = held is not None and name in held._modules
+            out[meta.layer] = join(path, f"{QUANTIZERS}.{name}") if has else None
+    return out
 
 
 def _warn(model: nn.Module, result: nn.Module) -> None:
     name = type(model).__name__
-    found = coverage_of(result)
-    for leaf in found.leaves if found else ():
+    found = coverage(result)
+    for leaf in found.leaves:
         where = f"submodule '{leaf.path}'" if leaf.path else "its forward"
         share = "" if leaf.share is None else f" ({leaf.share:.1%} of the model's MACs)"
         if leaf.reason == MODE_BRANCH_REASON:
@@ -163,11 +183,11 @@ def _warn(model: nn.Module, result: nn.Module) -> None:
                 "code traceable."
             )
         warnings.warn(f"dpc_fx.compile: {name}: {message}", stacklevel=3)
-    records = layers(result)
-    if not any(m.bits is not None and not m.bits.full_precision for m in records):
+    found_layers = layers(result)
+    if not any(m.quantised for m in found_layers):
         warnings.warn(
             f"dpc_fx.compile: {name} has no layer to quantise "
-            f"({len(records)} matmul-like layers, all kept in full precision); "
+            f"({len(found_layers)} matmul-like layers, all kept in full precision); "
             "the compiled module computes exactly what the model does.",
             stacklevel=3,
         )
@@ -182,16 +202,17 @@ def coverage(module: nn.Module) -> Coverage:
     >>> print(coverage(compile(model, torch.randn(4, 8))))
     coverage: traced whole; 1/3 conv/linear layers quantised (3 compiled), 76.2% of MACs quantised
     """
-    found = coverage_of(module)
+    found = compiled(module)
     if found is None:
         raise ConfigError(
             f"coverage: this {type(module).__name__} was not compiled by dpc_fx.compile; "
             "pass the module compile returned."
         )
-    return found
+    return found.coverage
 
 
-def layers(gm: nn.Module) -> list[Any]:
-    """The :class:`~dpc_fx.meta.LayerMeta` of every matmul-like layer of ``gm``, in graph order
-    (for a model compiled part by part: in the order of its parts, under their full paths)."""
-    return [layer_meta(node, needed_by="layers") for node in layer_nodes(gm)]
+def layers(module: nn.Module) -> list[LayerMeta]:
+    """The :class:`~dpc_fx.meta.LayerMeta` of every matmul-like layer of ``module`` (a
+    compiled module, or a GraphModule the passes annotated), in graph order (for a model
+    compiled part by part: in the order of its parts, under their full paths)."""
+    return records(module)

@@ -46,8 +46,11 @@ class DPCConfig:
             win over earlier ones. Kept as a tuple of pairs (also as ``override_rules``,
             typed so). Overridden layers do not enter the DPC statistics.
         budget: a target saving of training bit-operations versus static 8-bit, in (0, 1);
-            ``delta`` (and if needed the bounds) are solved to meet it within one
-            percentage point. Needs example inputs.
+            ``delta`` (and if needed the bounds, and then pinning) are solved to meet it
+            within one percentage point, never below ``floor_bits``. Needs example inputs.
+        floor_bits: the fewest forward bits the budget solver may give a layer (3, CPT's
+            lowest: below it training often collapses). A budget out of reach at the floor
+            is an error that names the closest saving.
         similarity: the cosine-similarity threshold of ``b_min="auto"``.
         leaf_modules: module paths that tracing keeps whole (not traced into, not quantised).
         lower: run linear layers of at most 8 bits (weights, activations and gradients) on
@@ -79,6 +82,7 @@ class DPCConfig:
     pin_first_last: bool = True
     overrides: Mapping[str, Override] | tuple[tuple[str, Override], ...] = field(default=())
     budget: float | None = None
+    floor_bits: int = 3
     similarity: float = 0.95
     leaf_modules: tuple[str, ...] = ()
     lower: bool = False
@@ -98,6 +102,7 @@ class DPCConfig:
                 f"DPCConfig: b_min={self.b_min} is greater than b_max={self.b_max}; "
                 "lower b_min or raise b_max."
             )
+        _check_bits("floor_bits", self.floor_bits)
         _check_fraction("delta", self.delta, "(0, 1]", upper_closed=True, fix="try delta=1.0")
         _check_fraction("similarity", self.similarity, "(0, 1)", fix="try similarity=0.95")
         if self.budget is not None:

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import fx
+from torch import nn
 
 from dpc_fx.errors import PassOrderError
-from dpc_fx.meta import Bits, LayerMeta, layer_meta
-from dpc_fx.passes._fx import layer_nodes
+from dpc_fx.meta import Bits, records
 
 __all__ = ["Cost", "LayerCost", "bitops", "cost"]
 
@@ -92,7 +91,7 @@ class Cost:
         )
 
 
-def cost(gm: fx.GraphModule) -> Cost:
+def cost(gm: nn.Module) -> Cost:
     """The cost of one training step of ``gm`` (a module from :func:`dpc_fx.compile`).
 
     Raises:
@@ -100,9 +99,12 @@ def cost(gm: fx.GraphModule) -> Cost:
             no MACs.
     """
     rows, fp32, static8 = [], 0, 0
-    for node in layer_nodes(gm):
-        meta: LayerMeta = layer_meta(node, needed_by="cost", bits=True)
-        assert meta.bits is not None
+    for meta in records(gm):
+        if meta.bits is None:
+            raise PassOrderError(
+                f"cost: layer '{meta.layer}' has no bit-widths yet; "
+                "run dpc_fx.passes.assign on the graph first."
+            )
         if meta.macs is None:
             raise PassOrderError(
                 f"cost: layer '{meta.layer}' has no MACs because the model was compiled "

@@ -23,11 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from dpc_fx.errors import ConfigError
-from dpc_fx.passes._fx import get_attr
-from dpc_fx.passes.capacity import example_tuple
+from dpc_fx.inputs import example_tuple
 from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer, tensor_range
 
-__all__ = ["export"]
+__all__ = ["export", "export_onnx"]
 
 
 def _scale(lo: Tensor, hi: Tensor, bits: int) -> Tensor:
@@ -81,7 +80,7 @@ class _ExportWeight(nn.Module):
         return q + self.lo
 
 
-def export(
+def export_onnx(
     gm: nn.Module,
     example_inputs: Any,
     path: str | Path,
@@ -143,5 +142,19 @@ def _weight_of(model: nn.Module, quantizer_path: str) -> Tensor:
         target = ".".join(parts[cut:])
         for node in owner.graph.nodes:
             if node.op == "call_module" and node.target == target:
-                return get_attr(owner, node.args[0]).detach()
+                weight: Any = owner
+                for name in str(node.args[0].target).split("."):
+                    weight = getattr(weight, name)
+                return weight.detach()
     raise ValueError(f"export: no graph node calls '{quantizer_path}'")
+
+
+def export(gm: nn.Module, example_inputs: Any, path: str | Path, **options: Any) -> Path:
+    """Deprecated name of :func:`export_onnx` (it writes ONNX, which ``torch.export`` does
+    not); kept for one release."""
+    warnings.warn(
+        "dpc_fx.export is deprecated: it writes ONNX; call dpc_fx.export_onnx instead.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return export_onnx(gm, example_inputs, path, **options)

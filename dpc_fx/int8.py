@@ -22,9 +22,23 @@ import torch
 from torch import Tensor, nn
 
 from dpc_fx import kernels
+from dpc_fx.config import DPCConfig
+from dpc_fx.meta import LayerMeta
 from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer
 
-__all__ = ["Int8Linear"]
+__all__ = ["Int8Linear", "lowerable"]
+
+
+def lowerable(meta: LayerMeta, config: DPCConfig | None) -> bool:
+    """Whether ``lower`` will run this layer on integer kernels under ``config``."""
+    bits = meta.bits
+    return (
+        config is not None
+        and config.lower
+        and meta.op == "linear"
+        and bits is not None
+        and all(b is not None and b <= 8 for b in (bits.w, bits.a, bits.g))
+    )
 
 
 @kernels.fused

@@ -1,24 +1,55 @@
-"""The one metadata record dpc_fx keeps on graph nodes: ``node.meta["dpc"]``.
+"""The typed records dpc_fx keeps, and the one small API that reads them.
 
-Every matmul-like node of a compiled graph carries a :class:`LayerMeta`. The capacity pass
-creates it, the assign pass fills in ``capacity`` and ``bits``; records are frozen and
-passes replace them (``dataclasses.replace``) rather than edit them.
+Three records, each a frozen dataclass under one key:
+
+* :class:`LayerMeta` on every matmul-like graph node, ``node.meta["dpc"]``: what the
+  capacity pass measured and the assign pass decided for that layer.
+* :class:`GraphInfo` on a GraphModule between passes, ``gm.meta["dpc"]``: what one pass
+  tells the next about the whole graph (the trace's mode branches and module types, the
+  graph's MACs, the resolved config).
+* :class:`Compiled` on a module :func:`dpc_fx.compile` returned: the model it came from,
+  the resolved config, every layer's record in order, where each layer's quantisers live,
+  and the coverage.
+
+Passes replace records (``dataclasses.replace``) on their own output and never edit their
+input's; readers (:func:`records`, :func:`config_of`, :func:`compiled`) never write.
+The quantisers themselves are modules under the compiled graph's submodule ``dpc``
+(:data:`QUANTIZERS`), a :class:`DPCState`, so they move with ``.to()`` and ``state_dict``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import fx, nn
 
+from dpc_fx.config import DPCConfig
 from dpc_fx.errors import PassOrderError
 
-__all__ = ["META_KEY", "STATE", "Bits", "DPCState", "LayerMeta", "layer_meta"]
+__all__ = [
+    "META_KEY",
+    "QUANTIZERS",
+    "Assignment",
+    "Bits",
+    "Compiled",
+    "Coverage",
+    "DPCState",
+    "GraphInfo",
+    "LayerMeta",
+    "Leaf",
+    "compiled",
+    "config_of",
+    "graph_info",
+    "layer_meta",
+    "records",
+]
 
-META_KEY = "dpc"
-STATE = "dpc"  # attribute of a compiled module holding its DPCState
+META_KEY = "dpc"  # the key of node.meta (a LayerMeta) and gm.meta (a GraphInfo)
+QUANTIZERS = "dpc"  # the submodule of a rewritten graph holding its quantisers
+_RECORD = "_dpc_fx"  # the attribute of a compiled module holding its Compiled record
 
 
 @dataclass(frozen=True)
@@ -87,6 +118,11 @@ class LayerMeta:
     def replace(self, **changes: object) -> LayerMeta:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
+    @property
+    def quantised(self) -> bool:
+        """Whether any of the layer's tensors is quantised."""
+        return self.bits is not None and not self.bits.full_precision
+
 
 def layer_meta(node: fx.Node, *, needed_by: str, bits: bool = False) -> LayerMeta:
     """``node.meta["dpc"]``, or a :class:`PassOrderError` naming the pass to run first."""
@@ -104,21 +140,184 @@ def layer_meta(node: fx.Node, *, needed_by: str, bits: bool = False) -> LayerMet
     return meta
 
 
-class DPCState(nn.Module):
-    """What a compiled module keeps besides its graph, as its submodule ``dpc``.
+@dataclass(frozen=True)
+class Assignment:
+    """What the policy decided (:func:`dpc_fx.policy.decide`) and the assign pass writes
+    back: every layer's record with ``capacity``, ``bits`` and ``pinned`` set, in graph order,
+    and the config that produced them with everything it left open resolved."""
 
-    Children: one container per quantised layer (named after its node) holding that layer's
-    quantisers. Attributes: ``records``, the layers' :class:`LayerMeta` in graph order, and
-    ``config``, the (resolved) config that produced them. Being a submodule, all of it
-    survives ``copy.deepcopy`` and ``torch.save``, where FX rebuilds the graph from code and
-    drops node metadata; :func:`dpc_fx.passes._fx.layer_nodes` restores the records then.
-    It adds no ``state_dict`` keys.
+    layers: tuple[LayerMeta, ...]
+    config: DPCConfig
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """What the passes tell each other about a whole graph (``gm.meta["dpc"]``).
+
+    Attributes:
+        mode_branches: module paths whose own code branches on ``self.training`` and holds
+            layers, with the reason (trace; ``""`` is the model itself).
+        module_types: class name by module path of the traced model (trace), for naming
+            functional layers after the module whose weight they read.
+        macs: MACs of one forward of the whole graph on the example inputs (capacity).
+        config: the config the assign pass resolved (``b_min="auto"``, ``budget``).
     """
 
-    def __init__(self, records: tuple[LayerMeta, ...] = (), config: Any = None) -> None:
-        super().__init__()
-        self.records = records
-        self.config = config
+    mode_branches: Mapping[str, str] = field(default_factory=dict)
+    module_types: Mapping[str, str] = field(default_factory=dict)
+    macs: int | None = None
+    config: DPCConfig | None = None
+
+
+def graph_info(gm: nn.Module) -> GraphInfo:
+    """The :class:`GraphInfo` of a GraphModule from the passes (empty if it has none)."""
+    info = getattr(gm, "meta", {}).get(META_KEY) if isinstance(gm, fx.GraphModule) else None
+    return info if isinstance(info, GraphInfo) else GraphInfo()
+
+
+def set_graph_info(gm: fx.GraphModule, **changes: Any) -> None:
+    """Set fields of the :class:`GraphInfo` of ``gm``, a pass's own new output."""
+    gm.meta[META_KEY] = dataclasses.replace(graph_info(gm), **changes)
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A submodule kept whole because ``torch.fx`` could not trace it.
+
+    Attributes:
+        path: its module path (``""``: the model itself).
+        module_type: its class name.
+        reason: why tracing failed (FX's message, one line).
+        macs: MACs its own code ran in full precision on the example inputs, outside its
+            compiled children (``None`` without example inputs).
+        share: ``macs`` as a share of the model's MACs.
+    """
+
+    path: str
+    module_type: str
+    reason: str
+    macs: int | None = None
+    share: float | None = None
+
+    def __str__(self) -> str:
+        where = f"'{self.path}'" if self.path else "the model itself"
+        share = "" if self.share is None else f", {self.share:.1%} of MACs in full precision"
+        return f"leaf {where} ({self.module_type}){share}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of a model :func:`dpc_fx.compile` reached.
+
+    Attributes:
+        traced: the model traced whole (no leaves).
+        layers: conv/linear modules in the model, and the input projections of its
+            ``nn.MultiheadAttention`` modules.
+        compiled: those inside compiled parts, so under the plan (pinned ones included).
+        quantised: those whose weights the compiled model quantises.
+        macs: MACs of one forward on the example inputs (``None`` without them).
+        quantised_macs: MACs of those spent in quantised layers.
+        leaves: the submodules kept whole, in module order.
+    """
+
+    traced: bool
+    layers: int
+    compiled: int
+    quantised: int
+    macs: int | None
+    quantised_macs: int | None
+    leaves: tuple[Leaf, ...] = field(default=())
+
+    @property
+    def macs_share(self) -> float | None:
+        """Share of the model's MACs spent in quantised layers."""
+        if self.macs is None or self.quantised_macs is None:
+            return None
+        return self.quantised_macs / self.macs if self.macs else 0.0
+
+    def lines(self) -> list[str]:
+        """A summary line, then one line per leaf."""
+        share = "" if self.macs_share is None else f", {self.macs_share:.1%} of MACs quantised"
+        how = "traced whole" if self.traced else f"{len(self.leaves)} leaves kept whole"
+        head = (
+            f"coverage: {how}; {self.quantised}/{self.layers} conv/linear layers quantised "
+            f"({self.compiled} compiled){share}"
+        )
+        return [head, *(f"  {leaf}" for leaf in self.leaves)]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """What :func:`dpc_fx.compile` keeps with the module it returns.
+
+    Attributes:
+        source: the model it was compiled from (compiling the result again re-plans it).
+        config: the config that produced the plan, with everything it left open resolved.
+        layers: every matmul-like layer's record, in graph order (parts in model order).
+        quantizers: per layer, the path of the module holding its quantisers (its
+            ``act_q``/``weight_q``/``grad_q``, or the lowered layer itself); ``None`` for a
+            layer in full precision.
+        coverage: what the compile reached.
+    """
+
+    source: nn.Module = field(repr=False, compare=False)
+    config: DPCConfig
+    layers: tuple[LayerMeta, ...]
+    quantizers: tuple[str | None, ...]
+    coverage: Coverage
+
+
+def compiled(module: nn.Module) -> Compiled | None:
+    """The :class:`Compiled` record of a module :func:`dpc_fx.compile` returned, if any."""
+    found = kept_attribute(module, _RECORD)
+    return found if isinstance(found, Compiled) else None
+
+
+def attach_compiled(module: nn.Module, record: Compiled) -> None:
+    """Keep ``record`` with ``module`` (the driver's last step)."""
+    keep_attribute(module, _RECORD, record)
+
+
+def records(module: nn.Module) -> list[LayerMeta]:
+    """The layer records of a compiled module, or of a GraphModule the passes annotated
+    (its nodes' ``meta["dpc"]`` in graph order)."""
+    found = compiled(module)
+    if found is not None:
+        return list(found.layers)
+    if isinstance(module, fx.GraphModule):
+        return [m for n in module.graph.nodes if isinstance(m := n.meta.get(META_KEY), LayerMeta)]
+    return []
+
+
+def config_of(module: nn.Module) -> DPCConfig | None:
+    """The resolved config behind a compiled module or an assigned GraphModule."""
+    found = compiled(module)
+    return found.config if found is not None else graph_info(module).config
+
+
+class DPCState(nn.Module):
+    """The container of a rewritten graph's quantisers, as its submodule ``dpc``: one child
+    per quantised layer (named after its node) holding that layer's quantisers."""
 
     def extra_repr(self) -> str:
-        return f"layers={len(self.records)}"
+        return f"layers={len(self._modules)}"
+
+
+def keep_attribute(module: nn.Module, key: str, value: Any) -> None:
+    """Keep ``value`` with ``module`` across ``copy.deepcopy`` and ``torch.save``, as a plain
+    attribute (never a submodule, so ``state_dict`` keys do not change). A GraphModule's
+    deepcopy keeps only its ``meta`` of such attributes, and ``torch.load`` all but its
+    ``meta``: it gets both."""
+    module.__dict__[key] = value
+    if isinstance(module, fx.GraphModule):
+        module.meta[key] = value
+
+
+def kept_attribute(module: nn.Module, key: str) -> Any:
+    meta = module.__dict__.get("meta")
+    if isinstance(module, fx.GraphModule) and isinstance(meta, dict) and key in meta:
+        return meta[key]
+    return module.__dict__.get(key)

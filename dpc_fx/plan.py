@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import fx
+from torch import nn
 
 from dpc_fx.config import DPCConfig
-from dpc_fx.errors import ConfigError, PlanError
-from dpc_fx.meta import STATE, Bits, DPCState, LayerMeta, layer_meta
-from dpc_fx.passes._fx import layer_nodes
+from dpc_fx.errors import ConfigError, PassOrderError, PlanError
+from dpc_fx.meta import Bits, LayerMeta, config_of, records
 
 __all__ = ["Plan", "fingerprint", "plan_of"]
 
@@ -118,13 +117,16 @@ def _bits(value: Any) -> Bits:
     return Bits(w, a, g)
 
 
-def plan_of(gm: fx.GraphModule) -> Plan:
+def plan_of(gm: nn.Module) -> Plan:
     """The plan of a module compiled by :func:`dpc_fx.compile` (or annotated by ``assign``)."""
-    metas = [layer_meta(node, needed_by="plan_of", bits=True) for node in layer_nodes(gm)]
-    state = getattr(gm, STATE, None)
-    config = (
-        state.config if isinstance(state, DPCState) and state.config else gm.meta.get("dpc_config")
-    )
+    metas = records(gm)
+    for m in metas:
+        if m.bits is None:
+            raise PassOrderError(
+                f"plan_of: layer '{m.layer}' has no bit-widths yet; "
+                "run dpc_fx.passes.assign on the graph first."
+            )
+    config = config_of(gm)
     return Plan(
         {m.layer: m.bits for m in metas if m.bits is not None},
         config or DPCConfig(),

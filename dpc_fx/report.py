@@ -9,11 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from torch import fx
+from torch import nn
 
-from dpc_fx.compiler import layers
 from dpc_fx.cost import bitops, cost
-from dpc_fx.meta import LayerMeta
+from dpc_fx.meta import LayerMeta, records
 
 __all__ = ["layer_table", "show", "summary_text"]
 
@@ -46,11 +45,11 @@ def _bits_cell(bits: int | None) -> str:
     return f"[{style}]{bits}[/{style}]"
 
 
-def layer_table(gm: fx.GraphModule, *, title: str | None = None) -> object:
+def layer_table(gm: nn.Module, *, title: str | None = None) -> object:
     """A ``rich.table.Table`` with one row per matmul-like layer of ``gm``."""
     from rich.table import Table
 
-    rows: list[LayerMeta] = layers(gm)
+    rows: list[LayerMeta] = records(gm)
     has_macs = all(m.macs is not None for m in rows)
     table = Table(title=title, header_style="bold", show_lines=False, pad_edge=False)
     for name, justify in (
@@ -90,9 +89,9 @@ def layer_table(gm: fx.GraphModule, *, title: str | None = None) -> object:
     return table
 
 
-def summary_text(gm: fx.GraphModule) -> str:
+def summary_text(gm: nn.Module) -> str:
     """A few lines: layer counts, parameters, MACs, mean bits and the cost saving."""
-    rows = layers(gm)
+    rows = records(gm)
     quantised = [m for m in rows if m.bits is not None and not m.bits.full_precision]
     pinned = sum(m.pinned for m in rows)
     params = sum(m.params for m in rows)
@@ -103,7 +102,8 @@ def summary_text(gm: fx.GraphModule) -> str:
     ]
     if quantised:
         weights = [float(m.macs if m.macs is not None else m.params) for m in quantised]
-        mean = sum(w * (m.bits.w or 32) for w, m in zip(weights, quantised, strict=True))  # type: ignore[union-attr]
+        widths = [(m.bits.w if m.bits else None) or 32 for m in quantised]
+        mean = sum(w * b for w, b in zip(weights, widths, strict=True))
         basis = "MACs" if all(m.macs is not None for m in quantised) else "parameters"
         lines.append(
             f"mean weight/activation bits of quantised layers ({basis}-weighted): "
@@ -118,7 +118,7 @@ def summary_text(gm: fx.GraphModule) -> str:
     return "\n".join(lines)
 
 
-def show(gm: fx.GraphModule, *, console: object = None, title: str | None = None) -> None:
+def show(gm: nn.Module, *, console: object = None, title: str | None = None) -> None:
     """Print the annotated layers of ``gm`` and a summary to the terminal."""
     from rich.console import Console
     from rich.panel import Panel
@@ -129,11 +129,11 @@ def show(gm: fx.GraphModule, *, console: object = None, title: str | None = None
     con.print(Panel(summary_text(gm), title="summary", expand=False))  # type: ignore[attr-defined]
 
 
-def to_json(gm: fx.GraphModule) -> dict[str, Any]:
+def to_json(gm: nn.Module) -> dict[str, Any]:
     """The annotated layers, the plan's config and (with MACs) the cost, as JSON-ready data."""
     from dpc_fx.plan import plan_of
 
-    rows = layers(gm)
+    rows = records(gm)
     plan = plan_of(gm)
     out: dict[str, Any] = {
         "model": gm.__class__.__name__,
@@ -169,7 +169,7 @@ def to_json(gm: fx.GraphModule) -> dict[str, Any]:
     return out
 
 
-def plot(gm: fx.GraphModule, path: str | Path, *, title: str | None = None) -> None:
+def plot(gm: nn.Module, path: str | Path, *, title: str | None = None) -> None:
     """Save a figure of bits (bars) and capacity (line, log scale) per layer in network order."""
     try:
         import matplotlib
@@ -179,7 +179,7 @@ def plot(gm: fx.GraphModule, path: str | Path, *, title: str | None = None) -> N
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("plotting needs matplotlib: pip install 'dpc-fx[demo]'") from e
 
-    rows = layers(gm)
+    rows = records(gm)
     xs = list(range(len(rows)))
     bits = [(m.bits.w if m.bits and m.bits.w is not None else 32) for m in rows]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(rows) + 2), 3.6), dpi=120)

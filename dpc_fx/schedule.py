@@ -25,11 +25,10 @@ import math
 import statistics
 from typing import Any
 
-from torch import fx
+from torch import nn
 
 from dpc_fx.errors import ConfigError
-from dpc_fx.meta import STATE, layer_meta
-from dpc_fx.passes._fx import layer_nodes
+from dpc_fx.meta import compiled
 from dpc_fx.quant import Quantizer
 
 __all__ = ["CyclicSchedule"]
@@ -44,9 +43,7 @@ class CyclicSchedule:
         period: steps per cycle (CPT uses 32 cycles over a whole training run).
     """
 
-    def __init__(
-        self, gm: fx.GraphModule, *, low: int = 3, high: int = 8, period: int = 100
-    ) -> None:
+    def __init__(self, gm: nn.Module, *, low: int = 3, high: int = 8, period: int = 100) -> None:
         for name, value in (("low", low), ("high", high), ("period", period)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"CyclicSchedule: {name}={value!r} must be a positive int.")
@@ -58,19 +55,14 @@ class CyclicSchedule:
         self.t = 0
         self._layers: list[tuple[list[Quantizer], int]] = []
         planned = []
-        for node in layer_nodes(gm):
-            bits = layer_meta(node, needed_by="CyclicSchedule", bits=True).bits
-            # The graph that owns the node: gm itself, or a traced part of a fallback model.
-            holder = getattr(node.graph.owning_module, STATE, None)
-            # A layer's quantisers sit under its node's name; a lowered layer's node calls
-            # the module holding them (``dpc.<name>``).
-            target = str(node.target) if node.op == "call_module" else ""
-            key = target.removeprefix(f"{STATE}.") if target.startswith(f"{STATE}.") else node.name
-            if holder is None or key not in holder._modules or bits is None:
+        found = compiled(gm)
+        for meta, holder in zip(found.layers, found.quantizers, strict=True) if found else ():
+            bits = meta.bits
+            if holder is None or bits is None:
                 continue
             quantizers = [
                 q
-                for role, q in holder.get_submodule(key).named_children()
+                for role, q in gm.get_submodule(holder).named_children()
                 if role in ("act_q", "weight_q") and isinstance(q, Quantizer)
             ]
             forward = [b for b in (bits.w, bits.a) if b is not None]

@@ -1,11 +1,19 @@
 """The compiler passes, each a function ``GraphModule -> GraphModule`` that leaves its input
-alone. ``dpc_fx.compile`` is their composition::
+alone. ``dpc_fx.compile`` composes them over every part of a model (see
+:mod:`dpc_fx.compiler`); on a model that traces whole, by hand::
 
-    gm = trace(model)                     # nn.Module -> GraphModule
-    gm = capacity(gm, example_inputs)     # meta["dpc"]: params, MACs, FLOPs, shape, depth
-    gm = assign(gm, config)               # meta["dpc"].bits
-    gm = rewrite(gm)                      # quantisers around every quantised layer
-    gm = lower(gm)                        # optional: 8-bit linears on integer kernels
+    from dpc_fx.meta import records
+    from dpc_fx.policy import decide
+
+    gm = trace(model)                                 # nn.Module -> GraphModule
+    gm = capacity(gm, example_inputs)                 # meta["dpc"]: params, MACs, shape, depth
+    gm = assign(gm, decide(records(gm), config))      # meta["dpc"].bits, from the policy
+    gm = rewrite(gm)                                  # quantisers around every quantised layer
+    gm = lower(gm)                                    # optional: 8-bit linears on integer kernels
+
+Passes import only the runtime's leaves (``dpc_fx.meta``, ``errors``, ``config``,
+``inputs``, ``quant``, ``kernels``, ``int8``), never the policy, plans, cost, reports or the
+driver.
 """
 
 from dpc_fx.passes.assign import assign

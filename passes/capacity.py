@@ -31,27 +31,21 @@ from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from dpc_fx.errors import PassOrderError, ShapeError
-from dpc_fx.meta import META_KEY, LayerMeta
-from dpc_fx.passes._fx import (
-    MatmulSpec,
-    copy_graph_module,
-    get_attr,
-    matmul_spec,
-    parameter_source,
-    to_digraph,
-    weight_name,
-)
+from dpc_fx.inputs import example_tuple
+from dpc_fx.meta import META_KEY, LayerMeta, graph_info, set_graph_info
+from dpc_fx.passes._graph import copy_graph_module, get_attr, module_path, to_digraph
+from dpc_fx.passes._matmul import MatmulSpec, layer_names, matmul_spec, parameter_source
 
-__all__ = ["capacity", "example_tuple", "module_path"]
+__all__ = ["capacity"]
 
 
 def capacity(
-    gm: fx.GraphModule, example_inputs: Any = None, *, fake: bool = True
+    gm: fx.GraphModule, example_inputs: Any = None, *, fake: bool = True, prefix: str = ""
 ) -> fx.GraphModule:
     """Annotate each matmul-like node of (a copy of) ``gm`` with its capacity figures.
 
-    With example inputs, ``gm.meta["dpc_macs"]`` of the copy holds the MACs of the whole
-    graph (every op ``torch.utils.flop_counter`` counts, not only the layers').
+    With example inputs, the copy's :class:`~dpc_fx.meta.GraphInfo` holds the MACs of the
+    whole graph (every op ``torch.utils.flop_counter`` counts, not only the layers').
 
     Args:
         gm: a traced module (see :func:`dpc_fx.passes.trace`); it is not modified.
@@ -60,6 +54,8 @@ def capacity(
         fake: run the graph on fake tensors (no arithmetic). ``False`` runs it on the
             example inputs themselves, for graphs that keep untraceable submodules as
             leaves: those may branch on tensor values, which fake tensors do not have.
+        prefix: the module path of ``gm``'s module in a larger model compiled part by part;
+            layers are named by their paths in that model.
 
     Raises:
         ShapeError: the inputs do not fit the model; names the failing node and shapes.
@@ -74,9 +70,9 @@ def capacity(
     measured: dict[str, tuple[int, tuple[int, ...] | None]] = {}
     if example_inputs is not None:
         measured, total = _propagate(new, example_tuple(example_inputs), set(specs), fake=fake)
-        new.meta["dpc_macs"] = total // 2
+        set_graph_info(new, macs=total // 2)
     depths = _depths(new)
-    names = _layer_names(new, specs)
+    names = layer_names(new, specs, graph_info(new).module_types, prefix=prefix)
     for node, spec in specs.items():
         flops, shape = measured.get(node.name, (None, None))
         node.meta[META_KEY] = LayerMeta(
@@ -90,65 +86,6 @@ def capacity(
             depth=depths[node.name],
         )
     return new
-
-
-def _layer_names(
-    gm: fx.GraphModule, specs: dict[fx.Node, MatmulSpec]
-) -> dict[fx.Node, tuple[str, str | None]]:
-    """(layer key, module class name) per layer node.
-
-    A module call is named by its module path. A functional call on a module's weight
-    (``F.linear(x, self.qkv.weight)``, as in attention stand-ins) is named after that
-    module, and one on a packed weight (``in_proj_weight``) after the weight
-    (``attn.in_proj``); several on one packed weight are numbered (``attn.in_proj.0``).
-    Anything else by its node name.
-    """
-    types: dict[str, str] = gm.meta.get("dpc_module_types", {})
-    owners: dict[fx.Node, tuple[str, str] | None] = {}
-    for node, spec in specs.items():
-        owners[node] = None
-        if spec.module is not None:
-            continue
-        operand = spec.weight.get(node.args, node.kwargs)
-        source = parameter_source(operand) if isinstance(operand, fx.Node) else None
-        if source is None:
-            continue
-        owner = str(source.target).rpartition(".")[0]
-        name, is_weight = weight_name(str(source.target))
-        if owner and owner in types and is_weight:
-            owners[node] = (name, types[owner])
-    taken = [o[0] for o in owners.values() if o is not None]
-    taken += [str(node.target) for node, spec in specs.items() if spec.module is not None]
-    modules = {p for p, _ in gm.named_modules()}
-    seen: dict[str, int] = {}
-    names: dict[fx.Node, tuple[str, str | None]] = {}
-    for node, spec in specs.items():
-        named = owners[node]
-        if spec.module is not None:
-            names[node] = (str(node.target), type(spec.module).__name__)
-        elif named is not None and taken.count(named[0]) == 1:
-            names[node] = named
-        elif named is not None and named[0] not in modules:
-            # Several layers on one weight (cross-attention's slices of a packed
-            # in_proj_weight): numbered in graph order, ``attn.in_proj.0`` .. ``.2``.
-            i = seen[named[0]] = seen.get(named[0], -1) + 1
-            numbered = f"{named[0]}.{i}"
-            free = numbered not in modules and numbered not in taken
-            names[node] = (numbered, named[1]) if free else (node.name, None)
-        else:
-            names[node] = (node.name, None)
-    return names
-
-
-def example_tuple(example_inputs: Any) -> tuple[Any, ...]:
-    """``example_inputs`` as the tuple of positional arguments it stands for."""
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    if isinstance(example_inputs, list) and all(
-        isinstance(x, torch.Tensor) for x in example_inputs
-    ):
-        return tuple(example_inputs)
-    return (example_inputs,)
 
 
 def _params(gm: fx.GraphModule, node: fx.Node, spec: MatmulSpec) -> int:
@@ -428,17 +365,6 @@ def _shape_message(n: fx.Node, prop: fx.Interpreter, e: Exception) -> str:
         f"[{', '.join(shapes)}] with {type(e).__name__}: {reason}. "
         "Check the shape and dtype of the example inputs (batch first, as the model expects)."
     )
-
-
-def module_path(n: fx.Node) -> str:
-    """The path of the module whose code made node ``n`` (``""``: the model's own code)."""
-    if n.op == "call_module":
-        return str(n.target)
-    stack = n.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path = list(stack.values())[-1]
-    return str(path[0] if isinstance(path, tuple) else path)
 
 
 def _module_of(n: fx.Node) -> str:

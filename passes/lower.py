@@ -8,7 +8,7 @@ bits and the running range) and shared with the input module; ``meta["dpc"].lowe
 set. Everything else is copied as it is.
 
 Integer kernels need one scale along each product's reduction dimension, so lowerable layers
-quantise weights per tensor; :func:`lowerable` tells the rewrite pass which layers those are,
+quantise weights per tensor; :func:`dpc_fx.int8.lowerable` tells the rewrite pass which layers those are,
 and the simulated graph uses the same per-tensor weights, so simulated and lowered agree.
 
 Before::
@@ -28,34 +28,22 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import fx
 
-from dpc_fx.config import DPCConfig
-from dpc_fx.int8 import Int8Linear
-from dpc_fx.meta import META_KEY, STATE, DPCState, LayerMeta, layer_meta
-from dpc_fx.passes._fx import copy_graph_module, layer_nodes
+from dpc_fx.int8 import Int8Linear, lowerable
+from dpc_fx.meta import META_KEY, QUANTIZERS, DPCState, graph_info, layer_meta
+from dpc_fx.passes._graph import copy_graph_module, layer_nodes
 from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer
 
-__all__ = ["lower", "lowerable"]
-
-
-def lowerable(meta: LayerMeta, config: DPCConfig | None) -> bool:
-    """Whether ``lower`` will run this layer on integer kernels under ``config``."""
-    bits = meta.bits
-    return (
-        config is not None
-        and config.lower
-        and meta.op == "linear"
-        and bits is not None
-        and all(b is not None and b <= 8 for b in (bits.w, bits.a, bits.g))
-    )
+__all__ = ["lower"]
 
 
 def lower(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` with its 8-bit linear layers on integer kernels."""
     new = copy_graph_module(gm)
-    old_state = getattr(gm, STATE, None)
+    old_state = getattr(gm, QUANTIZERS, None)
     if not isinstance(old_state, DPCState):
         return new
-    state = DPCState(old_state.records, old_state.config)
+    config = graph_info(gm).config
+    state = DPCState()
     for name, child in old_state.named_children():
         state.add_module(name, child)
     graph = new.graph
@@ -67,7 +55,7 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         act_q, weight_q, grad_q = chain
         roles = dict(holder.named_children())
-        if not lowerable(meta, state.config):
+        if not lowerable(meta, config):
             continue
         state.add_module(
             node.name,
@@ -76,15 +64,14 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         with graph.inserting_before(node):
             fused = graph.call_module(
-                f"{STATE}.{node.name}", (act_q.args[0], weight_q.args[0], bias)
+                f"{QUANTIZERS}.{node.name}", (act_q.args[0], weight_q.args[0], bias)
             )
         fused.meta = dict(node.meta)
         fused.meta[META_KEY] = meta.replace(lowered=True)
         grad_q.replace_all_uses_with(fused)
         for dead in (grad_q, node, weight_q, act_q):
             graph.erase_node(dead)
-    new.add_module(STATE, state)
-    state.records = tuple(n.meta[META_KEY] for n in layer_nodes(new))
+    new.add_module(QUANTIZERS, state)
     graph.lint()
     new.recompile()
     return new

@@ -36,18 +36,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from dpc_fx.errors import ConfigError, DPCError
-from dpc_fx.meta import META_KEY, STATE, DPCState, LayerMeta, layer_meta
-from dpc_fx.passes._fx import (
-    Operand,
-    get_attr,
-    keep_module_order,
-    keep_unused,
-    layer_nodes,
-    matmul_spec,
-    parameter_source,
-    require_graph,
-)
-from dpc_fx.passes.lower import lowerable
+from dpc_fx.int8 import lowerable
+from dpc_fx.meta import META_KEY, QUANTIZERS, DPCState, LayerMeta, graph_info, layer_meta
+from dpc_fx.passes._graph import get_attr, keep_module_order, keep_unused, require_graph
+from dpc_fx.passes._matmul import Operand, matmul_spec, parameter_source
 from dpc_fx.quant import ActQuantizer, GradQuantizer, Quantizer, WeightQuantizer, is_active
 
 __all__ = ["rewrite"]
@@ -73,10 +65,10 @@ def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
         PassOrderError: a layer has no bit-widths (run the assign pass first).
     """
     require_graph(gm, "rewrite")
-    clash = getattr(gm, STATE, None)
+    clash = getattr(gm, QUANTIZERS, None)
     if clash is not None and not isinstance(clash, DPCState):
         raise ConfigError(
-            f"rewrite: the model has its own attribute '{STATE}' ({type(clash).__name__}), "
+            f"rewrite: the model has its own attribute '{QUANTIZERS}' ({type(clash).__name__}), "
             f"where dpc_fx keeps the quantisers; rename that attribute of the model to compile it."
         )
     graph = fx.Graph()
@@ -97,8 +89,8 @@ def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module"):
             target = str(node.target)
-            if target.startswith(STATE + "."):
-                roots[target] = quantizers.get_submodule(target.removeprefix(STATE + "."))
+            if target.startswith(QUANTIZERS + "."):
+                roots[target] = quantizers.get_submodule(target.removeprefix(QUANTIZERS + "."))
             else:
                 roots[target] = get_attr(gm, target)
     new = fx.GraphModule(roots, graph, gm.__class__.__name__)
@@ -106,9 +98,7 @@ def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
         new.set_submodule(path, module, strict=False)  # keep the module object, not a stub
     keep_unused(new, gm)
     keep_module_order(new, gm)
-    new.add_module(STATE, quantizers)
-    quantizers.records = tuple(node.meta[META_KEY] for node in layer_nodes(new))
-    quantizers.config = gm.meta.get("dpc_config")
+    new.add_module(QUANTIZERS, quantizers)
     new.meta = dict(getattr(gm, "meta", {}))
     new.training = gm.training
     quantizers.train(gm.training)
@@ -127,10 +117,10 @@ def _quantize_layer(
 ) -> fx.Node:
     spec = matmul_spec(node, gm)
     assert spec is not None and meta.bits is not None
-    prefix = f"{STATE}.{node.name}"
+    prefix = f"{QUANTIZERS}.{node.name}"
     provenance = {k: node.meta[k] for k in _PROVENANCE if k in node.meta}
 
-    config = gm.meta.get("dpc_config")
+    config = graph_info(gm).config
 
     def add(role: str, module: Quantizer, value: fx.Node) -> fx.Node:
         module.layer = meta.layer
@@ -153,7 +143,7 @@ def _quantize_layer(
         weight_node = spec.weight.get(node.args, node.kwargs)
         from_param = isinstance(weight_node, fx.Node) and parameter_source(weight_node) is not None
         weight_dim = spec.channel_dim if from_param else None
-    if lowerable(meta, gm.meta.get("dpc_config")):
+    if lowerable(meta, config):
         weight_dim = None  # integer kernels need one weight scale (see passes/lower.py)
 
     act, weight = spec.act.get(args, kwargs), spec.weight.get(args, kwargs)

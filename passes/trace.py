@@ -12,7 +12,7 @@ modes: dropout calls given ``training=self.training`` read the flag at run time,
 without layers whose code differs (torchvision's stochastic depth) stay calls that follow
 ``train()``/``eval()``. Modules with layers whose code differs
 (GoogLeNet's auxiliary classifiers, run in training only) are listed in
-``gm.meta["dpc_mode_branches"]``: ``dpc_fx.compile`` keeps them whole and compiles their
+the graph's :class:`~dpc_fx.meta.GraphInfo` (``mode_branches``): ``dpc_fx.compile`` keeps them whole and compiles their
 children; a plain ``trace`` warns that the graph keeps the traced mode's branch.
 
 If tracing fails, the error names the innermost submodule whose ``forward`` was running,
@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from dpc_fx.errors import ConfigError, TraceError
-from dpc_fx.passes._fx import MODULES, join, keep_module_order, keep_unused
+from dpc_fx.meta import set_graph_info
+from dpc_fx.passes._graph import join, keep_module_order, keep_unused
+from dpc_fx.passes._matmul import MODULES
 from dpc_fx.passes._standins import root_standin, standin_for, swin_standins
 
-__all__ = ["MODE_BRANCHES", "MODE_BRANCH_REASON", "trace"]
-
-MODE_BRANCHES = "dpc_mode_branches"  # gm.meta key: {module path: why} (see _settle_mode)
+__all__ = ["MODE_BRANCH_REASON", "trace"]
 
 
 # Dropout calls whose ``training`` argument (third, or by keyword) a module usually passes
@@ -139,7 +139,7 @@ def trace(
         concrete_args: forwarded to ``torch.fx.Tracer.trace`` to specialise arguments
             (e.g. a flag that drives control flow).
         mode_branches: modules with layers whose code branches on ``self.training`` are
-            always listed in ``gm.meta[MODE_BRANCHES]``; ``"warn"`` also warns that the
+            always listed in ``graph_info(gm).mode_branches``; ``"warn"`` also warns that the
             graph runs the traced mode's branch in both modes, ``"record"`` leaves that to
             the caller (``dpc_fx.compile`` keeps such modules whole).
 
@@ -169,13 +169,12 @@ def trace(
         gm, branches = _settle_mode(model, (gm, entered), tuple(leaf_modules), concrete_args)
     if branches and mode_branches == "warn":
         _warn_mode(model, branches)
-    gm.meta[MODE_BRANCHES] = branches
     keep_module_order(gm, model)
     keep_unused(gm, model)  # same state_dict keys as the model, used by forward or not
-    gm.meta["dpc_source"] = model.__class__.__name__
     # Class names by module path: GraphModule keeps plain holders for modules it only reads
     # weights from, and a functional layer on a module's weight is named after that module.
-    gm.meta["dpc_module_types"] = {p: type(m).__name__ for p, m in model.named_modules()}
+    types = {p: type(m).__name__ for p, m in model.named_modules()}
+    set_graph_info(gm, mode_branches=branches, module_types=types)
     return gm
 
 

@@ -204,3 +204,21 @@ def reloaded(module: nn.Module) -> nn.Module:
     torch.save(module, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=False)
+
+
+def assigned(
+    gm: fx.GraphModule, config: dpc_fx.DPCConfig | None = None, *, plan: Any = None
+) -> fx.GraphModule:
+    """The assign pass with the policy's bits for ``gm``'s own layers: what
+    ``dpc_fx.compile`` does for a model that traces whole."""
+    from dpc_fx.meta import LayerMeta
+    from dpc_fx.passes import assign
+    from dpc_fx.passes._matmul import layer_weight
+    from dpc_fx.policy import decide
+
+    weights = {}
+    for node in gm.graph.nodes:
+        meta = node.meta.get("dpc")
+        if isinstance(meta, LayerMeta) and (found := layer_weight(node, gm)):
+            weights[meta.layer] = found
+    return assign(gm, decide(dpc_fx.layers(gm), config, plan=plan, weights=weights))

@@ -8,6 +8,7 @@ import statistics
 
 import pytest
 import torch
+from helpers import assigned as assign  # the policy's bits, written by the assign pass
 from helpers import check_pass, examples
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
@@ -16,8 +17,9 @@ from torch import Tensor, nn
 
 import dpc_fx
 from dpc_fx import Bits, ConfigError, DPCConfig, PassOrderError
-from dpc_fx.passes import assign, capacity, trace
-from dpc_fx.passes.assign import dpc_bits
+from dpc_fx.meta import graph_info
+from dpc_fx.passes import capacity, trace
+from dpc_fx.policy import dpc_bits
 
 
 def measured(model: nn.Module, *inputs: Tensor):
@@ -220,7 +222,7 @@ def test_assign_leaves_the_graph_alone() -> None:
     out = check_pass(assign, gm, inputs=(torch.randn(3, 4),))
     assert [(n.op, n.target) for n in out.graph.nodes] == [(n.op, n.target) for n in gm.graph.nodes]
     assert all(m.bits is None for m in dpc_fx.layers(gm)), "the input's records are untouched"
-    assert out.meta["dpc_config"] == DPCConfig()
+    assert graph_info(out).config == DPCConfig()
 
 
 @examples(60)

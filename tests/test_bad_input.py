@@ -81,7 +81,7 @@ def test_compiling_a_compiled_module_re_plans_the_model_it_came_from() -> None:
 
 def test_a_compiled_module_without_its_model_is_refused() -> None:
     gm = dpc_fx.compile(mlp())
-    del gm.meta["_dpc_source"], gm.__dict__["_dpc_source"]
+    del gm.meta["_dpc_fx"], gm.__dict__["_dpc_fx"]  # its Compiled record, model and all
     with pytest.raises(
         ConfigError,
         match=r"dpc_fx\.compile: this Sequential was compiled by dpc_fx, but it does not hold the model it was "

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from toys import tiny_swin, tiny_vit
 
 import dpc_fx
-from dpc_fx import LayerMeta, ShapeError
+from dpc_fx import DPCConfig, LayerMeta, ShapeError
+from dpc_fx.meta import Assignment, graph_info
 from dpc_fx.passes import capacity, trace
 
 
@@ -272,12 +273,14 @@ def test_pass_on_an_untraced_module_names_the_pass_to_run_first(pass_name: str) 
     import dpc_fx.passes
 
     pass_fn = getattr(dpc_fx.passes, pass_name)
+    # assign also takes the policy's decision; the graph is checked first.
+    extra = (Assignment((), DPCConfig()),) if pass_name == "assign" else ()
     with pytest.raises(
         dpc_fx.PassOrderError,
         match=rf"{pass_name}: expected a torch\.fx\.GraphModule, got Sequential; "
         r"run dpc_fx\.passes\.trace on the model first\.",
     ):
-        pass_fn(nn.Sequential(nn.Linear(2, 2)))
+        pass_fn(nn.Sequential(nn.Linear(2, 2)), *extra)
 
 
 # ---------------------------------------------------- sizing layers without a dispatch
@@ -285,7 +288,7 @@ def test_pass_on_an_untraced_module_names_the_pass_to_run_first(pass_name: str) 
 
 def _measured(gm: torch.fx.GraphModule) -> tuple[dict[str, tuple], int]:
     layers = {n.name: (n.meta["dpc"].flops, n.meta["dpc"].out_shape) for n in layer_node_list(gm)}
-    return layers, gm.meta["dpc_macs"]
+    return layers, graph_info(gm).macs
 
 
 def _dispatched(monkeypatch: pytest.MonkeyPatch, model: nn.Module, *inputs: Tensor) -> tuple:

@@ -31,7 +31,7 @@ def test_resnet18_exports_with_a_qdq_pair_per_quantised_tensor(
     gm = dpc_fx.compile(torchvision.models.resnet18(num_classes=10), x, config=config)
     gm(x)  # one training-mode forward: the activation quantisers get their running range
     gm.eval()
-    path = dpc_fx.export(gm, x, tmp_path / "resnet18.onnx")
+    path = dpc_fx.export_onnx(gm, x, tmp_path / "resnet18.onnx")
 
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
     quantised = sum(1 for m in dpc_fx.layers(gm) if m.bits and not m.bits.full_precision)
@@ -107,7 +107,7 @@ def test_a_model_compiled_part_by_part_exports(tmp_path: Path) -> None:
     assert not isinstance(gm, torch.fx.GraphModule)
     gm(x)
     gm.eval()
-    path = dpc_fx.export(gm, x, tmp_path / "aux.onnx")
+    path = dpc_fx.export_onnx(gm, x, tmp_path / "aux.onnx")
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
     in_eval = [m for m in dpc_fx.layers(gm) if m.layer != "aux"]  # aux runs in training only
     assert all(not m.bits.full_precision for m in in_eval)
@@ -122,7 +122,7 @@ def test_a_model_compiled_part_by_part_exports(tmp_path: Path) -> None:
 def test_export_needs_a_running_range(tmp_path: Path) -> None:
     gm = dpc_fx.compile(torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32))
     with pytest.raises(dpc_fx.ConfigError, match="no running range yet.*one training step"):
-        dpc_fx.export(gm.eval(), torch.randn(2, 3, 32, 32), tmp_path / "m.onnx")
+        dpc_fx.export_onnx(gm.eval(), torch.randn(2, 3, 32, 32), tmp_path / "m.onnx")
 
 
 def test_torch_export_of_a_compiled_module() -> None:

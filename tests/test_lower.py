@@ -14,13 +14,14 @@ import copy
 
 import pytest
 import torch
+from helpers import assigned as assign
 from helpers import fit, reloaded
 from torch import nn
 
 import dpc_fx
 from dpc_fx import DPCConfig
 from dpc_fx.int8 import Int8Linear
-from dpc_fx.passes import assign, capacity, lower, rewrite, trace
+from dpc_fx.passes import capacity, lower, rewrite, trace
 
 LOWER = DPCConfig(b_min=8, b_max=8, grad_bits=8, lower=True, pin_first_last=False)
 

@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import ROLES, check_pass, examples, layer_node_list, quantizer_modules, quantizer_nodes
+from helpers import assigned as assign
 from hypothesis import given
 from strategies import CNNSpec, Conv, SpecCNN, models
 from torch import Tensor, fx, nn
 
 import dpc_fx
 from dpc_fx import Bits, DPCConfig, DPCError, PassOrderError
-from dpc_fx.passes import assign, capacity, rewrite, trace
+from dpc_fx.passes import capacity, rewrite, trace
 from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer, fake_quantize
 
 

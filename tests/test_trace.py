@@ -17,8 +17,8 @@ from toys import GatedNet
 
 import dpc_fx
 from dpc_fx import ConfigError, TraceError
+from dpc_fx.meta import graph_info
 from dpc_fx.passes import trace
-from dpc_fx.passes.trace import MODE_BRANCHES
 
 
 class RootDataDependent(nn.Module):
@@ -230,7 +230,7 @@ def test_code_that_branches_on_the_mode_stays_a_call_or_is_named() -> None:
         r"module runs that branch in both modes\. dpc_fx\.compile keeps such modules whole",
     ):
         gm = trace(model)
-    assert list(gm.meta[MODE_BRANCHES]) == [""]
+    assert list(graph_info(gm).mode_branches) == [""]
     # The noise has no layers: it stays a call and follows the mode at run time.
     assert "noise" in [n.target for n in gm.graph.nodes if n.op == "call_module"]
     x = torch.randn(8, 4)
@@ -238,7 +238,7 @@ def test_code_that_branches_on_the_mode_stays_a_call_or_is_named() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # recorded, not warned
         again = trace(model.train(), mode_branches="record")
-    assert list(again.meta[MODE_BRANCHES]) == [""]
+    assert list(graph_info(again).mode_branches) == [""]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         inference = trace(model.eval())

@@ -1,4 +1,4 @@
-"""How closely onnxruntime runs what dpc_fx.export writes: write docs/EXPORT.md.
+"""How closely onnxruntime runs what dpc_fx.export_onnx writes: write docs/EXPORT.md.
 
     python tools/export_check.py                 # 3 seeds, ~4 min on 2 cores
     python tools/export_check.py --seeds 1 --batch 64 --epochs 1
@@ -105,7 +105,7 @@ class Row:
 def compare(gm: nn.Module, x: Tensor, tmp: Path, plan: str, seed: int) -> Row:
     """onnxruntime, and torch with its other convolutions, against eval-mode torch on ``x``."""
     gm.eval()
-    path = dpc_fx.export(gm, x[:4], tmp / "model.onnx")
+    path = dpc_fx.export_onnx(gm, x[:4], tmp / "model.onnx")
     with torch.no_grad():
         ref = gm(x).numpy()
         with torch.backends.mkldnn.flags(enabled=False):

@@ -1,189 +1,32 @@
-"""Graph helpers the passes share: copying a GraphModule, the networkx view, and which
-nodes are matmul-like (and which of their operands is the activation and which the weight).
+"""Which graph nodes are matmul-like, which of their operands is the activation and which
+the weight, and what each layer is called.
+
+A layer is a module call (``nn.Linear``, ``nn.Conv*``, ``nn.ConvTranspose*`` whose forward is
+torch's own), a functional call (``F.linear``, ``F.conv*``), a matrix product (``@``,
+``torch.matmul/mm/bmm/addmm`` and their methods) or a two-operand ``einsum``.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from dpc_fx.errors import PassOrderError
-from dpc_fx.meta import META_KEY, STATE, DPCState
-
 __all__ = [
-    "LEAVES",
+    "MODULES",
     "MatmulSpec",
-    "attach",
-    "attached",
-    "copy_graph_module",
-    "get_attr",
-    "join",
-    "keep_module_order",
-    "keep_unused",
-    "layer_nodes",
+    "Operand",
+    "layer_names",
+    "layer_weight",
     "matmul_spec",
     "parameter_source",
-    "require_graph",
-    "to_digraph",
     "weight_name",
 ]
-
-
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of ``gm``'s graph, sharing its submodules and parameters.
-
-    Node metadata is copied one level deep, so a pass may replace ``meta["dpc"]`` on the copy
-    without touching ``gm``.
-    """
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    out = graph.graph_copy(gm.graph, env)
-    graph.output(out)
-    new = fx.GraphModule(gm, graph, gm.__class__.__name__)
-    new.meta = dict(getattr(gm, "meta", {}))
-    keep_unused(new, gm)
-    return new
-
-
-def keep_unused(dst: nn.Module, src: nn.Module) -> None:
-    """Give ``dst`` the submodules, parameters and buffers of ``src`` that it lacks.
-
-    ``fx.GraphModule`` keeps only what its graph reads; a model's unused parts (a spare head,
-    a buffer read only in another mode) would drop out of ``state_dict``, and checkpoints
-    would no longer load either way.
-    """
-    for name, child in src._modules.items():
-        mine = dst._modules.get(name)
-        if mine is None and child is not None:
-            dst.add_module(name, child)
-        elif mine is not None and child is not None and mine is not child:
-            keep_unused(mine, child)
-    for name, param in src._parameters.items():
-        if name not in dst._parameters and not hasattr(dst, name):
-            dst.register_parameter(name, param)
-    for name, buf in src._buffers.items():
-        if name not in dst._buffers and not hasattr(dst, name):
-            dst.register_buffer(name, buf, persistent=name not in src._non_persistent_buffers_set)
-
-
-def keep_module_order(gm: nn.Module, model: nn.Module) -> None:
-    """Order ``gm``'s submodules as in ``model`` (FX adds them in order of first use), so
-    ``state_dict`` keys come in the model's order."""
-    for name, module in list(gm.named_modules()):
-        try:
-            order = list(model.get_submodule(name)._modules)
-        except AttributeError:
-            continue
-        rank = {key: i for i, key in enumerate(order)}
-        module._modules = dict(
-            sorted(module._modules.items(), key=lambda kv: rank.get(kv[0], len(rank)))
-        )
-
-
-def require_graph(gm: object, needed_by: str) -> None:
-    """A :class:`PassOrderError` unless ``gm`` is a GraphModule whose layers were measured."""
-    if not isinstance(gm, fx.GraphModule):
-        raise PassOrderError(
-            f"{needed_by}: expected a torch.fx.GraphModule, got {type(gm).__name__}; "
-            "run dpc_fx.passes.trace on the model first."
-        )
-    for node in gm.graph.nodes:
-        if META_KEY not in node.meta and matmul_spec(node, gm) is not None:
-            raise PassOrderError(
-                f"{needed_by}: node '{node.name}' has no meta['{META_KEY}']; "
-                "run dpc_fx.passes.capacity on the graph first."
-            )
-
-
-def to_digraph(gm: fx.GraphModule) -> nx.DiGraph:
-    """The data-flow graph of ``gm`` as a networkx DiGraph keyed by node name.
-
-    Each node has attributes ``op`` (the FX opcode) and ``layer`` (True for matmul-like
-    nodes).
-    """
-    g = nx.DiGraph()
-    for node in gm.graph.nodes:
-        g.add_node(node.name, op=node.op, layer=matmul_spec(node, gm) is not None)
-        for src in node.all_input_nodes:
-            g.add_edge(src.name, node.name)
-    return g
-
-
-def get_attr(gm: nn.Module, target: fx.Node | str) -> Any:
-    """The object a ``get_attr`` node (or a dotted target) refers to in ``gm``."""
-    obj: Any = gm
-    for part in str(target.target if isinstance(target, fx.Node) else target).split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-LEAVES = "_dpc_leaves"  # set by dpc_fx.fallback on modules holding compiled parts in leaves
-
-
-def attach(module: nn.Module, key: str, value: Any) -> None:
-    """Keep ``value`` with ``module`` across ``copy.deepcopy`` and ``torch.save``, as a plain
-    attribute (never a submodule, so ``state_dict`` keys do not change). A GraphModule's
-    deepcopy keeps only its ``meta`` of such attributes, and ``torch.load`` all but its
-    ``meta``: it gets both."""
-    module.__dict__[key] = value
-    if isinstance(module, fx.GraphModule):
-        module.meta[key] = value
-
-
-def attached(module: nn.Module, key: str, default: Any = None) -> Any:
-    """What :func:`attach` kept with ``module`` under ``key``, else ``default``."""
-    meta = module.__dict__.get("meta")
-    if isinstance(module, fx.GraphModule) and isinstance(meta, dict) and key in meta:
-        return meta[key]
-    return module.__dict__.get(key, default)
-
-
-def layer_nodes(gm: nn.Module) -> list[fx.Node]:
-    """The nodes of ``gm`` that carry ``meta["dpc"]``, in graph order.
-
-    A compiled module loaded with ``torch.load`` has a graph rebuilt from code, without node
-    metadata; its records are then restored from its ``DPCState``, matched to the
-    matmul-like nodes in order (the code is the same, so the order is too).
-
-    A module compiled part by part (:mod:`dpc_fx.fallback`) has parts inside untraceable
-    leaves: their nodes come where the leaf is called, or in the leaf's child order.
-    """
-    leaves = attached(gm, LEAVES)
-    if leaves is None:
-        return _own_layer_nodes(gm) if isinstance(gm, fx.GraphModule) else []
-    if not isinstance(gm, fx.GraphModule):
-        return [node for child in gm.children() for node in layer_nodes(child)]
-    own = _own_layer_nodes(gm)
-    if not leaves:
-        return own
-    mine = set(own)
-    out = []
-    for node in gm.graph.nodes:
-        if node in mine:
-            out.append(node)
-        elif node.op == "call_module" and node.target in leaves:
-            out.extend(layer_nodes(gm.get_submodule(str(node.target))))
-    return out
-
-
-def _own_layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    nodes = [node for node in gm.graph.nodes if META_KEY in node.meta]
-    state = getattr(gm, STATE, None)
-    if nodes or not isinstance(state, DPCState) or not state.records:
-        return nodes
-    candidates = [node for node in gm.graph.nodes if matmul_spec(node, gm) is not None]
-    if len(candidates) != len(state.records):
-        return nodes
-    for node, record in zip(candidates, state.records, strict=True):
-        node.meta[META_KEY] = record
-    return candidates
 
 
 @dataclass(frozen=True)
@@ -279,10 +122,6 @@ MODULES: dict[type[nn.Module], tuple[str, int]] = {
 
 
 def _module_kind(mod: nn.Module) -> tuple[str, int] | None:
-    from dpc_fx.int8 import Int8Linear  # a lowered linear (passes/lower.py)
-
-    if isinstance(mod, Int8Linear):
-        return ("linear", 0)
     for cls, kind in MODULES.items():
         # A subclass that overrides forward computes something else: do not rewrite it.
         if isinstance(mod, cls) and type(mod).forward is cls.forward:
@@ -374,11 +213,6 @@ _VIEW_FUNCTIONS = frozenset(
 )
 
 
-def join(a: str, b: str) -> str:
-    """Two module paths joined (``""`` is the model itself)."""
-    return f"{a}.{b}" if a and b else a or b
-
-
 def weight_name(target: str) -> tuple[str, bool]:
     """What a layer reading the parameter at ``target`` is called, and whether that is a
     weight's own name: the owning module's path for ``"fc.weight"``, the weight's for a
@@ -388,7 +222,7 @@ def weight_name(target: str) -> tuple[str, bool]:
     if attr == "weight":
         return owner, True
     if attr.endswith("_weight"):
-        return join(owner, attr.removesuffix("_weight")), True
+        return _join(owner, attr.removesuffix("_weight")), True
     return owner, False
 
 
@@ -410,3 +244,83 @@ def parameter_source(node: fx.Node, hops: int = 6) -> fx.Node | None:
         else:
             return None
     return None
+
+
+def layer_weight(node: fx.Node, gm: fx.GraphModule) -> tuple[torch.Tensor, int | None] | None:
+    """The parameter a layer node quantises as its weight, with its output-channel
+    dimension (``None``: per tensor); ``None`` for a product of two activations."""
+    spec = matmul_spec(node, gm)
+    if spec is None:
+        return None
+    if spec.module is not None:
+        weight = spec.module.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight, spec.channel_dim
+    operand = spec.weight.get(node.args, node.kwargs)
+    source = parameter_source(operand) if isinstance(operand, fx.Node) else None
+    if source is None:
+        return None
+    obj: Any = gm
+    for part in str(source.target).split("."):
+        obj = getattr(obj, part)
+    return obj, None
+
+
+def layer_names(
+    gm: fx.GraphModule,
+    specs: Mapping[fx.Node, MatmulSpec],
+    module_types: Mapping[str, str],
+    *,
+    prefix: str = "",
+) -> dict[fx.Node, tuple[str, str | None]]:
+    """(layer key, module class name) per layer node, keys as module paths of the model in
+    which ``gm`` sits at ``prefix``.
+
+    A module call is named by its module path. A functional call on a module's weight
+    (``F.linear(x, self.qkv.weight)``, as in attention stand-ins) is named after that
+    module, and one on a packed weight (``in_proj_weight``) after the weight
+    (``attn.in_proj``); several on one packed weight are numbered (``attn.in_proj.0``).
+    A graph traced from a conv/linear module itself names its one layer after that module
+    (the part's path), when it is a part of a larger model. Anything else by its node name.
+    """
+    kinds = {cls.__name__ for cls in MODULES}
+    owners: dict[fx.Node, tuple[str, str] | None] = {}
+    for node, spec in specs.items():
+        owners[node] = None
+        if spec.module is not None:
+            continue
+        operand = spec.weight.get(node.args, node.kwargs)
+        source = parameter_source(operand) if isinstance(operand, fx.Node) else None
+        if source is None:
+            continue
+        owner = str(source.target).rpartition(".")[0]
+        name, is_weight = weight_name(str(source.target))
+        if not is_weight or owner not in module_types:
+            continue
+        if owner or (prefix and module_types[""] in kinds):
+            owners[node] = (name, module_types[owner])
+    taken = [o[0] for o in owners.values() if o is not None]
+    taken += [str(node.target) for node, spec in specs.items() if spec.module is not None]
+    modules = {p for p, _ in gm.named_modules()}
+    seen: dict[str, int] = {}
+    names: dict[fx.Node, tuple[str, str | None]] = {}
+    for node, spec in specs.items():
+        named = owners[node]
+        if spec.module is not None:
+            names[node] = (str(node.target), type(spec.module).__name__)
+        elif named is not None and taken.count(named[0]) == 1:
+            names[node] = named
+        elif named is not None and named[0] and named[0] not in modules:
+            # Several layers on one weight (cross-attention's slices of a packed
+            # in_proj_weight): numbered in graph order, ``attn.in_proj.0`` .. ``.2``.
+            i = seen[named[0]] = seen.get(named[0], -1) + 1
+            numbered = f"{named[0]}.{i}"
+            free = numbered not in modules and numbered not in taken
+            names[node] = (numbered, named[1]) if free else (node.name, None)
+        else:
+            names[node] = (node.name, None)
+    return {node: (_join(prefix, name), kind) for node, (name, kind) in names.items()}
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}.{b}" if a and b else a or b
