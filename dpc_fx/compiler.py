@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from dpc_fx import coverage as coverage_
 from dpc_fx import parts
+from dpc_fx.assemble import assemble
 from dpc_fx.config import DPCConfig
 from dpc_fx.errors import ConfigError
 from dpc_fx.inputs import example_tuple
@@ -93,7 +94,7 @@ def compile(
     decided = decide(tree.layers(), config, plan=plan, weights=tree.weights())
     assigned = {p.path: assign(p.gm, decided) for p in tree.parts if _to_compile(p)}  # type: ignore[arg-type]
     done = {path: _rewrite(gm, decided.config.lower) for path, gm in assigned.items()}
-    result = parts.assemble(tree, done)
+    result = assemble(tree, done)
 
     final = tree.layers(done)
     attach_compiled(

@@ -16,8 +16,9 @@ stays in full precision:
 
 :func:`split` traces and measures (the capacity pass) every part; the driver assigns one
 plan over all the parts' layers (the DPC rule's statistics and the pinned first and last
-layers are the model's, not each part's) and rewrites each part; :func:`assemble` swaps the
-compiled parts into shallow copies of their leaves.
+layers are the model's, not each part's) and rewrites each part;
+:func:`dpc_fx.assemble.assemble` swaps the compiled parts into shallow copies of their
+leaves.
 
 The user's model is not modified: leaves are shallow copies that share its parameters, so
 ``state_dict`` keys stay the same. A model with leaves runs once on the example inputs (eval
@@ -28,27 +29,23 @@ A model traced whole is measured on fake tensors alone.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from dpc_fx import probe
 from dpc_fx.config import DPCConfig
 from dpc_fx.errors import ShapeError, TraceError
-from dpc_fx.inputs import describe
-from dpc_fx.meta import META_KEY, LayerMeta, graph_info, keep_attribute, kept_attribute
-from dpc_fx.passes._graph import join, keep_module_order, module_path
+from dpc_fx.meta import META_KEY, LayerMeta, graph_info
+from dpc_fx.passes._graph import join, module_path
 from dpc_fx.passes._matmul import layer_weight
 from dpc_fx.passes.capacity import capacity
 from dpc_fx.passes.trace import trace
 
-__all__ = ["Part", "Tree", "assemble", "failing_modules", "split"]
+__all__ = ["Part", "Tree", "failing_modules", "split"]
 
 # --------------------------------------------------------------------- the part tree
 
@@ -153,116 +150,6 @@ def _leaf(
     return Part(path, name, module, None, reason, children)
 
 
-# ------------------------------------------------------------------ the example run
-
-
-def _record(model: nn.Module, inputs: tuple[Any, ...], root: Part) -> dict[str, int]:
-    """Run ``model`` once in eval mode; store each part's first inputs; return MACs per module
-    path. Parts that only training mode calls (auxiliary classifiers) get theirs from a second
-    run in training mode, which leaves no trace: buffers (batch-norm statistics) and the
-    random state are restored after it."""
-    stack: list[str] = []
-    with _recording(model, root, stack), _mode(model, training=False):
-        try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                model(*inputs)
-        except Exception as e:
-            where = stack[-1] if stack else ""
-            module = model.get_submodule(where) if where not in ("", "?") else model
-            shapes = ", ".join(describe(x) for x in inputs)
-            raise ShapeError(
-                f"example inputs do not fit the model: module '{where or '(the model itself)'}' "
-                f"({type(module).__name__}) failed on example inputs [{shapes}] with "
-                f"{type(e).__name__}: {_first_line(e)}. Check the shape and dtype of the example "
-                "inputs (batch first, as the model expects; a tuple holds one entry per argument).",
-                module=where,
-            ) from e
-    if any(part.gm is not None and not part.called for part in root.walk()):
-        with _recording(model, root, []), _mode(model, training=True), _untouched(model):
-            try:
-                model(*inputs)
-            except Exception:  # training may need more (a detector's targets): left alone
-                pass
-    root_name = type(model).__name__
-    macs = {}
-    for key, ops in counter.get_flop_counts().items():
-        if key == root_name or key.startswith(root_name + "."):
-            macs[key[len(root_name) + 1 :]] = sum(ops.values()) // 2
-    return macs
-
-
-@contextlib.contextmanager
-def _recording(model: nn.Module, root: Part, stack: list[str]) -> Iterator[None]:
-    """Hooks that give each part not called yet its first inputs, and keep ``stack`` of the
-    module paths running."""
-    by_module: dict[int, list[Part]] = {}
-    for part in root.walk():
-        by_module.setdefault(id(part.module), []).append(part)
-    paths = {id(m): p for p, m in model.named_modules()}
-
-    def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        stack.append(paths.get(id(module), "?"))
-        for part in by_module.get(id(module), ()):
-            if not part.called:
-                part.called, part.inputs = True, _positional(module, args, kwargs)
-
-    def after(module: nn.Module, args: Any, output: Any) -> None:
-        stack.pop()
-
-    handles = []
-    for module in model.modules():
-        handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
-        handles.append(module.register_forward_hook(after))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
-def _mode(model: nn.Module, *, training: bool) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    model.train(training)
-    try:
-        yield
-    finally:
-        for m, was in modes.items():
-            m.training = was
-
-
-@contextlib.contextmanager
-def _untouched(model: nn.Module) -> Iterator[None]:
-    """Run without gradients, then put back every buffer (same tensor, same values) and the
-    random state (the CPU's, and that of the GPUs the model lives on)."""
-    saved = [
-        (m, name, b, b.clone())
-        for m in model.modules()
-        for name, b in m._buffers.items()
-        if b is not None
-    ]
-    try:
-        gpus = sorted({t.device.index or 0 for t in model.parameters() if t.is_cuda})
-        with torch.no_grad(), torch.random.fork_rng(devices=gpus):
-            yield
-    finally:
-        with torch.no_grad():
-            for module, name, buffer, values in saved:
-                module._buffers[name] = buffer
-                buffer.copy_(values)
-
-
-def _positional(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[Any, ...]:
-    if not kwargs:
-        return args
-    try:
-        return inspect.signature(module.forward).bind(*args, **kwargs).args
-    except TypeError:
-        return args
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else "(no message)"
@@ -347,7 +234,7 @@ def split(model: nn.Module, inputs: tuple[Any, ...] | None, config: DPCConfig) -
         macs: dict[str, int] = {}
         if inputs is not None and not whole:
             try:
-                macs = _record(model, inputs, root)
+                macs = probe.run(model, inputs, root)
             except ShapeError:
                 if error is not None:  # the model fails too: say where its graph did
                     raise error from error.__cause__
@@ -373,17 +260,6 @@ def split(model: nn.Module, inputs: tuple[Any, ...] | None, config: DPCConfig) -
     raise AssertionError("unreachable: each round keeps at least one more module whole")
 
 
-def assemble(tree: Tree, compiled: dict[str, fx.GraphModule]) -> nn.Module:
-    """The module to run: the root's compiled graph, or a shallow copy of the model with
-    the compiled parts (``compiled``, by path) swapped in, each where its module sat."""
-    for path, gm in compiled.items():
-        keep_module_order(gm, tree.model.get_submodule(path))
-    result = _assemble(tree.root, compiled)
-    # Nothing compiled, or the model's own forward is a leaf: a copy of the model's class,
-    # so the compiled module's record never lands on the user's model.
-    return _shallow_copy(tree.model, {}) if result is tree.model else result
-
-
 def failing_modules(gm: fx.GraphModule, path: str, e: ShapeError) -> dict[str, str]:
     """The modules to keep whole when the graph ``gm`` (traced from the module at ``path``)
     fails to run on inputs its module ran on: the one whose code made the failing node, and
@@ -397,78 +273,3 @@ def failing_modules(gm: fx.GraphModule, path: str, e: ShapeError) -> dict[str, s
         return {path: why}
     same = [n for n in nodes.values() if n.op == failed.op and n.target == failed.target]
     return {join(path, module_path(n)): why for n in same}
-
-
-def _assemble(part: Part, compiled: dict[str, fx.GraphModule]) -> nn.Module:
-    """The module to run for ``part``: its compiled graph, or a shallow copy of its module
-    with compiled children; the module itself if nothing in it was compiled."""
-    if part.gm is not None:
-        out = compiled.get(part.path)
-        if out is None:
-            return part.module
-        if part.path:  # the leaf above calls it, and may read its attributes
-            _delegate(out, part.module)
-        swapped = []
-        for child in part.children:
-            new = _assemble(child, compiled)
-            if new is not child.module:
-                out.set_submodule(child.name, new, strict=False)
-                swapped.append(child.name)
-        return out
-    children = {child.name: _assemble(child, compiled) for child in part.children}
-    changed = {name: m for name, m in children.items() if m is not part.module._modules[name]}
-    return _shallow_copy(part.module, changed) if changed else part.module
-
-
-def _delegate(gm: fx.GraphModule, module: nn.Module) -> fx.GraphModule:
-    """Let ``gm`` answer for ``module`` what its graph does not hold: the leaf code calling a
-    compiled part may read its attributes or call its methods (RAFT reads
-    ``update_block.hidden_state_size``; RetinaNet calls ``head.compute_loss``). Every
-    GraphModule has a class of its own, so the change stays with ``gm``; it survives
-    ``copy.deepcopy`` and ``torch.save``."""
-    cls = type(gm)
-    cls.__getattr__ = _getattr_or_delegate  # type: ignore[method-assign]
-    cls.__reduce__ = _reduce_delegating  # type: ignore[method-assign,assignment]
-    cls.__deepcopy__ = _deepcopy_delegating  # type: ignore[method-assign]
-    keep_attribute(gm, _ORIGINAL, (module,))  # in a tuple: not a submodule, even after torch.load
-    return gm
-
-
-_ORIGINAL = "_dpc_original"
-
-
-def _getattr_or_delegate(self: nn.Module, name: str) -> Any:
-    try:
-        return nn.Module.__getattr__(self, name)
-    except AttributeError:
-        original = kept_attribute(self, _ORIGINAL)
-        if original is None or name.startswith("__"):
-            raise
-        return getattr(original[0], name)
-
-
-def _reduce_delegating(self: fx.GraphModule) -> tuple[Any, ...]:
-    rebuild, args = fx.GraphModule.__reduce__(self)[:2]
-    return _rebuild_delegating, (rebuild, args)
-
-
-def _rebuild_delegating(
-    rebuild: Callable[..., fx.GraphModule], args: tuple[Any, ...]
-) -> fx.GraphModule:
-    gm = rebuild(*args)
-    return _delegate(gm, kept_attribute(gm, _ORIGINAL)[0])
-
-
-def _deepcopy_delegating(self: fx.GraphModule, memo: dict[int, Any]) -> fx.GraphModule:
-    new = fx.GraphModule.__deepcopy__(self, memo)  # copies ``meta``, and so the original
-    return _delegate(new, kept_attribute(new, _ORIGINAL)[0])
-
-
-def _shallow_copy(module: nn.Module, children: dict[str, nn.Module]) -> nn.Module:
-    """A copy of ``module`` (same class, same parameters) with ``children`` swapped in."""
-    new = copy.copy(module)
-    for key, value in vars(module).items():
-        if isinstance(value, dict):  # parameters, buffers, modules, hooks: the copy's own
-            new.__dict__[key] = copy.copy(value)
-    new._modules.update(children)
-    return new

@@ -46,7 +46,7 @@ summary("shortcuts at 8, every Linear at 6", dpc_fx.compile(model, x, config=con
 # 4. Ask for a saving instead: the spread (and if need be the bounds) are solved for it.
 budget = dpc_fx.compile(model, x, config=DPCConfig(budget=0.25))
 summary("budget: 25% fewer than 8-bit", budget)
-print("   solved:", budget.meta["dpc_config"])
+print("   solved:", dpc_fx.plan_of(budget).config)
 
 # 5. Keep the plan that worked and re-apply it exactly (JSON, readable and diffable).
 plan = dpc_fx.plan_of(budget)

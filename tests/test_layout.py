@@ -6,7 +6,7 @@
 * the policy and the readers of compiled modules (plan, cost, report, schedule, export,
   distributed) import leaves and each other, never a pass: they read compiled modules
   through :mod:`dpc_fx.meta`;
-* the driver (compiler, parts, coverage) composes all of them; the CLI and ``__init__`` sit
+* the driver (compiler, parts, probe, assemble, coverage) composes all of them; the CLI and ``__init__`` sit
   on top.
 
 Every import counts, also one inside a function.
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LEAVES = {"errors", "config", "meta", "inputs", "kernels", "quant", "int8"}
 READERS = {"policy", "plan", "cost", "report", "schedule", "export", "distributed"}
-DRIVER = {"compiler", "parts", "coverage"}
+DRIVER = {"compiler", "parts", "probe", "assemble", "coverage"}
 TOP = {"__init__", "cli"}
 
 

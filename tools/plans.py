@@ -64,7 +64,7 @@ def main() -> int:
                 quantised = [m for m in rows if m.bits and not m.bits.full_precision]
                 widths = sorted({m.bits.w for m in quantised if m.bits and m.bits.w})
                 span = f"{widths[0]}-{widths[-1]}" if widths else "-"
-                resolved = gm.meta["dpc_config"]
+                resolved = dpc_fx.plan_of(gm).config
                 note = (
                     f"solved: b_min={resolved.b_min}, b_max={resolved.b_max}, delta={resolved.delta}"
                     if config.budget

@@ -499,7 +499,7 @@ def _record_cost(result: Run, gm: torch.fx.GraphModule) -> None:
     result.pinned_share_8bit = pinned / c.static8 if c.static8 else 0.0
     result.plan = {r.layer: str(r.bits) for r in c.layers}
     result.sizes = {m.layer: [m.params, m.macs or 0] for m in dpc_fx.layers(gm)}
-    config = gm.meta.get("dpc_config")
+    config = dpc_fx.plan_of(gm).config
     if isinstance(config, DPCConfig) and config.budget is not None:
         result.solved = f"b_min={config.b_min}, b_max={config.b_max}, delta={config.delta}"
 
