@@ -14,9 +14,10 @@ user's :class:`~dpc_fx.Plan` applied exactly.
 >>> from dpc_fx.meta import LayerMeta
 >>> layer = lambda name, params: LayerMeta(layer=name, op="linear", module_type="Linear",
 ...     params=params, macs=None, flops=None, out_shape=None, depth=0)
->>> out = decide([layer("a", 10), layer("b", 100), layer("c", 1000), layer("d", 10)])
->>> [str(m.bits) for m in out.layers]
-['fp/fp/fp', '6/6/8', '4/4/8', 'fp/fp/fp']
+>>> sizes = {"stem": 10, "small": 100, "median": 1_000, "large": 10_000, "head": 10}
+>>> out = decide([layer(name, params) for name, params in sizes.items()])
+>>> [str(m.bits) for m in out.layers]         # the first and last layers are pinned
+['fp/fp/fp', '8/8/8', '6/6/8', '4/4/8', 'fp/fp/fp']
 """
 
 from __future__ import annotations
