@@ -190,8 +190,9 @@ def check_against_reference(
     *,
     tamper: Callable[[fx.GraphModule], None] | None = None,
 ) -> None:
-    """Train the compiled module and the reference side by side for a few SGD steps on
-    batches of growing scale, then run both in eval on a batch outside the running range;
+    """Run the compiled module and the reference in eval (no range observed yet), train
+    them side by side for a few SGD steps on batches of growing scale, then run both in
+    eval on a batch outside the running range;
     every output and gradient must be bitwise equal. ``tamper`` may break the compiled
     module first (to show that the comparison can fail)."""
     reference = Reference(copy.deepcopy(model))  # the compiled module shares model's tensors
@@ -209,6 +210,14 @@ def check_against_reference(
     opt_ours = torch.optim.SGD(ours.values(), lr=0.05)
     opt_theirs = torch.optim.SGD(theirs.values(), lr=0.05)
     planned = [k for k in keys if not reference.plan[k].full_precision]
+    # Eval before any training batch: activations are quantised over their own range.
+    gm.eval()
+    reference.train(False)
+    assert_bitwise_equal(
+        step(gm, ours, x, seed=7), step(reference, theirs, x, seed=7), "eval before training"
+    )
+    gm.train()
+    reference.train(True)
     for i in range(TRAIN_STEPS):
         batch = x * (1.0 + i)  # the range moves, so the running average differs from it
         got = step(gm, ours, batch, seed=i)
@@ -296,9 +305,9 @@ def _set(role: str, field: str, value: object) -> Callable[[fx.GraphModule], Non
 @pytest.mark.parametrize(
     ("tamper", "failure"),
     [
-        (_set("weight_q", "channel_dim", None), "training step 0: outputs differ"),
+        (_set("weight_q", "channel_dim", None), "eval before training: outputs differ"),
         (_set("act_q", "momentum", 0.5), "eval: outputs differ"),
-        (_set("grad_q", "bits", 5), "training step 0: input gradients differ"),
+        (_set("grad_q", "bits", 5), "eval before training: input gradients differ"),
     ],
     ids=["weights per tensor", "momentum 0.5", "gradients at 5 bits"],
 )
