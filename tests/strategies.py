@@ -485,3 +485,36 @@ def cnns(draw: st.DrawFn, *, dims: int | None = None) -> tuple[nn.Module, Tensor
 def models() -> st.SearchStrategy[tuple[nn.Module, Tensor]]:
     """``(model, x)`` from any family: MLPs, 1-D CNNs, 2-D CNNs."""
     return st.one_of(mlps(), cnns(dims=1), cnns(dims=2))
+
+
+# ------------------------------------------------------------------ quantised models
+
+
+def role_bits(*, hi: int = 8) -> st.SearchStrategy[int | None]:
+    """One role's bit-width: full precision (``None``) or ``1..hi`` bits."""
+    return st.none() | bits(lo=1, hi=hi)
+
+
+def layer_bits(*, hi: int = 8) -> st.SearchStrategy[object]:
+    """A ``Bits(w, a, g)`` whose three roles are drawn independently (any may be ``None``)."""
+    from dpc_fx import Bits
+
+    return st.builds(Bits, role_bits(hi=hi), role_bits(hi=hi), role_bits(hi=hi))
+
+
+def layer_count(spec: MLPSpec | CNNSpec) -> int:
+    """How many matmul-like layers a model built from ``spec`` has, in the spec's terms:
+    one per dense layer; one per conv block (two with a branch) plus the linear head."""
+    if isinstance(spec, MLPSpec):
+        return len(spec.layers)
+    convs = [b for b in spec.blocks if isinstance(b, Conv)]
+    return sum(1 + b.branch for b in convs) + 1
+
+
+@st.composite
+def planned_models(draw: st.DrawFn) -> tuple[nn.Module, Tensor, tuple[object, ...]]:
+    """``(model, x, bits)``: a model from any family, a batch for it, and one drawn
+    ``Bits`` per matmul-like layer in the order the layers run (the makings of a plan)."""
+    model, x = draw(models())
+    n = layer_count(model.spec)  # type: ignore[arg-type]
+    return model, x, tuple(draw(st.lists(layer_bits(), min_size=n, max_size=n)))

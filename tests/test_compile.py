@@ -107,16 +107,29 @@ def test_a_quantised_training_step_runs_on_random_models(model_x: tuple[nn.Modul
 
 
 def test_in_place_activation_after_a_quantised_layer_trains() -> None:
-    model = nn.Sequential(
-        nn.Linear(4, 8),
-        nn.ReLU(inplace=True),
-        nn.Linear(8, 8),
-        nn.ReLU(inplace=True),
-        nn.Linear(8, 2),
-    )
-    gm = dpc_fx.compile(model, torch.randn(2, 4))
-    gm(torch.randn(3, 4)).sum().backward()
-    assert gm.get_parameter("2.weight").grad is not None
+    """An in-place ReLU after a quantised layer gives the gradients an out-of-place one
+    gives, bit for bit (same seed: the same stochastic rounding)."""
+
+    def build(inplace: bool) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(4, 8),
+            nn.ReLU(inplace=inplace),
+            nn.Linear(8, 8),
+            nn.ReLU(inplace=inplace),
+            nn.Linear(8, 2),
+        )
+
+    x, w = torch.randn(3, 4), torch.randn(3, 2)
+    got = []
+    for inplace in (True, False):
+        gm = dpc_fx.compile(build(inplace), torch.randn(2, 4))
+        assert gm.dpc._2.grad_q.active
+        torch.manual_seed(1)
+        got.append(backward_grads(gm, x, w))
+    (y, g, dx), (y_ref, g_ref, dx_ref) = got
+    assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+    assert g.keys() == g_ref.keys() and all(torch.equal(g[k], g_ref[k]) for k in g)
 
 
 # ------------------------------------------------------------------------ determinism
@@ -378,7 +391,16 @@ def test_show_renders_every_layer() -> None:
     out = io.StringIO()
     dpc_fx.show(gm, console=Console(file=out, width=200, color_system=None))
     text = out.getvalue()
-    assert "pinned" in text and "6" in text
+    rows = {
+        cells[2]: cells[9:12]
+        for line in text.splitlines()
+        if len(cells := [c.strip() for c in line.split("│")]) > 12
+    }
+    assert rows == {
+        "0 (pinned)": ["fp", "fp", "fp"],
+        "2": ["6", "6", "8"],
+        "4 (pinned)": ["fp", "fp", "fp"],
+    }
     assert "3 matmul-like layers: 1 quantised, 2 pinned" in text
 
 

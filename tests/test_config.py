@@ -7,7 +7,7 @@ import json
 
 import pytest
 from helpers import examples
-from hypothesis import given
+from hypothesis import assume, given
 from strategies import bit_bounds, bits, configs, deltas
 
 import dpc_fx
@@ -142,9 +142,20 @@ def test_every_valid_combination_is_accepted(
 
 @examples(30)
 @given(configs())
-def test_configs_strategy_builds_valid_configs(config: DPCConfig) -> None:
-    assert config.b_min <= config.b_max
-    assert config == DPCConfig.from_dict(config.to_dict())
+def test_every_config_round_trips_through_json(config: DPCConfig) -> None:
+    assert DPCConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@examples(30)
+@given(bounds=bit_bounds(hi=32))
+def test_b_min_above_b_max_is_rejected_naming_both(bounds: tuple[int, int]) -> None:
+    low, high = bounds
+    assume(low < high)
+    with pytest.raises(
+        ConfigError,
+        match=rf"DPCConfig: b_min={high} is greater than b_max={low}; lower b_min or raise b_max\.",
+    ):
+        DPCConfig(b_min=high, b_max=low)
 
 
 def test_compile_rejects_a_config_of_the_wrong_type() -> None:
