@@ -10,15 +10,16 @@ Three families of attention hide their matmul-like layers from a symbolic trace:
   ``torch.fx.wrap`` that takes the ``qkv`` and ``proj`` weights as arguments, because its
   padding, shifting and masking depend on the feature map's size.
 
-While tracing, :func:`standin_for` gives the tracer a forward to trace instead of the
-module's own (and :func:`root_standin` one for a model that is itself such a module). Each
-stand-in
-computes what the original computes (the general path, not the fused inference kernel),
-but lays the projections out as ``F.linear`` calls on the module's own parameters and
-``out_proj`` as a module call, and keeps what depends on concrete sizes (window
-partitioning, masks, the attention core) inside small functions that FX records as
-single calls. Dropout inside a stand-in reads the module's ``training`` flag at run time
-(a ``get_attr`` node), so it follows ``train()``/``eval()``:
+One registry maps each such class to a *stand-in*: a function ``standin(m, mode, *args,
+**kwargs)`` that takes the arguments of the class's ``forward`` in the same order and
+computes what it computes (the general path, not the fused inference kernel), but lays
+the projections out as ``F.linear`` calls on the module's own parameters or as calls of
+its own submodules, and keeps what depends on concrete sizes (window partitioning,
+masks, the attention core) inside small functions that FX records as single calls. The
+tracer (``passes/trace.py``) runs :func:`standin_for`'s function in place of the
+module's ``forward``, for a submodule and for the model itself alike. ``mode()`` gives a
+graph value for ``m.training`` read at run time (FX would record the flag as a
+constant), so dropout inside a stand-in follows ``train()``/``eval()``:
 
     Swin block attention, before:   x ──► shifted_window_attention(x, qkv.weight, ...) ──►
     after:   x ──► _windows ──► linear(qkv.weight) ──► _window_core ──► linear(proj.weight)
@@ -29,43 +30,36 @@ The module itself is not changed, so ``state_dict`` keys stay the same.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-import sys
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["root_standin", "standin_for", "swin_standins"]
+if TYPE_CHECKING:
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+    from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d
+
+__all__ = ["standin_for"]
 
 
-def standin_for(m: nn.Module, mode: Callable[[], Any]) -> Callable[..., Any] | None:
-    """A traceable forward for ``m``, or ``None`` when ``m`` has none (trace it as usual).
+def standin_for(m: nn.Module) -> Callable[..., Any] | None:
+    """The stand-in for ``m``'s ``forward``, called as ``standin(m, mode, *args,
+    **kwargs)``; ``None`` when ``m`` has none (trace it as usual).
 
-    ``mode()`` gives a graph value for ``m.training`` read at run time (FX would record the
-    flag as a constant), for dropout inside a stand-in to follow ``train()``/``eval()``.
+    The stand-in is looked up by the class that defines ``m``'s ``forward``: a subclass
+    with a forward of its own is traced through that forward, which the stand-in does not
+    mirror.
     """
-    if isinstance(m, nn.MultiheadAttention):
-        if m.bias_k is not None or m.bias_v is not None or m.add_zero_attn:
-            return None  # rare options, left to the module itself (one call)
-        return functools.partial(_multihead_attention, m, mode)
-    if isinstance(m, nn.TransformerDecoderLayer):
-        return m.forward  # no fast path: its own forward traces
-    method = root_standin(m)
-    return None if method is None else functools.partial(method, m)
-
-
-def root_standin(m: nn.Module) -> Callable[..., Any] | None:
-    """The stand-in for ``m``'s forward as a function of ``(m, *inputs)``, which can also
-    trace ``m`` as the model itself; ``None`` where there is none."""
-    for cls, method in _ROOTS.items():
-        if isinstance(m, cls):
-            return method
-    return None
+    owner = next(c for c in type(m).__mro__ if "forward" in vars(c))
+    standin = _STANDINS.get(f"{owner.__module__}.{owner.__qualname__}")
+    if isinstance(m, nn.MultiheadAttention) and (
+        m.bias_k is not None or m.bias_v is not None or m.add_zero_attn
+    ):
+        return None  # rare options, left to the module itself (one call)
+    return standin
 
 
 # --- nn.MultiheadAttention -------------------------------------------------------------
@@ -213,6 +207,7 @@ def _additive_mask(
 
 def _encoder_layer(
     m: nn.TransformerEncoderLayer,
+    mode: Callable[[], Any],
     src: Tensor,
     src_mask: Tensor | None = None,
     src_key_padding_mask: Tensor | None = None,
@@ -220,14 +215,89 @@ def _encoder_layer(
 ) -> Tensor:
     x = src
     if m.norm_first:
-        x = x + m._sa_block(m.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
-        return x + m._ff_block(m.norm2(x))
-    x = m.norm1(x + m._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
-    return m.norm2(x + m._ff_block(x))
+        x = x + _self_attention(m, m.norm1(x), src_mask, src_key_padding_mask, is_causal)
+        return x + _feed_forward(m, m.norm2(x), m.dropout2)
+    x = m.norm1(x + _self_attention(m, x, src_mask, src_key_padding_mask, is_causal))
+    return m.norm2(x + _feed_forward(m, x, m.dropout2))
+
+
+def _decoder_layer(
+    m: nn.TransformerDecoderLayer,
+    mode: Callable[[], Any],
+    tgt: Tensor,
+    memory: Tensor,
+    tgt_mask: Tensor | None = None,
+    memory_mask: Tensor | None = None,
+    tgt_key_padding_mask: Tensor | None = None,
+    memory_key_padding_mask: Tensor | None = None,
+    tgt_is_causal: bool = False,
+    memory_is_causal: bool = False,
+) -> Tensor:
+    x = tgt
+    if m.norm_first:
+        x = x + _self_attention(m, m.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+        x = x + _cross_attention(
+            m, m.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal
+        )
+        return x + _feed_forward(m, m.norm3(x), m.dropout3)
+    x = m.norm1(x + _self_attention(m, x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+    x = m.norm2(
+        x + _cross_attention(m, x, memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+    )
+    return m.norm3(x + _feed_forward(m, x, m.dropout3))
+
+
+# The blocks of both layer classes, from their public submodules.
+
+
+def _self_attention(
+    m: nn.TransformerEncoderLayer | nn.TransformerDecoderLayer,
+    x: Tensor,
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    is_causal: bool,
+) -> Tensor:
+    out = m.self_attn(
+        x,
+        x,
+        x,
+        attn_mask=attn_mask,
+        key_padding_mask=key_padding_mask,
+        need_weights=False,
+        is_causal=is_causal,
+    )[0]
+    return m.dropout1(out)
+
+
+def _cross_attention(
+    m: nn.TransformerDecoderLayer,
+    x: Tensor,
+    memory: Tensor,
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    is_causal: bool,
+) -> Tensor:
+    out = m.multihead_attn(
+        x,
+        memory,
+        memory,
+        attn_mask=attn_mask,
+        key_padding_mask=key_padding_mask,
+        need_weights=False,
+        is_causal=is_causal,
+    )[0]
+    return m.dropout2(out)
+
+
+def _feed_forward(
+    m: nn.TransformerEncoderLayer | nn.TransformerDecoderLayer, x: Tensor, dropout: nn.Module
+) -> Tensor:
+    return dropout(m.linear2(m.dropout(m.activation(m.linear1(x)))))
 
 
 def _encoder(
     m: nn.TransformerEncoder,
+    mode: Callable[[], Any],
     src: Tensor,
     mask: Tensor | None = None,
     src_key_padding_mask: Tensor | None = None,
@@ -245,6 +315,7 @@ def _encoder(
 
 def _decoder(
     m: nn.TransformerDecoder,
+    mode: Callable[[], Any],
     tgt: Tensor,
     memory: Tensor,
     tgt_mask: Tensor | None = None,
@@ -271,6 +342,7 @@ def _decoder(
 
 def _transformer(
     m: nn.Transformer,
+    mode: Callable[[], Any],
     src: Tensor,
     tgt: Tensor,
     src_mask: Tensor | None = None,
@@ -298,35 +370,65 @@ def _transformer(
     )
 
 
-_ROOTS: dict[type[nn.Module], Callable[..., Any]] = {
-    nn.TransformerEncoderLayer: _encoder_layer,
-    nn.TransformerEncoder: _encoder,
-    nn.TransformerDecoder: _decoder,
-    nn.Transformer: _transformer,
-}
-
-
 # --- torchvision's Swin attention ------------------------------------------------------
+# The modules' forwards compute the relative position bias (public methods, traceable) and
+# pass everything to one wrapped function; the stand-ins do the same with that function's
+# traceable equivalent.
 
 
-@contextlib.contextmanager
-def swin_standins(m: nn.Module, mode: Callable[[], Any]) -> Iterator[None]:
-    """While ``m`` (a torchvision Swin attention module) is traced, point torchvision's
-    attention function at its stand-in, with ``mode`` for its dropout. torch.fx patches
-    each ``torch.fx.wrap``'d function for the length of a trace; the stand-in goes on top
-    of that patch, which is put back on exit."""
-    found = _SWIN.get((type(m).__module__, type(m).__name__))
-    if found is None:
-        yield
-        return
-    name, standin = found
-    namespace = vars(sys.modules[type(m).__module__])
-    saved = namespace[name]
-    namespace[name] = functools.partial(standin, mode=mode)
-    try:
-        yield
-    finally:
-        namespace[name] = saved
+def _swin_attention(m: ShiftedWindowAttention, mode: Callable[[], Any], x: Tensor) -> Tensor:
+    """``ShiftedWindowAttention`` (2-D Swin) and, with ``logit_scale``, its V2."""
+    return _shifted_window_attention(
+        x,
+        m.qkv.weight,
+        m.proj.weight,
+        m.get_relative_position_bias(),
+        m.window_size,
+        m.num_heads,
+        m.shift_size,
+        m.attention_dropout,
+        m.dropout,
+        m.qkv.bias,
+        m.proj.bias,
+        getattr(m, "logit_scale", None),
+        clamp_shift=True,
+        mode=mode,
+    )
+
+
+def _swin_3d_attention(m: ShiftedWindowAttention3d, mode: Callable[[], Any], x: Tensor) -> Tensor:
+    """``ShiftedWindowAttention3d``: the window first shrinks to a map smaller than it."""
+    fitted = _fit_window(x, m.window_size, m.shift_size)
+    window, shift = fitted[0], fitted[1]
+    return _shifted_window_attention(
+        x,
+        m.qkv.weight,
+        m.proj.weight,
+        m.get_relative_position_bias(window),
+        window,
+        m.num_heads,
+        shift,
+        m.attention_dropout,
+        m.dropout,
+        m.qkv.bias,
+        m.proj.bias,
+        None,
+        clamp_shift=False,
+        mode=mode,
+    )
+
+
+@torch.fx.wrap
+def _fit_window(
+    x: Tensor, window_size: list[int], shift_size: list[int]
+) -> tuple[list[int], list[int]]:
+    """3-D Swin's window and shift for a ``(B, T, H, W, C)`` map: along a dimension no
+    longer than the window, the window is the map's size and there is no shift."""
+    window, shift = list(window_size), list(shift_size)
+    for i, size in enumerate(x.shape[1:4]):
+        if size <= window[i]:
+            window[i], shift[i] = size, 0
+    return window, shift
 
 
 def _shifted_window_attention(
@@ -337,12 +439,11 @@ def _shifted_window_attention(
     window_size: list[int],
     num_heads: int,
     shift_size: list[int],
-    attention_dropout: float = 0.0,
-    dropout: float = 0.0,
-    qkv_bias: Tensor | None = None,
-    proj_bias: Tensor | None = None,
-    logit_scale: Tensor | None = None,
-    training: bool = True,
+    attention_dropout: float,
+    dropout: float,
+    qkv_bias: Tensor | None,
+    proj_bias: Tensor | None,
+    logit_scale: Tensor | None,
     *,
     clamp_shift: bool,
     mode: Callable[[], Any],
@@ -350,7 +451,7 @@ def _shifted_window_attention(
     """Window attention of a ``(B, *spatial, C)`` map with the two projections in the
     graph. ``clamp_shift``: no shift along a dimension the window covers (2-D Swin; the
     3-D model adapts window and shift before the call). Dropout follows the module's mode
-    at run time (``mode()``), not the ``training`` flag of the trace."""
+    at run time (``mode()``)."""
     training = mode() if attention_dropout > 0 or dropout > 0 else False
     geometry = (window_size, shift_size, clamp_shift)
     x = _windows(input, *geometry)
@@ -500,18 +601,16 @@ def _shift_mask(padded: list[int], window: list[int], shift: list[int], like: Te
     )
 
 
-# torchvision attention modules (module, class) -> (the wrapped function they call, its
-# stand-in).
-_SWIN_2D: tuple[str, Callable[..., Any]] = (
-    "shifted_window_attention",
-    functools.partial(_shifted_window_attention, clamp_shift=True),
-)
-_SWIN_3D: tuple[str, Callable[..., Any]] = (
-    "shifted_window_attention_3d",
-    functools.partial(_shifted_window_attention, clamp_shift=False, logit_scale=None),
-)
-_SWIN: dict[tuple[str, str], tuple[str, Callable[..., Any]]] = {
-    ("torchvision.models.swin_transformer", "ShiftedWindowAttention"): _SWIN_2D,
-    ("torchvision.models.swin_transformer", "ShiftedWindowAttentionV2"): _SWIN_2D,
-    ("torchvision.models.video.swin_transformer", "ShiftedWindowAttention3d"): _SWIN_3D,
+# Stand-ins by the qualified name of the class whose ``forward`` they stand in for (names,
+# not classes, so that torchvision is imported only by models that use it).
+_STANDINS: dict[str, Callable[..., Any]] = {
+    "torch.nn.modules.activation.MultiheadAttention": _multihead_attention,
+    "torch.nn.modules.transformer.TransformerEncoderLayer": _encoder_layer,
+    "torch.nn.modules.transformer.TransformerDecoderLayer": _decoder_layer,
+    "torch.nn.modules.transformer.TransformerEncoder": _encoder,
+    "torch.nn.modules.transformer.TransformerDecoder": _decoder,
+    "torch.nn.modules.transformer.Transformer": _transformer,
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": _swin_attention,
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": _swin_attention,
+    "torchvision.models.video.swin_transformer.ShiftedWindowAttention3d": _swin_3d_attention,
 }

@@ -6,14 +6,20 @@ module shares its submodules and parameters, as ``torch.fx.symbolic_trace`` does
 Attention that FX would record as one opaque call (``nn.MultiheadAttention``,
 ``nn.Transformer`` and its parts, torchvision's Swin attention) is traced through a
 stand-in that computes the same thing with its projections in the graph
-(``passes/_standins.py``), so they can be quantised. Where a model's code branches on
-``self.training``, which FX would freeze at the trace's mode, the pass traces in both
-modes: dropout calls given ``training=self.training`` read the flag at run time, modules
-without layers whose code differs (torchvision's stochastic depth) stay calls that follow
-``train()``/``eval()``. Modules with layers whose code differs
-(GoogLeNet's auxiliary classifiers, run in training only) are listed in
-the graph's :class:`~dpc_fx.meta.GraphInfo` (``mode_branches``): ``dpc_fx.compile`` keeps them whole and compiles their
-children; a plain ``trace`` warns that the graph keeps the traced mode's branch.
+(``passes/_standins.py``), whether it is a submodule or the model itself, so they can be
+quantised.
+
+FX freezes ``self.training`` at the trace's mode. One procedure settles it: every trace
+makes a dropout call whose ``training`` flag is the calling module's read that flag at
+run time. When some class's source mentions ``training``, or a flag was made a run-time
+read, the model is traced in the other mode too and the two graphs are compared, module
+by module, node by node (op, target, constant arguments). Modules without layers whose
+code differs (torchvision's stochastic depth) then stay calls that follow
+``train()``/``eval()`` (one more trace); modules with layers whose code differs
+(GoogLeNet's auxiliary classifiers, run in training only) are listed in the graph's
+:class:`~dpc_fx.meta.GraphInfo` (``mode_branches``): ``dpc_fx.compile`` keeps them whole
+and compiles their children; a plain ``trace`` warns that the graph keeps the traced
+mode's branch.
 
 If tracing fails, the error names the innermost submodule whose ``forward`` was running,
 with FX's own reason, and how to get past it.
@@ -27,8 +33,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch.nn.functional as F
@@ -38,7 +46,7 @@ from dpc_fx.errors import ConfigError, TraceError
 from dpc_fx.meta import set_graph_info
 from dpc_fx.passes._graph import join, keep_module_order, keep_unused
 from dpc_fx.passes._matmul import MODULES
-from dpc_fx.passes._standins import root_standin, standin_for, swin_standins
+from dpc_fx.passes._standins import standin_for
 
 __all__ = ["MODE_BRANCH_REASON", "trace"]
 
@@ -58,23 +66,25 @@ _DROPOUTS = frozenset(
 
 
 class _Tracer(fx.Tracer):
-    """A tracer that remembers where it failed and treats chosen submodules as leaves.
+    """A tracer that remembers where it failed, treats chosen submodules as leaves, runs
+    attention stand-ins in place of their modules' forwards, and makes dropout follow the
+    mode.
 
-    With ``follow_mode``, a dropout call whose ``training`` flag equals the calling module's
-    reads that module's flag at run time instead (a ``get_attr`` node), so
-    ``F.dropout(x, p, training=self.training)`` follows ``train()``/``eval()``. A literal
-    that merely equals the flag in the mode traced (``True`` in training) gets the same
-    treatment; ``_settle_mode`` traces both modes this way and compares, which tells the two
-    apart.
+    A dropout call whose ``training`` flag equals the calling module's reads that module's
+    flag at run time instead (a ``get_attr`` node), so ``F.dropout(x, p,
+    training=self.training)`` follows ``train()``/``eval()`` (stand-ins, which read the
+    mode themselves, are left as they are). A literal that merely equals the flag in the
+    mode traced (``True`` in training) gets the same treatment; ``_settle_mode`` traces
+    the other mode too and compares, which tells the two apart.
     """
 
-    def __init__(self, leaf_modules: frozenset[str], *, follow_mode: bool = False) -> None:
+    def __init__(self, leaf_modules: frozenset[str]) -> None:
         super().__init__()
         self.leaf_paths = leaf_modules
-        self.follow_mode = follow_mode
         self.failed_at: tuple[str, str] | None = None
         self.entered: set[str] = set()  # modules whose forward ran (leaves included)
         self.running: list[tuple[str, nn.Module]] = []  # the modules being traced into
+        self.reads_mode = False  # whether a dropout flag was made a run-time read
 
     def create_proxy(
         self,
@@ -85,20 +95,34 @@ class _Tracer(fx.Tracer):
         *rest: Any,
         **more: Any,
     ) -> fx.Proxy:
-        if self.follow_mode and kind == "call_function" and target in _DROPOUTS:
+        if kind == "call_function" and target in _DROPOUTS:
             path, module = self.running[-1] if self.running else ("", self.root)
-            if kwargs.get("training", args[2] if len(args) > 2 else None) is module.training:
-                mode = self.create_proxy("get_attr", join(path, "training"), (), {})
+            flag = kwargs.get("training", args[2] if len(args) > 2 else None)
+            # Stand-ins read the mode themselves; a literal flag in one is meant.
+            if flag is module.training and standin_for(module) is None:
+                self.reads_mode = True
+                mode = self._mode(path)
                 if "training" in kwargs:
                     kwargs = {**kwargs, "training": mode}
                 else:
                     args = (*args[:2], mode, *args[3:])
         return super().create_proxy(kind, target, args, kwargs, *rest, **more)
 
+    def create_args_for_root(
+        self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None
+    ) -> tuple[Any, list[Any]]:
+        # The model itself may be a module with a stand-in (a bare nn.TransformerEncoder):
+        # FX reads the inputs from the signature of the function it is given, here the
+        # module's own forward (which the stand-in's arguments mirror), and calls it.
+        standin = standin_for(self.root) if is_module else None
+        if standin is not None:
+            root_fn = functools.update_wrapper(self._standin_forward(standin, ""), root_fn)
+        return super().create_args_for_root(root_fn, is_module, concrete_args)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths:
             return True
-        return standin_for(m, _no_mode) is None and super().is_leaf_module(m, module_qualified_name)
+        return standin_for(m) is None and super().is_leaf_module(m, module_qualified_name)
 
     def call_module(
         self,
@@ -109,19 +133,30 @@ class _Tracer(fx.Tracer):
     ) -> Any:
         path = self.path_of_module(m)
         self.entered.add(path)
-        mode = functools.partial(self.create_proxy, "get_attr", join(path, "training"), (), {})
-        if path not in self.leaf_paths:
-            forward = standin_for(m, mode) or forward
+        standin = None if path in self.leaf_paths else standin_for(m)
+        if standin is not None:
+            forward = functools.partial(self._standin_forward(standin, path), m)
         self.running.append((path, m))
         try:
-            with swin_standins(m, mode):
-                return super().call_module(m, forward, args, kwargs)
+            return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_at is None:  # the innermost module sees the error first
                 self.failed_at = (path, type(m).__name__)
             raise
         finally:
             self.running.pop()
+
+    def _standin_forward(self, standin: Callable[..., Any], path: str) -> Callable[..., Any]:
+        """``standin`` as a forward of the module at ``path``: ``(m, *args, **kwargs)``."""
+
+        def forward(m: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            return standin(m, functools.partial(self._mode, path), *args, **kwargs)
+
+        return forward
+
+    def _mode(self, path: str) -> fx.Proxy:
+        """The ``training`` flag of the module at ``path``, read when the graph runs."""
+        return self.create_proxy("get_attr", join(path, "training"), (), {})
 
 
 def trace(
@@ -163,10 +198,11 @@ def trace(
             "use paths as model.named_modules() lists them."
         )
     _check_root_names(model)
-    gm, entered = _trace(model, tuple(leaf_modules), concrete_args)
+    traced = _trace(model, tuple(leaf_modules), concrete_args)
+    gm = traced.gm
     branches: dict[str, str] = {}
-    if _may_branch_on_mode(model):
-        gm, branches = _settle_mode(model, (gm, entered), tuple(leaf_modules), concrete_args)
+    if traced.reads_mode or _may_branch_on_mode(model):
+        gm, branches = _settle_mode(model, traced, tuple(leaf_modules), concrete_args)
     if branches and mode_branches == "warn":
         _warn_mode(model, branches)
     keep_module_order(gm, model)
@@ -199,26 +235,34 @@ def _check_root_names(model: nn.Module) -> None:
                 )
 
 
+@dataclass(frozen=True)
+class _Traced:
+    """One trace: the graph module, the paths of the modules it called ("" for the model),
+    and whether a dropout flag in it reads the mode at run time."""
+
+    gm: fx.GraphModule
+    entered: frozenset[str]
+    reads_mode: bool
+
+
 def _trace(
     model: nn.Module,
     leaf_modules: tuple[str, ...],
     concrete_args: dict[str, Any] | None,
     *,
     training: bool | None = None,
-    follow_mode: bool = False,
-) -> tuple[fx.GraphModule, frozenset[str]]:
-    """One trace, in ``model``'s own mode or, with ``training``, in that mode; and the
-    paths of the modules it called ("" for the model)."""
-    tracer = _Tracer(frozenset(leaf_modules), follow_mode=follow_mode)
+) -> _Traced:
+    """One trace, in ``model``'s own mode or, with ``training``, in that mode."""
+    tracer = _Tracer(frozenset(leaf_modules))
     saved = {m: dict(vars(m)) for m in model.modules()}
     try:
         if training is not None:
             for m in model.modules():
                 m.training = training
-        graph = tracer.trace(_as_traced(model), _root_flags(model) | (concrete_args or {}))
+        graph = tracer.trace(model, _root_flags(model) | (concrete_args or {}))
         # Before restoring: FX keeps tensor constants as attributes of the model.
         gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-        return gm, frozenset(tracer.entered | {""})
+        return _Traced(gm, frozenset(tracer.entered | {""}), tracer.reads_mode)
     except Exception as e:
         path, cls = tracer.failed_at or ("", type(model).__name__)
         where = f"submodule '{path}' ({cls})" if path else f"the forward of {cls} itself"
@@ -245,7 +289,8 @@ def _trace(
 # the other mode shows which modules' own code changed: those without layers (stochastic
 # depth, say) are kept as calls, which follow train()/eval() at run time; the others
 # (GoogLeNet, whose auxiliary heads run in training only) are returned, for the caller to
-# keep whole, or named in a warning that the graph keeps the traced mode's branch.
+# keep whole, or named in a warning that the graph keeps the traced mode's branch. Dropout
+# on ``self.training`` needs neither: both traces read the flag at run time (``_Tracer``).
 
 MODE_BRANCH_REASON = (
     "its code branches on self.training (a traced graph would run one branch in both modes)"
@@ -254,37 +299,22 @@ MODE_BRANCH_REASON = (
 
 def _settle_mode(
     model: nn.Module,
-    traced: tuple[fx.GraphModule, frozenset[str]],
+    traced: _Traced,
     leaf_modules: tuple[str, ...],
     concrete_args: dict[str, Any] | None,
 ) -> tuple[fx.GraphModule, dict[str, str]]:
-    """The graph with modules without layers whose code depends on the mode kept as calls;
-    and the modules with layers whose code does, with the reason.
-
-    Where the two modes' traces differ, they are traced again with dropout calls on
-    ``self.training`` reading the flag at run time (``_Tracer``'s ``follow_mode``); that
-    pair is kept when it leaves fewer modules differing and no new ones (a literal
-    ``training=False`` would look like the flag in eval mode)."""
-    gm = traced[0]
-    flip = not model.training
+    """The graph with modules without layers whose code depends on the mode kept as calls
+    (one more trace, when there are such modules); and the modules with layers whose code
+    does, with the reason. A literal flag that looked like ``self.training`` in the mode
+    traced (``training=True`` in training) is a literal in the other: a difference too."""
     try:
-        other = _trace(model, leaf_modules, concrete_args, training=flip)
+        other = _trace(model, leaf_modules, concrete_args, training=not model.training)
     except TraceError:
-        return gm, {}  # untraceable in the other mode: nothing to compare
+        return traced.gm, {}  # untraceable in the other mode: nothing to compare
     causes = _branching_modules(traced, other)
-    follow = False
-    if causes and any(n.op == "call_function" and n.target in _DROPOUTS for n in gm.graph.nodes):
-        mine = _trace(model, leaf_modules, concrete_args, follow_mode=True)
-        theirs = _trace(model, leaf_modules, concrete_args, training=flip, follow_mode=True)
-        remaining = _branching_modules(mine, theirs)
-        if set(remaining) < set(causes):
-            gm, causes, follow = mine[0], remaining, True
-    if not causes:
-        return gm, {}
     modules = dict(model.named_modules())
     calls = tuple(p for p in causes if p and not _holds_layers(modules[p]))
-    if calls:
-        gm = _trace(model, leaf_modules + calls, concrete_args, follow_mode=follow)[0]
+    gm = _trace(model, leaf_modules + calls, concrete_args).gm if calls else traced.gm
     return gm, {p: MODE_BRANCH_REASON for p in causes if p not in calls}
 
 
@@ -306,18 +336,18 @@ def _warn_mode(model: nn.Module, branches: dict[str, str]) -> None:
     )
 
 
-def _branching_modules(
-    a: tuple[fx.GraphModule, frozenset[str]], b: tuple[fx.GraphModule, frozenset[str]]
-) -> list[str]:
+def _branching_modules(a: _Traced, b: _Traced) -> list[str]:
     """Module paths whose own code made different nodes in traces ``a`` and ``b``. A module
     that only one trace called is left out: the branch that skips it lies in a caller."""
-    mine, theirs = _code_by_module(a[0]), _code_by_module(b[0])
-    both = a[1] & b[1]
+    mine, theirs = _code_by_module(a.gm), _code_by_module(b.gm)
+    both = a.entered & b.entered
     return sorted(p for p in both if mine.get(p, []) != theirs.get(p, []))
 
 
-def _code_by_module(gm: fx.GraphModule) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {"": []}
+def _code_by_module(gm: fx.GraphModule) -> dict[str, list[tuple[Any, ...]]]:
+    """Each module's own nodes, in order, as ``(op, target, (args, kwargs))`` with the nodes
+    they read left out: what the module's code did, not which values it was given."""
+    out: dict[str, list[tuple[Any, ...]]] = {"": []}
     for node in gm.graph.nodes:
         stack = [
             v[0] if isinstance(v, tuple) else v
@@ -325,10 +355,23 @@ def _code_by_module(gm: fx.GraphModule) -> dict[str, list[str]]:
         ]
         if node.op == "call_module":
             stack = stack[:-1]  # the call belongs to the caller's code
-        target = getattr(node.target, "__name__", node.target)
-        args = fx.node.map_arg((node.args, node.kwargs), lambda _: "%")
-        out.setdefault(str(stack[-1]) if stack else "", []).append(f"{node.op} {target} {args}")
+        args = fx.node.map_aggregate((node.args, node.kwargs), _constant)
+        out.setdefault(str(stack[-1]) if stack else "", []).append((node.op, node.target, args))
     return out
+
+
+_INPUT = object()  # an argument that is a node: the value another node made
+_NAN = object()  # NaN is not equal to itself; a NaN argument is the same code
+
+
+def _constant(arg: Any) -> Any:
+    """An argument as (type, value): ``1``, ``1.0`` and ``True`` are equal in Python but
+    make tensors of different dtypes."""
+    if isinstance(arg, fx.Node):
+        return fx.Node, _INPUT
+    if isinstance(arg, float) and math.isnan(arg):
+        return float, _NAN
+    return type(arg), arg
 
 
 def _holds_layers(m: nn.Module) -> bool:
@@ -358,31 +401,18 @@ def _mentions_training(cls: type) -> bool:
     return _SOURCES[cls]
 
 
-def _as_traced(model: nn.Module) -> nn.Module:
-    """``model``, or where the model itself is a module with a stand-in (a bare
-    ``nn.TransformerEncoder``, say) a view of it whose class's forward is the stand-in:
-    same attributes (one ``__dict__``), so paths and parameters are the model's."""
-    standin = root_standin(model)
-    if standin is None:
-        return model
-    cls = type(model)
-    view: nn.Module = object.__new__(type(cls.__name__, (cls,), {"forward": standin}))
-    object.__setattr__(view, "__dict__", model.__dict__)
-    return view
-
-
 def _root_flags(model: nn.Module) -> dict[str, Any]:
-    """A root stand-in's causal-mask hints, fixed at their defaults: FX would make them
-    graph inputs, and the stand-ins branch on them (the masks themselves stay inputs)."""
-    standin = root_standin(model)
-    if standin is None:
+    """A root stand-in's flags (``need_weights``, the causal-mask hints), fixed at their
+    defaults: FX would make them graph inputs, and the stand-ins branch on them (the masks
+    themselves stay inputs)."""
+    if standin_for(model) is None:
         return {}
-    params = inspect.signature(standin).parameters.values()
-    return {p.name: p.default for p in params if p.name.endswith("is_causal")}
-
-
-def _no_mode() -> Any:
-    raise AssertionError("only asked for while tracing")
+    params = inspect.signature(model.forward).parameters.values()
+    return {
+        p.name: p.default
+        for p in params
+        if isinstance(p.default, bool) or p.name.endswith("is_causal")
+    }
 
 
 def _restore(saved: dict[nn.Module, dict[str, Any]]) -> None:

@@ -409,3 +409,97 @@ def test_a_torch_transformer_as_the_model_itself(
     assert cov.traced and (cov.quantised, cov.layers) == quantised
     assert type(gm).__name__ == type(model).__name__
     assert set(gm.state_dict()) == set(model.state_dict())
+
+
+def test_every_stand_in_takes_its_forwards_arguments_in_order() -> None:
+    """The tracer reads a model's inputs from its own forward and passes them, in order, to
+    the stand-in (``standin(m, mode, *args)``): the two signatures must agree."""
+    import importlib
+    import inspect
+
+    from dpc_fx.passes._standins import _STANDINS
+
+    for name, standin in _STANDINS.items():
+        module, cls = name.rsplit(".", 1)
+        forward = inspect.signature(getattr(importlib.import_module(module), cls).forward)
+        own = [(p.name, p.default) for p in forward.parameters.values()][1:]  # after self
+        mirrored = [(p.name, p.default) for p in inspect.signature(standin).parameters.values()]
+        assert mirrored[2:] == own, name  # after (m, mode)
+
+
+def swin_attention(version: str) -> nn.Module:
+    from torchvision.models import swin_transformer as swin2d
+
+    if version == "3d":
+        return swin3d.ShiftedWindowAttention3d(16, [2, 4, 4], [1, 2, 2], 2)
+    cls = swin2d.ShiftedWindowAttentionV2 if version == "v2" else swin2d.ShiftedWindowAttention
+    return cls(16, [4, 4], [2, 2], 2)
+
+
+@pytest.mark.parametrize(
+    "build, shape",
+    [
+        (lambda: nn.MultiheadAttention(16, 4, batch_first=True), (2, 5, 16)),
+        (lambda: swin_attention("v1"), (2, 10, 12, 16)),
+        (lambda: swin_attention("v2"), (2, 10, 12, 16)),
+        (lambda: swin_attention("3d"), (2, 3, 10, 12, 16)),
+    ],
+    ids=["multihead", "swin-v1", "swin-v2", "swin-3d"],
+)
+def test_attention_as_the_model_itself_is_traced_through_its_stand_in(
+    build: Callable[[], nn.Module], shape: tuple[int, ...]
+) -> None:
+    """A bare attention module gets its stand-in as a submodule does: its projections are
+    in the graph (FX alone records one opaque call), and it computes the same."""
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(shape)
+    inputs = (x, x, x) if isinstance(model, nn.MultiheadAttention) else (x,)
+    gm = trace(model)
+    assert len([n for n in gm.graph.nodes if n.target is F.linear]) >= 1
+    assert set(gm.state_dict()) == set(model.state_dict())
+    with torch.no_grad():
+        want, got = model(*inputs), gm(*inputs)
+    if isinstance(model, nn.MultiheadAttention):
+        for w, g in zip(want, got, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_a_decoder_layer_is_traced_through_its_stand_in(norm_first: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.TransformerDecoderLayer(16, 2, 32, batch_first=True, norm_first=norm_first)
+    tgt, memory = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    gm = trace(model.eval())
+    # Self-attention projects once (packed), cross-attention query, key and value apart.
+    assert len([n for n in gm.graph.nodes if n.target is F.linear]) == 1 + 3
+    called = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    assert {"self_attn.out_proj", "multihead_attn.out_proj", "linear1", "linear2"} <= set(called)
+    torch.testing.assert_close(
+        gm(tgt, memory, tgt_mask=causal), model(tgt, memory, tgt_mask=causal), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_a_subclass_with_its_own_forward_is_traced_through_that_forward() -> None:
+    """A stand-in mirrors one forward; a subclass that overrides it is not replaced."""
+
+    class Skip(nn.TransformerEncoderLayer):
+        def forward(self, src: Tensor, *_: object, **__: object) -> Tensor:
+            return src + self.linear2(torch.relu(self.linear1(src)))
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = Skip(16, 2, 32, batch_first=True)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.layer(x)
+
+    torch.manual_seed(0)
+    model, x = Model().eval(), torch.randn(2, 5, 16)
+    gm = trace(model)
+    assert not any("self_attn" in str(n.target) for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x), model(x))

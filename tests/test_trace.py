@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.fx
 import torch.nn.functional as F
-from helpers import check_pass, examples, quantizers_off
+from helpers import check_pass, compile_quiet, examples, quantizers_off
 from hypothesis import given
 from strategies import models
 from torch import Tensor, nn
@@ -311,8 +312,8 @@ def test_only_models_whose_code_mentions_training_are_traced_twice(
         trace(AuxHead().train())  # compared in eval, traced again with the noise a call
     assert modes == [None, False, None]
     modes.clear()
-    trace(FunctionalDropout().train())  # and again in both modes, dropout following the mode
-    assert modes == [None, False, None, False]
+    trace(FunctionalDropout().train())  # compared in eval: dropout follows the mode in both
+    assert modes == [None, False]
 
 
 class FunctionalDropout(nn.Module):
@@ -357,5 +358,55 @@ def test_a_dropout_that_stays_on_in_eval_keeps_the_model_whole() -> None:
     model, x = FunctionalDropout(always_on=True), torch.randn(64, 4)
     with pytest.warns(UserWarning, match=r"its forward \(FunctionalDropout\) is kept whole"):
         gm = dpc_fx.compile(model, x, config=dpc_fx.DPCConfig(pin_first_last=False))
+    gm.eval()
+    assert not torch.equal(gm(x), gm(x))  # still dropping in eval
+
+
+class Filled(nn.Module):
+    """No layers; in training a constant of another type (the same value) than in eval."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.full(x.shape, 3 if self.training else 3.0)
+
+
+def test_a_constant_of_another_type_between_modes_is_a_branch() -> None:
+    """``3 == 3.0`` in Python, but they make tensors of different dtypes: the modes'
+    traces are compared by type as well as value, so the module stays a call."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.fill = nn.Linear(4, 4), Filled()
+
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            return self.fc(x), self.fill(x)
+
+    model = Model().train()
+    gm = trace(model)
+    assert "fill" in [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    x = torch.randn(2, 4)
+    assert gm.eval()(x)[1].dtype == model.eval()(x)[1].dtype == torch.float32
+    assert gm.train()(x)[1].dtype == torch.int64
+
+
+class PositionalDrop(nn.Module):
+    """Monte Carlo dropout with a positional literal flag: its code never names the mode
+    (the word is not in its source), yet the literal equals the flag in train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(F.dropout(x, 0.5, True))
+
+
+def test_a_literal_dropout_flag_is_told_apart_without_training_in_the_source() -> None:
+    """A flag read at run time is one the trace may have mistaken: the other mode's trace
+    is compared even when no class's source suggests it."""
+    assert "training" not in inspect.getsource(PositionalDrop)
+    torch.manual_seed(0)
+    model, x = PositionalDrop().train(), torch.randn(64, 4)
+    gm = compile_quiet(model, x, config=dpc_fx.DPCConfig(pin_first_last=False))
     gm.eval()
     assert not torch.equal(gm(x), gm(x))  # still dropping in eval
