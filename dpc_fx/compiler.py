@@ -92,7 +92,7 @@ def compile(
 
     tree = parts.split(model, inputs, config)
     decided = decide(tree.layers(), config, plan=plan, weights=tree.weights())
-    assigned = {p.path: assign(p.gm, decided) for p in tree.parts if _to_compile(p)}  # type: ignore[arg-type]
+    assigned = {path: assign(gm, decided) for path, gm in tree.graphs().items()}
     done = {path: _rewrite(gm, decided.config.lower) for path, gm in assigned.items()}
     result = assemble(tree, done)
 
@@ -132,14 +132,6 @@ def _arguments(model: Any, config: Any) -> tuple[nn.Module, DPCConfig]:
             "not hold the model it was compiled from; compile the original model instead."
         )
     return model, config
-
-
-def _to_compile(part: parts.Part) -> bool:
-    """The root always (it is what runs), a part holding leaves, or one with layers."""
-    assert part.gm is not None
-    return (
-        not part.path or bool(part.children) or any(META_KEY in n.meta for n in part.gm.graph.nodes)
-    )
 
 
 def _rewrite(gm: fx.GraphModule, lowered: bool) -> fx.GraphModule:

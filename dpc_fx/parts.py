@@ -180,12 +180,26 @@ class Tree:
         """Traced whole: one part, no leaves."""
         return self.root.gm is not None and not self.root.children
 
+    def graphs(self) -> dict[str, fx.GraphModule]:
+        """The measured graphs to compile, by path: the root's always (it is what runs),
+        and every other part that holds leaves or layers."""
+        out = {}
+        for part in self.parts:
+            assert part.gm is not None
+            if (
+                not part.path
+                or part.children
+                or any(META_KEY in n.meta for n in part.gm.graph.nodes)
+            ):
+                out[part.path] = part.gm
+        return out
+
     def layers(self, graphs: dict[str, fx.GraphModule] | None = None) -> list[LayerMeta]:
         """The layer records of the parts' graphs (or of ``graphs``, the parts' later forms,
         by path) in model order: each part's in graph order, a leaf's parts spliced in
         where the leaf is called, a leaf's children in their order."""
         if graphs is None:
-            graphs = {p.path: p.gm for p in self.parts if p.gm is not None}
+            graphs = self.graphs()
         out: list[LayerMeta] = []
 
         def walk(part: Part) -> None:
