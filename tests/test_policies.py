@@ -8,8 +8,8 @@ import torchvision
 from torch import nn
 
 import dpc_fx
-import dpc_fx.demo
 from dpc_fx import Bits, DPCConfig
+from experiments.models import MNIST1DCNN
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_capacity_by_macs_ranks_by_macs(resnet18: nn.Module) -> None:
 
 def test_a_budget_that_needs_very_few_bits_warns() -> None:
     torch.manual_seed(0)
-    cnn = dpc_fx.demo.MNIST1DCNN()
+    cnn = MNIST1DCNN()
     with pytest.warns(UserWarning, match=r"budget=0.3 puts some layers at [12] bits"):
         gm = dpc_fx.compile(cnn, torch.randn(4, 1, 40), config=DPCConfig(budget=0.3))
     assert dpc_fx.cost(gm).saving_vs_8bit == pytest.approx(0.3, abs=0.01)
