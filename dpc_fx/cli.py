@@ -1,8 +1,10 @@
-"""The ``dpc-fx`` command line: ``inspect`` a model's plan, or run the ``demo``.
+"""The ``dpc-fx`` command line: ``inspect`` a model's plan.
 
 dpc-fx inspect resnet18 --input 1,3,32,32
 dpc-fx inspect mypkg.models:build_net --input 8,3,64,64 --b-min 3 --delta 0.5
-dpc-fx demo
+
+The demo (fp32 vs DPC trained on MNIST-1D) is part of the repository's experiments, not of
+the installed library: ``make demo`` in a checkout.
 """
 
 from __future__ import annotations
@@ -130,61 +132,12 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    import torchvision
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
-    from rich.table import Table
-
-    from dpc_fx.demo import MNIST1DCNN, evaluate, mnist1d, train
-
-    console = Console(width=max(Console().width, 130) if not sys.stdout.isatty() else None)
-    torch.manual_seed(0)
-    console.rule("[bold]1. ResNet-18 at CIFAR size, compiled")
-    resnet = torchvision.models.resnet18(num_classes=10)
-    gm = dpc_fx.compile(resnet, torch.randn(1, 3, 32, 32))
-    dpc_fx.show(gm, console=console, title="ResNet-18 (1, 3, 32, 32): DPC plan")
-
-    console.rule("[bold]2. MNIST-1D CNN: fp32 vs DPC")
-    train_set, test_set = mnist1d()
-    results = []
-    with Progress(
-        TextColumn("{task.description:<6}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
-        for method in ("fp32", "DPC"):
-            torch.manual_seed(args.seed)
-            model: nn.Module = MNIST1DCNN()
-            saving = "-"
-            if method == "DPC":
-                compiled = dpc_fx.compile(model, train_set.x[:100])
-                saving = f"{dpc_fx.cost(compiled).saving_vs_fp32:.1%}"
-                model = compiled
-            task = progress.add_task(method, total=args.steps, loss=float("nan"))
-
-            def advance(step: int, loss: float, task: TaskID = task) -> None:
-                progress.update(task, completed=step, loss=loss)
-
-            start = time.perf_counter()
-            train(model, train_set, steps=args.steps, seed=args.seed, on_step=advance)
-            seconds = time.perf_counter() - start
-            results.append((method, evaluate(model, test_set), saving, seconds))
-
-    table = Table(title=f"MNIST-1D test accuracy after {args.steps} steps (seed {args.seed})")
-    for col in ("method", "test accuracy", "bit-ops saved vs fp32", "train time"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for method, acc, saving, seconds in results:
-        table.add_row(method, f"{acc:.1%}", saving, f"{seconds:.1f} s")
-    console.print(table)
-    return 0
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpc-fx", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dpc-fx",
+        description=__doc__.splitlines()[0],
+        epilog="The demo is in the repository, not in the library: run `make demo` there.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     inspect = sub.add_parser("inspect", help="compile a model and print its annotated layers")
@@ -205,11 +158,6 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print machine-readable JSON")
     inspect.add_argument("--plot", metavar="FILE.png", help="draw bits and capacity per layer")
     inspect.set_defaults(run=_inspect)
-
-    demo = sub.add_parser("demo", help="ResNet-18 plan, then fp32 vs DPC on MNIST-1D")
-    demo.add_argument("--steps", type=int, default=2000)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(run=_demo)
     return parser
 
 

@@ -10,11 +10,19 @@ tools/reproduce.py runs the full comparison.
 """
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
+# experiments/ is the repository's package, not installed with dpc_fx; running this file
+# puts only examples/ on the path, so add the repository root that holds it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from dpc_fx import DPCConfig
-from dpc_fx.demo import DigitsCNN, Result, compare, digits
+from experiments.data import digits
+from experiments.models import DigitsCNN
+from experiments.train import Result, compare
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--steps", type=int, default=600)

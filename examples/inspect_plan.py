@@ -7,14 +7,19 @@ the config's bounds and spread, overrides by path or module type, a cost budget,
 saved plan file that reproduces the bits exactly.
 """
 
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+# experiments/ is the repository's package, not installed with dpc_fx; running this file
+# puts only examples/ on the path, so add the repository root that holds it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import dpc_fx
 from dpc_fx import DPCConfig
-from dpc_fx.demo import cifar_resnet
+from experiments.models import cifar_resnet
 
 model = cifar_resnet(20)
 x = torch.randn(2, 3, 32, 32)

@@ -9,11 +9,19 @@ full comparison (more methods, several seeds, a results page) use ``tools/reprod
 """
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
+# experiments/ is the repository's package, not installed with dpc_fx; running this file
+# puts only examples/ on the path, so add the repository root that holds it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from dpc_fx import DPCConfig
-from dpc_fx.demo import MNIST1DCNN, Result, compare, mnist1d
+from experiments.data import mnist1d
+from experiments.models import MNIST1DCNN
+from experiments.train import Result, compare
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--steps", type=int, default=2000)

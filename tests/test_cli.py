@@ -91,8 +91,19 @@ def test_inspect_config_file_and_plot(capsys: pytest.CaptureFixture[str], tmp_pa
 
 
 def test_module_callable_models(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "inspect", "dpc_fx.demo:MNIST1DCNN", "--input", "2,1,40")
+    code, out, _ = run(capsys, "inspect", "experiments.models:MNIST1DCNN", "--input", "2,1,40")
     assert code == 0 and "conv2" in out
+
+
+def test_the_demo_is_not_a_command_of_the_library(capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo lives in the repository's experiments (`make demo`); the help says where."""
+    with pytest.raises(SystemExit) as exc:
+        main(["demo"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'demo'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "make demo" in capsys.readouterr().out
 
 
 def test_a_model_from_a_package_in_the_current_folder(

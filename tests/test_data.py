@@ -1,4 +1,4 @@
-"""dpc_fx.data: CIFAR files in both standard layouts (written here, tiny), batches, text."""
+"""experiments.data: CIFAR files in both standard layouts (written here, tiny), batches, text."""
 
 from __future__ import annotations
 
@@ -9,17 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from dpc_fx.data import (
+from dpc_fx.errors import DPCError
+from experiments.data import (
     CIFAR_MEAN,
     CIFAR_STD,
     DataError,
+    Split,
     char_corpus,
     cifar,
     cifar_batches,
+    digits,
     stdlib_text,
 )
-from dpc_fx.demo import Split, digits
-from dpc_fx.errors import DPCError
 
 N = 3  # images per file
 

@@ -1,4 +1,5 @@
-"""The examples in docstrings and in the README run and print what they claim."""
+"""The examples in docstrings (the library's and the experiments') and in the README run and
+print what they claim."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ import pytest
 
 import dpc_fx
 import dpc_fx.passes
+import experiments
 
 MODULES = sorted(
     {f"dpc_fx.{m.name}" for m in pkgutil.iter_modules(dpc_fx.__path__)}
     | {f"dpc_fx.passes.{m.name}" for m in pkgutil.iter_modules(dpc_fx.passes.__path__)}
-    | {"dpc_fx", "dpc_fx.passes"}
+    | {f"experiments.{m.name}" for m in pkgutil.iter_modules(experiments.__path__)}
+    | {"dpc_fx", "dpc_fx.passes", "experiments"}
 )
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -49,7 +49,7 @@ def _imports(path: Path) -> set[str]:
 def _kind(module: str) -> str:
     if module.startswith("dpc_fx.passes"):
         return "passes"
-    name = module.removeprefix("dpc_fx.")
+    name = "__init__" if module == "dpc_fx" else module.removeprefix("dpc_fx.")
     for kind, members in (("leaves", LEAVES), ("readers", READERS), ("driver", DRIVER)):
         if name in members:
             return kind

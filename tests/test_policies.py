@@ -8,8 +8,8 @@ import torchvision
 from torch import nn
 
 import dpc_fx
-import dpc_fx.demo
 from dpc_fx import Bits, DPCConfig
+from experiments.models import MNIST1DCNN
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_a_budget_trades_pinning_before_going_below_the_floor() -> None:
     used to put the middle layers at 1-2 bits (and training collapsed); the solver now
     unpins them and every layer keeps at least 3 bits."""
     torch.manual_seed(0)
-    cnn = dpc_fx.demo.MNIST1DCNN()
+    cnn = MNIST1DCNN()
     gm = dpc_fx.compile(cnn, torch.randn(4, 1, 40), config=DPCConfig(budget=0.3))
     assert dpc_fx.cost(gm).saving_vs_8bit == pytest.approx(0.3, abs=0.01)
     assert dpc_fx.plan_of(gm).config.pin_first_last is False

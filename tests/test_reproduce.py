@@ -19,8 +19,10 @@ from torch import Tensor, nn
 
 import dpc_fx
 from dpc_fx.cost import bitops
-from dpc_fx.data import DataError
-from dpc_fx.demo import (
+from dpc_fx.meta import Bits
+from dpc_fx.quant import Quantizer
+from experiments.data import DataError
+from experiments.models import (
     MNIST1DCNN,
     MNIST1DMLP,
     CharTransformer,
@@ -28,8 +30,6 @@ from dpc_fx.demo import (
     cifar_mobilenet_v2,
     cifar_resnet,
 )
-from dpc_fx.meta import Bits
-from dpc_fx.quant import Quantizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

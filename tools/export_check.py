@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -43,8 +44,12 @@ from rich.markdown import Markdown
 from rich.progress import track
 from torch import Tensor, nn
 
+# experiments/ is the repository's package, not installed with dpc_fx; running this file
+# puts only tools/ on the path, so add the repository root that holds it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import dpc_fx
-from dpc_fx import demo
+import experiments.data
 from dpc_fx.export import _ExportAct, _ExportWeight, _weight_of
 from dpc_fx.quant import ActQuantizer, WeightQuantizer
 
@@ -130,7 +135,7 @@ def untrained(seed: int, batch: int, tmp: Path, plan: str) -> Row:
 
 def digits() -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """scikit-learn's digits as normalised 3x32x32 images: 1,400 train, 397 test."""
-    train, test = demo.digits(size=32, channels=3)
+    train, test = experiments.data.digits(size=32, channels=3)
     return (train.x, train.y), (test.x, test.y)
 
 

@@ -76,22 +76,32 @@ from rich.progress import (
 from rich.table import Table
 from torch import Tensor, nn
 
+# experiments/ is the repository's package, not installed with dpc_fx; running this file
+# puts only tools/ on the path, so add the repository root that holds it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import dpc_fx
 from dpc_fx import DPCConfig
 from dpc_fx.cost import bitops
-from dpc_fx.data import STDLIB_MODULES, DataError, char_corpus, cifar, cifar_batches
-from dpc_fx.demo import (
+from dpc_fx.meta import Bits
+from dpc_fx.quant import Quantizer
+from experiments.data import (
+    STDLIB_MODULES,
+    DataError,
+    Split,
+    char_corpus,
+    cifar,
+    cifar_batches,
+    mnist1d,
+)
+from experiments.models import (
     MNIST1DCNN,
     MNIST1DMLP,
     CharTransformer,
     MNIST1DResNet,
-    Split,
     cifar_mobilenet_v2,
     cifar_resnet,
-    mnist1d,
 )
-from dpc_fx.meta import Bits
-from dpc_fx.quant import Quantizer
 
 Metric = Literal["accuracy", "perplexity"]
 
@@ -269,7 +279,7 @@ def _charlm_task(args: argparse.Namespace, device: torch.device) -> Task:
         _lm_loss,
         perplexity,
         note=f"Text: docstrings of {len(STDLIB_MODULES)} standard-library modules of Python "
-        f"{platform.python_version()} (`dpc_fx.data.stdlib_text`), {len(corpus.train):,} "
+        f"{platform.python_version()} (`experiments.data.stdlib_text`), {len(corpus.train):,} "
         f"train / {len(corpus.val):,} validation characters (every 10th 2048-character block), "
         f"{len(corpus.vocab)}-character vocabulary, sha256 {corpus.digest}; random windows of "
         f"{ctx}, batch {batch}; perplexity over non-overlapping validation windows.",

@@ -1,13 +1,11 @@
-"""Small experiments that run on a laptop CPU: data in memory, models, training loops.
+"""The experiments' models, small enough to train on a laptop CPU.
 
-MNIST-1D is generated locally by the ``mnist1d`` package (4000 train / 1000 test sequences
-of length 40, 10 classes). The CNN is the one of the MNIST-1D paper (about 94% test accuracy
-in fp32); the MLP and the 1-D ResNet give DPC more layers of different sizes to work on.
-scikit-learn's bundled 8x8 digits (:func:`digits`) with :class:`DigitsCNN` are a small 2-D
-image task.
-:class:`CharTransformer` is a tiny character-level language model (see
-:func:`dpc_fx.data.stdlib_text` for text that ships with Python). The CIFAR models
-(:func:`cifar_resnet`, :func:`cifar_mobilenet_v2`) are those of the DPC paper's setting.
+:class:`MNIST1DCNN` is the CNN of the MNIST-1D paper (about 94% test accuracy in fp32); the
+MLP and the 1-D ResNet give DPC more layers of different sizes to work on. :class:`DigitsCNN`
+is a small 2-D CNN for scikit-learn's 8x8 digits. :class:`CharTransformer` is a tiny
+character-level language model (:func:`experiments.data.char_corpus` has text for it). The
+CIFAR models (:func:`cifar_resnet`, :func:`cifar_mobilenet_v2`) are those of the DPC paper's
+setting.
 
 >>> model = MNIST1DResNet()
 >>> model(torch.randn(2, 1, 40)).shape
@@ -18,10 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,83 +27,9 @@ __all__ = [
     "CharTransformer",
     "DigitsCNN",
     "MNIST1DResNet",
-    "Result",
-    "Split",
     "cifar_mobilenet_v2",
     "cifar_resnet",
-    "compare",
-    "digits",
-    "evaluate",
-    "mnist1d",
-    "train",
 ]
-
-
-@dataclass(frozen=True)
-class Split:
-    """A data set in memory: inputs ``x`` and integer labels ``y``."""
-
-    x: Tensor
-    y: Tensor
-
-    def batches(
-        self, size: int, generator: torch.Generator | None = None
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        order = (
-            torch.randperm(len(self.y), generator=generator)
-            if generator
-            else torch.arange(len(self.y))
-        )
-        for i in range(0, len(order), size):
-            idx = order[i : i + size]
-            yield self.x[idx], self.y[idx]
-
-
-def mnist1d(seed: int = 42) -> tuple[Split, Split]:
-    """The MNIST-1D train and test splits, generated locally (no download).
-
-    Inputs have shape ``(N, 1, 40)`` (one channel, for Conv1d models).
-    """
-    try:
-        from mnist1d.data import get_dataset_args, make_dataset
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the MNIST-1D demo needs `pip install mnist1d` (or dpc-fx[demo])") from e
-    args = get_dataset_args()
-    args.seed = seed
-    data = make_dataset(args)
-
-    def split(x: object, y: object) -> Split:
-        return Split(
-            torch.tensor(x, dtype=torch.float32).unsqueeze(1), torch.tensor(y, dtype=torch.long)
-        )
-
-    return split(data["x"], data["y"]), split(data["x_test"], data["y_test"])
-
-
-def digits(*, size: int = 8, channels: int = 1, test: int = 397) -> tuple[Split, Split]:
-    """scikit-learn's 1,797 handwritten digits (8x8, bundled with it: no download) as train
-    and test splits of ``(N, channels, size, size)`` images, 10 classes.
-
-    Pixels are scaled to zero mean and unit variance over all images, resized bilinearly
-    when ``size`` is not 8 and repeated over ``channels``; the split (``test`` images held
-    out) is a fixed shuffle.
-    """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the digits data needs `pip install scikit-learn` (or dpc-fx[demo])"
-        ) from e
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16
-    if size != 8:
-        x = nn.functional.interpolate(x, size=size, mode="bilinear")
-    x = x.expand(-1, channels, -1, -1)
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(data.target)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    train, held = order[: len(x) - test], order[len(x) - test :]
-    return Split(x[train], y[train]), Split(x[held], y[held])
 
 
 class DigitsCNN(nn.Module):
@@ -314,99 +235,3 @@ def cifar_mobilenet_v2(classes: int = 10) -> nn.Module:
     for conv in (model.features[0][0], model.features[2].conv[1][0]):
         conv.stride = (1, 1)
     return model
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: Split, batch_size: int = 500) -> float:
-    """Top-1 accuracy of ``model`` on ``data`` (eval mode; the mode is restored after)."""
-    was_training = model.training
-    model.eval()
-    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in data.batches(batch_size))
-    model.train(was_training)
-    return correct / len(data.y)
-
-
-def train(
-    model: nn.Module,
-    data: Split,
-    *,
-    steps: int,
-    batch_size: int = 100,
-    lr: float = 1e-2,
-    seed: int = 0,
-    on_step: Callable[[int, float], None] | None = None,
-) -> list[float]:
-    """Train ``model`` with Adam and a cosine learning-rate decay; returns the loss per step."""
-    generator = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    losses: list[float] = []
-    model.train()
-    while len(losses) < steps:
-        for x, y in data.batches(batch_size, generator):
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            if on_step is not None:
-                on_step(len(losses), losses[-1])
-            if len(losses) == steps:
-                break
-    return losses
-
-
-@dataclass(frozen=True)
-class Result:
-    """One method's run in :func:`compare`; :meth:`line` formats it under :attr:`HEADER`."""
-
-    HEADER: ClassVar[str] = (
-        f"{'method':<14}{'test acc':>9}{'vs fp32':>10}{'vs 8-bit':>10}{'time':>8}"
-    )
-
-    method: str
-    accuracy: float
-    saving_vs_fp32: float | None  # training bit-operations saved; None for fp32 itself
-    saving_vs_8bit: float | None
-    seconds: float
-
-    def line(self) -> str:
-        fp32, eight = (
-            ("-", "-")
-            if self.saving_vs_fp32 is None or self.saving_vs_8bit is None
-            else (f"{self.saving_vs_fp32:.1%}", f"{self.saving_vs_8bit:.1%}")
-        )
-        return f"{self.method:<14}{self.accuracy:>9.1%}{fp32:>10}{eight:>10}{self.seconds:>7.0f}s"
-
-
-def compare(
-    methods: dict[str, Any],
-    make_model: Callable[[], nn.Module],
-    data: tuple[Split, Split],
-    *,
-    steps: int,
-    seed: int = 0,
-    batch_size: int = 100,
-) -> Iterator[Result]:
-    """Train a fresh ``make_model()`` under each method in turn; a :class:`Result` each.
-
-    ``methods`` maps a name to a :class:`~dpc_fx.DPCConfig`, or ``None`` for fp32. Every
-    method starts from the same weights (``torch.manual_seed(seed)`` before ``make_model``)
-    and sees the same batches (:func:`train`: Adam, cosine decay).
-    """
-    import dpc_fx  # the package imports this module
-
-    train_set, test_set = data
-    for name, config in methods.items():
-        torch.manual_seed(seed)
-        model = make_model()
-        saving: tuple[float | None, float | None] = (None, None)
-        if config is not None:
-            model = dpc_fx.compile(model, train_set.x[:100], config=config)
-            c = dpc_fx.cost(model)
-            saving = (c.saving_vs_fp32, c.saving_vs_8bit)
-        start = time.perf_counter()
-        train(model, train_set, steps=steps, batch_size=batch_size, seed=seed)
-        seconds = time.perf_counter() - start
-        yield Result(name, evaluate(model, test_set), *saving, seconds)
