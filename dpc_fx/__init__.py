@@ -16,6 +16,7 @@ from dpc_fx.errors import ConfigError, DPCError, PassOrderError, PlanError, Shap
 from dpc_fx.export import export
 from dpc_fx.meta import Bits, LayerMeta
 from dpc_fx.plan import Plan, plan_of
+from dpc_fx.quant import model_state_dict
 from dpc_fx.report import show
 from dpc_fx.schedule import CyclicSchedule
 
@@ -37,6 +38,7 @@ __all__ = [
     "coverage",
     "export",
     "layers",
+    "model_state_dict",
     "plan_of",
     "show",
     "sync_ranges",
