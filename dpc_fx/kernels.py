@@ -108,13 +108,22 @@ def _scale(lo: Tensor, hi: Tensor, levels: Tensor) -> Tensor:
     return torch.where(span > 0, span / levels, 1.0)
 
 
-def _dequant(
-    x: Tensor, q: Tensor, lo: Tensor, scale: Tensor, levels: Tensor, hi: Tensor
-) -> Tensor:
-    # An empty range [lo, lo] has one level: everything maps to lo. Non-finite values of
-    # ``x`` are kept, not clamped into the range: an overflow must stay an overflow.
-    top = torch.where(hi > lo, levels, 0.0)
-    return torch.where(torch.isfinite(x), torch.minimum(q.clamp_min(0.0), top) * scale + lo, x)
+def _finite(x: Tensor) -> Tensor:
+    # ``isfinite`` lowers to more vector ops than this one compare (false for inf and nan).
+    return x.abs() < float("inf")
+
+
+def _dequant(x: Tensor, q: Tensor, lo: Tensor, scale: Tensor, levels: Tensor, hi: Tensor) -> Tensor:
+    """Codes ``q`` of ``x`` clamped into a given range and mapped back; ``inf``/``nan`` of
+    ``x`` are kept, not clamped into the range: an overflow must stay an overflow."""
+    top = torch.where(hi > lo, levels, 0.0)  # an empty range [lo, lo] has one level
+    return torch.where(_finite(x), torch.minimum(q.clamp_min(0.0), top) * scale + lo, x)
+
+
+# Over the tensor's own range no clamp is needed: ``x - lo`` is never negative and
+# ``(x - lo) / scale`` exceeds ``levels`` by rounding error at most, which nearest rounding
+# removes. Without the clamp an ``inf`` or ``nan`` passes through the arithmetic unchanged,
+# and the kernel does less work than with it.
 
 
 def _uniform(x: Tensor, seed: Tensor) -> Tensor:
@@ -154,7 +163,7 @@ def fake_quant_tensor(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor, Tensor
     """Per-tensor range and nearest-rounding quantise in one call: ``(x_hat, lo, hi)``."""
     lo, hi = _minmax(x, None)
     scale = _scale(lo, hi, levels)
-    return _dequant(x, torch.round((x - lo) / scale), lo, scale, levels, hi), lo, hi
+    return torch.round((x - lo) / scale) * scale + lo, lo, hi
 
 
 @fused
@@ -162,7 +171,7 @@ def fake_quant_channels(x: Tensor, levels: Tensor) -> Tensor:
     """Per-row range of the matrix ``x`` and nearest-rounding quantise, in one call."""
     lo, hi = _minmax(x, [1])
     scale = _scale(lo, hi, levels)
-    return _dequant(x, torch.round((x - lo) / scale), lo, scale, levels, hi)
+    return torch.round((x - lo) / scale) * scale + lo
 
 
 @fused
@@ -171,7 +180,10 @@ def fake_quant_stochastic(x: Tensor, levels: Tensor, seed: Tensor) -> Tensor:
     lo, hi = _minmax(x, None)
     scale = _scale(lo, hi, levels)
     q = torch.floor((x - lo) / scale + _uniform(x, seed))
-    return _dequant(x, q, lo, scale, levels, hi)
+    # Noise near 1 on the top value can round one step past it: take that step back (an
+    # ``inf`` stays ``inf``). Nothing rounds below 0.
+    q = q - (q > torch.where(hi > lo, levels, 0.0)).to(q.dtype)
+    return q * scale + lo
 
 
 _LEVELS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
@@ -243,7 +255,7 @@ def _codes(
     """``(int8 codes, mid, finite mask)``; a non-finite value gets a defined code (its
     flag, not the code, carries it)."""
     offset = torch.floor(levels / 2 + 0.5)
-    finite = torch.isfinite(x)
+    finite = _finite(x)
     q = torch.minimum(q.clamp_min(0.0), torch.where(hi > lo, levels, 0.0))
     q = torch.where(finite, q, offset)
     return (q - offset).to(torch.int8), lo + scale * offset, finite
