@@ -24,6 +24,7 @@ from dpc_fx.errors import (
 from dpc_fx.export import export, export_onnx
 from dpc_fx.meta import Bits, Coverage, LayerMeta, Leaf
 from dpc_fx.plan import Plan, plan_of
+from dpc_fx.quant import model_state_dict
 from dpc_fx.report import show
 from dpc_fx.schedule import CyclicSchedule
 
@@ -49,6 +50,7 @@ __all__ = [
     "export",
     "export_onnx",
     "layers",
+    "model_state_dict",
     "plan_of",
     "show",
     "sync_ranges",

@@ -57,7 +57,9 @@ def compile(
 
     Traces the model, measures each matmul-like layer, assigns it bit-widths and inserts
     quantisers for its weights, input activations and output gradient. The result trains
-    like ``model``: same ``state_dict`` keys, same outputs' structure, any optimiser. It
+    like ``model``: same outputs' structure, any optimiser, the model's ``state_dict`` keys
+    plus the quantisers' state under ``dpc.`` (a plain model's ``state_dict`` loads into it
+    with ``strict=True``; :func:`dpc_fx.model_state_dict` gives the plain one back). It
     shares ``model``'s parameters (as ``torch.fx.symbolic_trace`` does); ``model`` itself is
     not modified.
 

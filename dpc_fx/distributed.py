@@ -49,5 +49,5 @@ def sync_ranges(module: nn.Module, *, group: dist.ProcessGroup | None = None) ->
             mean = (total / n).to(q.running_min.dtype)
             q.running_min.copy_(mean[0])
             q.running_max.copy_(mean[1])
-            q.observed = True
+            q.seen.fill_(True)
     return len(quantizers)

@@ -51,24 +51,28 @@ def _dequantised_product(
     sb: Tensor,
     mb: Tensor,
     bias: Tensor | None,
+    bad: Tensor,
 ) -> Tensor:
     """The float product (plus ``bias``) from the int32 product ``acc = qa @ qb``, in one
-    fused pass over ``acc``."""
+    fused pass over ``acc``; ``nan`` where ``bad`` (broadcast against the product) says an
+    operand's row or column held ``inf``/``nan``, as the float product would be non-finite
+    there: an overflow stays visible."""
     rows = qa.sum(1, dtype=torch.int32).unsqueeze(1).float()
     cols = qb.sum(0, dtype=torch.int32).unsqueeze(0).float()
     y = sa * sb * acc.float() + sa * mb * rows + ma * sb * cols + qa.shape[1] * ma * mb
-    return y if bias is None else y + bias
+    y = y if bias is None else y + bias
+    return torch.where(bad, float("nan"), y)
 
 
-def _codes(x: Tensor, lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    q, scale, mid = kernels.quantize_int8(x.reshape(-1), lo, hi, kernels.levels_tensor(bits, x))
-    return q.view(x.shape), scale, mid
+def _codes(x: Tensor, lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, ...]:
+    """``(codes, scale, mid, bad rows)`` of the matrix ``x``."""
+    return kernels.quantize_int8(x, lo, hi, kernels.levels_tensor(bits, x))
 
 
-def _codes_stochastic(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+def _codes_stochastic(x: Tensor, bits: int) -> tuple[Tensor, ...]:
+    """``(codes, scale, mid, bad rows, bad columns)`` of the matrix ``x``."""
     levels = kernels.levels_tensor(bits, x)
-    q, scale, mid = kernels.quantize_int8_stochastic(x.reshape(-1), levels, kernels.new_seed())
-    return q.view(x.shape), scale, mid
+    return kernels.quantize_int8_stochastic(x, levels, kernels.new_seed())
 
 
 def _product(
@@ -78,10 +82,12 @@ def _product(
     qb: Tensor,
     sb: Tensor,
     mb: Tensor,
+    bad: Tensor,
     bias: Tensor | None = None,
 ) -> Tensor:
-    """``(sa*qa + ma) @ (sb*qb + mb) + bias`` for int8 codes ``qa`` (n, k) and ``qb`` (k, j)."""
-    return _dequantised_product(torch._int_mm(qa, qb), qa, qb, sa, ma, sb, mb, bias)
+    """``(sa*qa + ma) @ (sb*qb + mb) + bias`` for int8 codes ``qa`` (n, k) and ``qb`` (k, j);
+    ``nan`` where ``bad`` (broadcast to (n, j)) is set."""
+    return _dequantised_product(torch._int_mm(qa, qb), qa, qb, sa, ma, sb, mb, bias, bad)
 
 
 class _Int8LinearFn(torch.autograd.Function):
@@ -98,26 +104,30 @@ class _Int8LinearFn(torch.autograd.Function):
         g_bits: int,
     ) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
-        qx, sx, mx = _codes(x2, lo, hi, a_bits)
+        qx, sx, mx, bad_x = _codes(x2, lo, hi, a_bits)
         w = weight.float().contiguous()
         wlo, whi = kernels.tensor_range(w.view(-1))
-        qw, sw, mw = _codes(w, wlo, whi, w_bits)
-        y = _product(qx, sx, mx, qw.t(), sw, mw, None if bias is None else bias.float())
-        ctx.save_for_backward(qx, sx, mx, qw, sw, mw)
+        qw, sw, mw, bad_w = _codes(w, wlo, whi, w_bits)
+        b = None if bias is None else bias.float()
+        y = _product(qx, sx, mx, qw.t(), sw, mw, bad_x | bad_w.t(), b)
+        ctx.save_for_backward(qx, sx, mx, qw, sw, mw, bad_x, bad_w)
         ctx.g_bits, ctx.x_shape, ctx.has_bias = g_bits, x.shape, bias is not None
         ctx.dtypes = (x.dtype, weight.dtype)
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        qx, sx, mx, qw, sw, mw = ctx.saved_tensors
+        qx, sx, mx, qw, sw, mw, bad_x, bad_w = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).float().contiguous()
-        qg, sg, mg = _codes_stochastic(g, ctx.g_bits)
-        dx = _product(qg, sg, mg, qw, sw, mw).reshape(ctx.x_shape).to(ctx.dtypes[0])
-        dw = _product(qg.t(), sg, mg, qx, sx, mx).to(ctx.dtypes[1])
+        qg, sg, mg, g_rows, g_cols = _codes_stochastic(g, ctx.g_bits)
+        # A bad input row spoils every column of dw, a bad weight row every column of dx.
+        dx = _product(qg, sg, mg, qw, sw, mw, g_rows | bad_w.any()).reshape(ctx.x_shape)
+        dx = dx.to(ctx.dtypes[0])
+        dw = _product(qg.t(), sg, mg, qx, sx, mx, g_cols.t() | bad_x.any()).to(ctx.dtypes[1])
         db = None
         if ctx.has_bias:
-            db = (sg * qg.sum(0, dtype=torch.int32).float() + qg.shape[0] * mg).to(ctx.dtypes[1])
+            db = sg * qg.sum(0, dtype=torch.int32).float() + qg.shape[0] * mg
+            db = torch.where(g_cols.view(-1), float("nan"), db).to(ctx.dtypes[1])
         return dx, dw, db, None, None, None, None, None
 
 

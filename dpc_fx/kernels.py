@@ -13,7 +13,11 @@ compiler is available). Inside a ``torch.compile`` of the user's own model they 
 as plain ops, so the model's compiler can fuse them further.
 
 Ranges ignore ``inf``/``nan``; an empty or all-non-finite slice gets the range [0, 0];
-a constant slice (``hi == lo``) comes back unchanged.
+a constant slice (``hi == lo``) comes back unchanged. Non-finite values themselves pass
+through every quantiser unchanged (a select in the same fused loop, no extra memory pass):
+one ``inf`` must stay visible to whoever checks for overflow, AMP's ``GradScaler`` above
+all, as it would be without quantisation. The integer kernels cannot hold ``inf`` in a code
+and report the rows and columns that held one instead.
 
 Stochastic rounding draws its uniform noise from a counter-based hash of the element index
 and a seed taken from torch's default generator (offset by the rank in a distributed run):
@@ -104,10 +108,22 @@ def _scale(lo: Tensor, hi: Tensor, levels: Tensor) -> Tensor:
     return torch.where(span > 0, span / levels, 1.0)
 
 
-def _dequant(q: Tensor, lo: Tensor, scale: Tensor, levels: Tensor, hi: Tensor) -> Tensor:
-    # An empty range [lo, lo] has one level: everything maps to lo.
-    top = torch.where(hi > lo, levels, 0.0)
-    return torch.minimum(q.clamp_min(0.0), top) * scale + lo
+def _finite(x: Tensor) -> Tensor:
+    # ``isfinite`` lowers to more vector ops than this one compare (false for inf and nan).
+    return x.abs() < float("inf")
+
+
+def _dequant(x: Tensor, q: Tensor, lo: Tensor, scale: Tensor, levels: Tensor, hi: Tensor) -> Tensor:
+    """Codes ``q`` of ``x`` clamped into a given range and mapped back; ``inf``/``nan`` of
+    ``x`` are kept, not clamped into the range: an overflow must stay an overflow."""
+    top = torch.where(hi > lo, levels, 0.0)  # an empty range [lo, lo] has one level
+    return torch.where(_finite(x), torch.minimum(q.clamp_min(0.0), top) * scale + lo, x)
+
+
+# Over the tensor's own range no clamp is needed: ``x - lo`` is never negative and
+# ``(x - lo) / scale`` exceeds ``levels`` by rounding error at most, which nearest rounding
+# removes. Without the clamp an ``inf`` or ``nan`` passes through the arithmetic unchanged,
+# and the kernel does less work than with it.
 
 
 def _uniform(x: Tensor, seed: Tensor) -> Tensor:
@@ -139,7 +155,7 @@ def channel_range(x: Tensor) -> tuple[Tensor, Tensor]:
 def fake_quant(x: Tensor, lo: Tensor, hi: Tensor, levels: Tensor) -> Tensor:
     """Nearest-rounding quantise-dequantise of ``x`` onto ``levels + 1`` steps of [lo, hi]."""
     scale = _scale(lo, hi, levels)
-    return _dequant(torch.round((x - lo) / scale), lo, scale, levels, hi)
+    return _dequant(x, torch.round((x - lo) / scale), lo, scale, levels, hi)
 
 
 @fused
@@ -147,7 +163,7 @@ def fake_quant_tensor(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor, Tensor
     """Per-tensor range and nearest-rounding quantise in one call: ``(x_hat, lo, hi)``."""
     lo, hi = _minmax(x, None)
     scale = _scale(lo, hi, levels)
-    return _dequant(torch.round((x - lo) / scale), lo, scale, levels, hi), lo, hi
+    return torch.round((x - lo) / scale) * scale + lo, lo, hi
 
 
 @fused
@@ -155,7 +171,7 @@ def fake_quant_channels(x: Tensor, levels: Tensor) -> Tensor:
     """Per-row range of the matrix ``x`` and nearest-rounding quantise, in one call."""
     lo, hi = _minmax(x, [1])
     scale = _scale(lo, hi, levels)
-    return _dequant(torch.round((x - lo) / scale), lo, scale, levels, hi)
+    return torch.round((x - lo) / scale) * scale + lo
 
 
 @fused
@@ -163,7 +179,11 @@ def fake_quant_stochastic(x: Tensor, levels: Tensor, seed: Tensor) -> Tensor:
     """Per-tensor range and stochastic-rounding quantise (unbiased within the range)."""
     lo, hi = _minmax(x, None)
     scale = _scale(lo, hi, levels)
-    return _dequant(torch.floor((x - lo) / scale + _uniform(x, seed)), lo, scale, levels, hi)
+    q = torch.floor((x - lo) / scale + _uniform(x, seed))
+    # Noise near 1 on the top value can round one step past it: take that step back (an
+    # ``inf`` stays ``inf``). Nothing rounds below 0.
+    q = q - (q > torch.where(hi > lo, levels, 0.0)).to(q.dtype)
+    return q * scale + lo
 
 
 _LEVELS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
@@ -201,29 +221,41 @@ def _rank() -> int:
 @fused
 def quantize_int8(
     x: Tensor, lo: Tensor, hi: Tensor, levels: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Integer codes of :func:`fake_quant`, shifted into int8: ``(codes, scale, mid)``.
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Integer codes of :func:`fake_quant`, shifted into int8: ``(codes, scale, mid, bad)``.
 
     ``x_hat = scale * codes + mid`` reproduces :func:`fake_quant`'s output (for ``levels`` up
     to 255, i.e. at most 8 bits), so integer matmuls of codes give the simulated products.
-    Elementwise: callers pass 1-D views (one compiled variant for every shape).
+    A code cannot hold ``inf`` or ``nan``: ``bad`` (bool, shaped (rows, 1)) says which rows
+    held one, for the caller to make their products non-finite as float products would be.
+    Callers pass matrices (one compiled variant for every shape).
     """
     scale = _scale(lo, hi, levels)
-    offset = torch.floor(levels / 2 + 0.5)
-    q = torch.minimum(
-        torch.round((x - lo) / scale).clamp_min(0.0), torch.where(hi > lo, levels, 0.0)
-    )
-    return (q - offset).to(torch.int8), scale, lo + scale * offset
+    q, mid, finite = _codes(x, torch.round((x - lo) / scale), lo, hi, scale, levels)
+    return q, scale, mid, ~finite.all(1, keepdim=True)
 
 
 @fused
 def quantize_int8_stochastic(
     x: Tensor, levels: Tensor, seed: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-tensor range, stochastic rounding, int8 codes: ``(codes, scale, mid)``."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-tensor range, stochastic rounding, int8 codes of a matrix: ``(codes, scale, mid,
+    bad rows, bad columns)``, the last two shaped (rows, 1) and (1, columns)."""
     lo, hi = _minmax(x, None)
     scale = _scale(lo, hi, levels)
+    q, mid, finite = _codes(
+        x, torch.floor((x - lo) / scale + _uniform(x, seed)), lo, hi, scale, levels
+    )
+    return q, scale, mid, ~finite.all(1, keepdim=True), ~finite.all(0, keepdim=True)
+
+
+def _codes(
+    x: Tensor, q: Tensor, lo: Tensor, hi: Tensor, scale: Tensor, levels: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(int8 codes, mid, finite mask)``; a non-finite value gets a defined code (its
+    flag, not the code, carries it)."""
     offset = torch.floor(levels / 2 + 0.5)
-    q = torch.floor((x - lo) / scale + _uniform(x, seed))
+    finite = _finite(x)
     q = torch.minimum(q.clamp_min(0.0), torch.where(hi > lo, levels, 0.0))
-    return (q - offset).to(torch.int8), scale, lo + scale * offset
+    q = torch.where(finite, q, offset)
+    return (q - offset).to(torch.int8), lo + scale * offset, finite

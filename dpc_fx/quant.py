@@ -17,8 +17,15 @@ through untouched):
 * :class:`GradQuantizer`: identity in forward; in backward it quantises the incoming
   gradient per tensor with stochastic (unbiased) rounding.
 
-Ranges come from the finite values only, so one ``inf`` or ``nan`` does not spoil a whole
-tensor; a constant tensor (``hi == lo``) comes back unchanged.
+Ranges come from the finite values only, so one ``inf`` or ``nan`` does not spoil the grid
+of a whole tensor, and the non-finite values themselves pass through unchanged, forward and
+backward, as they pass through the layer: an overflow stays visible (AMP's ``GradScaler``
+skips the step). A constant tensor (``hi == lo``) comes back unchanged.
+
+State that decides what a layer computes (the running range and whether one was observed)
+lives in persistent buffers: it is in the ``state_dict``, moves with ``share_memory()`` and
+DDP's buffer broadcast. A checkpoint without it (a plain model's) loads and leaves it as it
+is; :func:`model_state_dict` gives the plain model's checkpoint of a compiled module.
 
 >>> x = torch.tensor([0.0, 0.1, 0.52, 1.0])
 >>> fake_quantize(x, 2)          # levels 0, 1/3, 2/3, 1
@@ -42,6 +49,7 @@ __all__ = [
     "Quantizer",
     "WeightQuantizer",
     "fake_quantize",
+    "model_state_dict",
     "tensor_range",
 ]
 
@@ -238,6 +246,25 @@ class Quantizer(nn.Module):
     def active(self) -> bool:
         return is_active(self.bits)
 
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A plain model's checkpoint has none of a quantiser's state: keep the current state
+        # rather than call it missing, so it loads with strict=True. Part of it missing is
+        # a damaged checkpoint and reported as usual.
+        if not any(key.startswith(prefix) for key in state_dict):
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
 
@@ -268,21 +295,35 @@ class ActQuantizer(Quantizer):
 
     In training the range is the batch's min/max and a running average of it is kept
     (``running = momentum * running + (1 - momentum) * batch``); eval uses the running range,
-    or the batch's own if no training batch was seen yet. The running range is a
-    non-persistent buffer: it moves with ``.to()`` and is pickled with the module, but adds
-    no ``state_dict`` keys, so checkpoints stay interchangeable with the original model.
+    or the batch's own if no training batch was seen yet. The running range and the flag
+    ``seen`` (read it as :attr:`observed`) are buffers, like batch norm's running statistics:
+    in the ``state_dict``, in ``share_memory()``, broadcast by DDP.
     """
 
     role = "activation"
     running_min: Tensor
     running_max: Tensor
+    seen: Tensor
 
     def __init__(self, bits: int | None, momentum: float = 0.9) -> None:
         super().__init__(bits)
         self.momentum = momentum
-        self.observed = False
-        self.register_buffer("running_min", torch.zeros(()), persistent=False)
-        self.register_buffer("running_max", torch.zeros(()), persistent=False)
+        self.register_buffer("running_min", torch.zeros(()))
+        self.register_buffer("running_max", torch.zeros(()))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def observed(self) -> bool:
+        """Whether a training batch has set the running range."""
+        return bool(self.seen)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Modules pickled before the flag was a buffer kept it as a plain attribute.
+        observed = state.pop("observed", None)
+        super().__setstate__(state)
+        if "seen" not in self._buffers:
+            self._non_persistent_buffers_set.clear()
+            self.register_buffer("seen", torch.tensor(bool(observed)))
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.active or x.numel() == 0:
@@ -303,22 +344,52 @@ class ActQuantizer(Quantizer):
             lo, hi = tensor_range(x)
             self._observe(lo, hi)
             return lo, hi
+        if torch.compiler.is_compiling():  # no branch on a tensor: no graph break
+            lo, hi = tensor_range(x)
+            return torch.where(self.seen, self.running_min, lo), torch.where(
+                self.seen, self.running_max, hi
+            )
         if self.observed:
             return self.running_min, self.running_max
         return tensor_range(x)
 
     @torch.no_grad()
     def _observe(self, lo: Tensor, hi: Tensor) -> None:
-        if self.observed:
-            self.running_min.lerp_(lo.to(self.running_min.dtype), 1.0 - self.momentum)
-            self.running_max.lerp_(hi.to(self.running_max.dtype), 1.0 - self.momentum)
+        lo, hi = lo.to(self.running_min.dtype), hi.to(self.running_max.dtype)
+        if torch.compiler.is_compiling():
+            weight = torch.where(self.seen, 1.0 - self.momentum, 1.0)
+            self.running_min.lerp_(lo, weight)
+            self.running_max.lerp_(hi, weight)
+        elif self.observed:
+            self.running_min.lerp_(lo, 1.0 - self.momentum)
+            self.running_max.lerp_(hi, 1.0 - self.momentum)
         else:
             self.running_min.copy_(lo)
             self.running_max.copy_(hi)
-            self.observed = True
+        self.seen.fill_(True)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, momentum={self.momentum}"
+
+
+def model_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """The ``state_dict`` of a compiled ``module`` without the quantisers' state: the
+    checkpoint of the model it was compiled from, which that model loads with ``strict=True``.
+
+    >>> import dpc_fx
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+    ...                       nn.Linear(8, 2))
+    >>> gm = dpc_fx.compile(model, torch.randn(2, 4))
+    >>> [k for k in gm.state_dict() if k.startswith("dpc.")]
+    ['dpc._2.act_q.running_min', 'dpc._2.act_q.running_max', 'dpc._2.act_q.seen']
+    >>> model.load_state_dict(dpc_fx.model_state_dict(gm))
+    <All keys matched successfully>
+    """
+    state = module.state_dict()
+    owned = tuple(f"{name}." for name, m in module.named_modules() if isinstance(m, Quantizer))
+    for key in [k for k in state if k.startswith(owned)]:
+        del state[key]
+    return state
 
 
 class GradQuantizer(Quantizer):

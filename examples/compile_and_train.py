@@ -26,4 +26,4 @@ for _ in range(60):
     opt.step()
 accuracy = (gm.eval()(x[768:]).argmax(1) == y[768:]).float().mean()  # running act. ranges
 print(f"train loss {loss.item():.3f}, held-out accuracy {accuracy:.1%}")
-print(list(gm.state_dict()) == list(model.state_dict()))  # checkpoints are interchangeable
+print(list(dpc_fx.model_state_dict(gm)) == list(model.state_dict()))  # the model's own checkpoint

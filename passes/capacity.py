@@ -219,6 +219,8 @@ class _FakeProp(fx.Interpreter):
             if n in self.layers:
                 self._check_dtypes(n)
             out = super().run_node(n)
+        except ShapeError:
+            raise
         except Exception as e:
             raise ShapeError(_shape_message(n, self, e), node=n.name, module=module_path(n)) from e
         if n in self.layers:
@@ -233,9 +235,53 @@ class _FakeProp(fx.Interpreter):
         operands = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         if n.op == "call_module":
             operands += list(self.fetch_attr(str(n.target)).parameters(recurse=False))
+        check_input_dtype(n, args, operands)
         dtypes = sorted({str(t.dtype) for t in operands if t.is_floating_point()})
         if len(dtypes) > 1:
             raise RuntimeError(f"mixed dtypes {' and '.join(dtypes)} in one layer")
+
+
+def check_input_dtype(n: fx.Node, args: tuple[Any, ...], operands: list[torch.Tensor]) -> None:
+    """Raise :class:`ShapeError` if an integer tensor reaches layer ``n`` whose other operands
+    (its weight) are floating point, naming the example input it comes from.
+
+    Fake tensors run ``int64 @ float32`` without complaint where real ones fail, so integer
+    example inputs for a float model would otherwise compile silently.
+    """
+    wanted = next((t.dtype for t in operands if t.is_floating_point()), None)
+    if wanted is None:
+        return
+    for arg, value in zip(n.args, args, strict=False):
+        if not isinstance(value, torch.Tensor) or value.is_floating_point():
+            continue
+        if value.dtype == torch.bool or value.is_complex():  # masks; complex fails elsewhere
+            continue
+        sources = _placeholders(arg) if isinstance(arg, fx.Node) else []
+        named = ", ".join(f"'{name}'" for name in sources) or "a tensor the model makes"
+        layer = module_path(n) or n.name
+        raise ShapeError(
+            f"example inputs: input {named} reaches layer '{layer}' as "
+            f"{str(value.dtype).removeprefix('torch.')}, but the layer computes in "
+            f"{str(wanted).removeprefix('torch.')}; pass it as that dtype "
+            f"(x.to({wanted})), as the model itself needs.",
+            node=n.name,
+            module=module_path(n),
+        )
+
+
+def _placeholders(node: fx.Node) -> list[str]:
+    """Names of the graph inputs that ``node`` is computed from, in graph order."""
+    seen, stack, found = {node}, [node], []
+    while stack:
+        current = stack.pop()
+        if current.op == "placeholder":
+            found.append(current)
+        for src in current.all_input_nodes:
+            if src not in seen:
+                seen.add(src)
+                stack.append(src)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return [str(n.target) for n in sorted(found, key=order.__getitem__)]
 
 
 # Linear layers and convolutions, sized by arithmetic: their output shape and the FLOPs

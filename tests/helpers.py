@@ -80,7 +80,8 @@ def check_pass(
     * the input is unchanged: code, node count, nodes and the identity of their ``meta``
       dicts and values, submodules, state;
     * the output is a new GraphModule whose graph lints and whose code is up to date;
-    * the output has the same ``state_dict`` keys and shares the input's tensors;
+    * the output has the same ``state_dict`` keys, besides its quantisers' state, and shares
+      the input's tensors;
     * with ``inputs``: the output (quantisers switched off) computes exactly the input's
       function (on copies, so batch-norm statistics of ``gm`` stay put).
 
@@ -97,7 +98,7 @@ def check_pass(
     out.graph.lint()
     assert out.code == out.graph.python_code(root_module="self").src, "recompile() missing"
 
-    ours, theirs = out.state_dict(), gm.state_dict()
+    ours, theirs = dpc_fx.model_state_dict(out), dpc_fx.model_state_dict(gm)
     assert list(ours) == list(theirs)
     for key in ours:
         assert ours[key].data_ptr() == theirs[key].data_ptr(), f"{key} is not shared"

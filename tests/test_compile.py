@@ -209,12 +209,16 @@ def trained_pair() -> tuple[nn.Module, torch.fx.GraphModule, Tensor]:
 
 
 def test_state_dict_keys_and_strict_loading_both_ways() -> None:
+    """The model's keys, in its order, then the quantisers' state under ``dpc.``."""
     model, gm, x = trained_pair()
-    assert list(gm.state_dict()) == list(model.state_dict())
+    assert list(dpc_fx.model_state_dict(gm)) == list(model.state_dict())
+    extra = [k for k in gm.state_dict() if k not in model.state_dict()]
+    assert extra and all(k.startswith("dpc.") for k in extra)
+    assert list(gm.state_dict()) == list(model.state_dict()) + extra
     fresh = copy.deepcopy(model)
     for p in fresh.parameters():
         nn.init.normal_(p)
-    fresh.load_state_dict(gm.state_dict(), strict=True)
+    fresh.load_state_dict(dpc_fx.model_state_dict(gm), strict=True)
     assert torch.equal(fresh.eval()(x), model.eval()(x))
 
     other = dpc_fx.compile(copy.deepcopy(fresh).train(), x)
@@ -265,7 +269,7 @@ class WithSpares(nn.Module):
 def test_state_dict_keys_include_parts_forward_does_not_use() -> None:
     model = WithSpares()
     gm = dpc_fx.compile(model, torch.randn(2, 4))
-    assert list(gm.state_dict()) == list(model.state_dict())
+    assert list(dpc_fx.model_state_dict(gm)) == list(model.state_dict())
 
 
 # ---------------------------------------------------------------------------- resnet18
@@ -283,7 +287,7 @@ def test_resnet18_layers_and_quantisers(resnet18_compiled) -> None:
         assert len(quantizer_nodes(gm, role)) == 19
     bits = {m.bits.w for m in metas if not m.pinned}
     assert bits <= set(range(4, 9)) and len(bits) > 1, "DPC spreads the widths"
-    assert list(gm.state_dict()) == list(model.state_dict())
+    assert list(dpc_fx.model_state_dict(gm)) == list(model.state_dict())
 
 
 def test_resnet18_output_is_close_to_fp32_in_eval(resnet18_compiled) -> None:
@@ -465,7 +469,7 @@ def test_parameters_keep_the_original_order() -> None:
     torch.manual_seed(0)
     model, x = OutOfOrder(), torch.randn(3, 4)
     gm = dpc_fx.compile(model, x)
-    assert list(gm.state_dict()) == list(model.state_dict())
+    assert list(dpc_fx.model_state_dict(gm)) == list(model.state_dict())
     assert [n for n, _ in gm.named_parameters()] == [n for n, _ in model.named_parameters()]
 
     # What the order is for: optimizer checkpoints carry state by parameter index.
@@ -499,7 +503,7 @@ def test_a_user_submodule_named_dpc_is_left_alone() -> None:
     except ConfigError as e:  # refusing with a clear message would do too
         assert "'dpc'" in str(e)
         return
-    assert list(gm.state_dict()) == list(model.state_dict())
+    assert list(dpc_fx.model_state_dict(gm)) == list(model.state_dict())
     assert torch.equal(quantizers_off(gm)(x), model(x))
 
 

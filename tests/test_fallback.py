@@ -96,7 +96,7 @@ def test_an_untraceable_submodule_is_kept_whole_and_the_rest_is_compiled() -> No
     assert [str(m.bits) for m in dpc_fx.layers(gm)][1:4] == ["6/6/8"] * 3
     assert isinstance(gm, torch.fx.GraphModule)
     assert any(n.op == "call_module" and n.target == "body.1.gate" for n in gm.graph.nodes)
-    assert list(gm.state_dict()) == list(model.state_dict())
+    assert list(dpc_fx.model_state_dict(gm)) == list(model.state_dict())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not hasattr(model, "dpc")
     assert torch.equal(quantizers_off(copy.deepcopy(gm))(x), model(x))
@@ -139,7 +139,7 @@ def test_a_model_whose_own_forward_cannot_be_traced_keeps_its_class() -> None:
     assert isinstance(gm.neck, torch.fx.GraphModule)  # traced with its leaf kept whole
     assert gm.get_submodule("neck.body.1.gate") is model.neck.body[1].gate
     assert type(model.neck) is GatedNet and not hasattr(model, "dpc")  # the model is untouched
-    assert list(gm.state_dict()) == list(model.state_dict())
+    assert list(dpc_fx.model_state_dict(gm)) == list(model.state_dict())
     expected, got = model(*inputs), quantizers_off(copy.deepcopy(gm))(*inputs)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
     cov = dpc_fx.coverage(gm)
@@ -173,7 +173,7 @@ def test_the_fallback_module_trains_saves_and_loads() -> None:
     assert dpc_fx.plan_of(loaded) == dpc_fx.plan_of(gm)
     assert dpc_fx.plan_of(loaded).fingerprint == dpc_fx.plan_of(gm).fingerprint
     fresh = Detector()
-    fresh.load_state_dict(gm.state_dict())
+    fresh.load_state_dict(dpc_fx.model_state_dict(gm))
     gm.load_state_dict(fresh.state_dict())
 
 

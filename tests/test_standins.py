@@ -176,7 +176,7 @@ def test_multihead_attention_projections_are_quantised_and_named() -> None:
     assert bits["attn.in_proj"].w is not None and bits["attn.out_proj"].w is not None
     cov = dpc_fx.coverage(gm)
     assert (cov.quantised, cov.layers) == (4, 6)  # embed and head pinned
-    assert set(gm.state_dict()) == set(model.state_dict())
+    assert set(dpc_fx.model_state_dict(gm)) == set(model.state_dict())
     F.cross_entropy(gm(x).flatten(0, 1), torch.zeros(10, dtype=torch.long)).backward()
     assert all(p.grad is not None for p in gm.parameters())
 
@@ -408,7 +408,7 @@ def test_a_torch_transformer_as_the_model_itself(
     cov = dpc_fx.coverage(gm)
     assert cov.traced and (cov.quantised, cov.layers) == quantised
     assert type(gm).__name__ == type(model).__name__
-    assert set(gm.state_dict()) == set(model.state_dict())
+    assert set(dpc_fx.model_state_dict(gm)) == set(model.state_dict())
 
 
 def test_every_stand_in_takes_its_forwards_arguments_in_order() -> None:

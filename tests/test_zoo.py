@@ -139,7 +139,7 @@ def test_detectors_compile_through_the_fallback_and_train(name: str) -> None:
     said = [str(w.message) for w in caught]
     assert f"{type(model).__name__}: torch.fx cannot trace its forward" in said[0]
     assert len(said) == leaves  # one warning per leaf
-    assert type(gm) is type(model) and list(gm.state_dict()) == list(model.state_dict())
+    assert type(gm) is type(model) and list(dpc_fx.model_state_dict(gm)) == list(model.state_dict())
     cov = dpc_fx.coverage(gm)
     assert (cov.quantised, cov.layers, len(cov.leaves)) == (quantised, total, leaves)
     assert cov.macs_share is not None and cov.macs_share > 0.9
