@@ -30,6 +30,7 @@ from dpc_fx.config import DPCConfig
 from dpc_fx.errors import PassOrderError
 
 __all__ = [
+    "ATTENTION",
     "META_KEY",
     "QUANTIZERS",
     "Assignment",
@@ -47,6 +48,7 @@ __all__ = [
     "records",
 ]
 
+ATTENTION = "attention"  # LayerMeta.op of scaled_dot_product_attention
 META_KEY = "dpc"  # the key of node.meta (a LayerMeta) and gm.meta (a GraphInfo)
 QUANTIZERS = "dpc"  # the submodule of a rewritten graph holding its quantisers
 _RECORD = "_dpc_fx"  # the attribute of a compiled module holding its Compiled record
