@@ -24,8 +24,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dpc_fx
 from dpc_fx import DPCConfig
+from dpc_fx.int8 import Int8Linear
 from dpc_fx.meta import Bits, compiled, records
-from dpc_fx.passes import assign, capacity, rewrite
+from dpc_fx.passes import assign, capacity, lower, rewrite
 from dpc_fx.passes._matmul import matmul_spec
 from dpc_fx.passes.capacity import attention_macs
 from dpc_fx.policy import decide
@@ -351,3 +352,15 @@ def test_coverage_share_matches_an_independent_count_on_a_timm_vit() -> None:
     attention = sum(m.macs or 0 for m in metas if m.op == "attention")
     cov_off = dpc_fx.coverage(off)
     assert cov_off.macs_share == pytest.approx(share - attention / cov_off.macs, abs=1e-9)  # type: ignore[operator]
+
+
+def test_a_captured_linear_is_lowered_to_integer_kernels() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.Linear(32, 4))
+    x = (torch.randn(8, 16),)
+    config = DPCConfig(lower=True, b_min=8, b_max=8)
+    gm = capacity(captured(model, x), x)
+    gm = lower(rewrite(assign(gm, decide(records(gm), config))))
+    assert [m.lowered for m in records(gm)] == [False, True, False]
+    assert isinstance(gm.get_submodule("dpc.linear_1"), Int8Linear)
+    gm(*x).sum().backward()
