@@ -93,11 +93,6 @@ class MatmulSpec:
     channel_dim: int | None
     module: nn.Module | None = None
 
-    @property
-    def operands(self) -> tuple[Operand, ...]:
-        """Every quantised operand: the activations, then the weight (if any)."""
-        return self.acts if self.weight is None else (*self.acts, self.weight)
-
 
 _X, _W = Operand(0, "input"), Operand(1, "weight")
 
@@ -357,7 +352,11 @@ def layer_names(
     module, and one on a packed weight (``in_proj_weight``) after the weight
     (``attn.in_proj``); several on one packed weight are numbered (``attn.in_proj.0``).
     A graph traced from a conv/linear module itself names its one layer after that module
-    (the part's path), when it is a part of a larger model. Anything else by its node name.
+    (the part's path), when it is a part of a larger model. A layer without a weight of its
+    own (attention, a product of activations) is named after the module whose code ran it
+    (``blocks.0.attn.attention``). Anything else by its node name. Module types come from
+    ``module_types`` (the trace's), else from the nodes' ``nn_module_stack`` (a graph
+    captured by ``torch.export``).
     """
     kinds = {cls.__name__ for cls in MODULES}
     # A captured graph (torch.export) has no traced module types: its nodes' module stacks

@@ -100,7 +100,7 @@ def attention_macs(query: Sequence[int], key: Sequence[int], value: Sequence[int
     fewer heads, grouped-query attention, are broadcast to the query's).
 
     >>> attention_macs((2, 4, 16, 8), (2, 4, 32, 8), (2, 4, 32, 6))  # B=2 H=4 L=16 S=32 E=8 Ev=6
-    14336
+    57344
     """
     *batch, length, e = query
     source, ev = key[-2], value[-1]
