@@ -189,13 +189,13 @@ def _warn(model: nn.Module, result: nn.Module) -> None:
 
 
 def coverage(module: nn.Module) -> Coverage:
-    """What :func:`compile` reached in ``module``: conv/linear layers quantised, share of
+    """What :func:`compile` reached in ``module``: matmul-like layers quantised, share of
     MACs quantised, and the submodules kept whole because torch.fx could not trace them.
 
     >>> import torch
     >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
     >>> print(coverage(compile(model, torch.randn(4, 8))))
-    coverage: traced whole; 1/3 conv/linear layers quantised (3 compiled), 76.2% of MACs quantised
+    coverage: traced whole; 1/3 matmul-like layers quantised (3 compiled), 76.2% of MACs quantised
     """
     found = compiled(module)
     if found is None:

@@ -56,6 +56,12 @@ class DPCConfig:
         lower: run linear layers of at most 8 bits (weights, activations and gradients) on
             integer kernels (``torch._int_mm``) in forward and backward. Their weights are
             then quantised per tensor, as integer products need.
+        attention: quantise attention (``F.scaled_dot_product_attention``: query, key and
+            value per tensor at the layer's activation bits, and its output gradient) like
+            any layer whose inputs are activations. ``False`` keeps every attention layer in
+            full precision (an override still wins), and ``dpc_fx.coverage`` says so.
+            Attention has no parameters: under ``capacity="params"`` it has capacity 0 and
+            gets ``b_max``; under ``capacity="macs"`` it is ranked by its MACs.
         check_finite: raise :class:`~dpc_fx.errors.NonFiniteError`, naming the layer, when a
             quantised tensor holds NaN or Inf (costs a check per tensor). Off, ranges come
             from the finite values and one bad element spoils only itself.
@@ -86,6 +92,7 @@ class DPCConfig:
     similarity: float = 0.95
     leaf_modules: tuple[str, ...] = ()
     lower: bool = False
+    attention: bool = True
     check_finite: bool = False
 
     def __post_init__(self) -> None:
@@ -112,7 +119,7 @@ class DPCConfig:
                 "(0, 1)",
                 fix="e.g. budget=0.3 for 30% fewer bit-operations than static 8-bit",
             )
-        for flag in ("pin_first_last", "lower", "check_finite"):
+        for flag in ("pin_first_last", "lower", "attention", "check_finite"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(
                     f"DPCConfig: {flag}={getattr(self, flag)!r} must be True or False."

@@ -1,4 +1,5 @@
-"""What a compile reached: layers quantised, share of MACs quantised, leaves kept whole.
+"""What a compile reached: matmul-like layers quantised (attention among them), share of MACs
+quantised (attention's in the total), leaves kept whole.
 
 Computed once, by the driver, from the part tree and the parts' assigned graphs; kept in the
 compiled module's :class:`~dpc_fx.meta.Compiled` record and read by :func:`dpc_fx.coverage`.
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 
 from torch import fx, nn
 
-from dpc_fx.meta import Coverage, LayerMeta, Leaf, graph_info, records
+from dpc_fx.meta import ATTENTION, Coverage, LayerMeta, Leaf, graph_info, records
 from dpc_fx.parts import Part, Tree
 from dpc_fx.passes._matmul import MODULES
 
@@ -18,24 +19,36 @@ __all__ = ["measure"]
 
 
 def measure(tree: Tree, assigned: dict[str, fx.GraphModule]) -> Coverage:
-    """The coverage of ``tree`` whose parts' assigned graphs are ``assigned`` (by path)."""
-    total_layers = _weight_layers(tree.model)
-    compiled, quantised = set(), set()
+    """The coverage of ``tree`` whose parts' assigned graphs are ``assigned`` (by path).
+
+    Layers are every matmul-like layer the compiled parts hold (conv/linear modules, GPT-2's
+    ``Conv1D``, products of activations, attention), and the conv/linear modules of the
+    leaves kept whole, which run in full precision.
+    """
+    modules = _weight_layers(tree.model)
+    quantised_by_layer: dict[str, bool] = {}
+    attention: dict[str, bool] = {}
+    kept = False
     for gm in assigned.values():
+        config = graph_info(gm).config
+        kept = kept or (config is not None and not config.attention)
         for meta in records(gm):
-            owner = _owner(meta.layer, total_layers)
-            if owner is None:
-                continue
-            compiled.add(owner)
-            if meta.bits is not None and meta.bits.w is not None:
-                quantised.add(owner)
+            key = _owner(meta.layer, modules) or meta.layer
+            quantised_by_layer[key] = quantised_by_layer.get(key, False) or meta.quantised
+            if meta.op == ATTENTION:
+                attention[key] = quantised_by_layer[key]
+    counts = (
+        len(modules | set(quantised_by_layer)),
+        len(quantised_by_layer),
+        sum(quantised_by_layer.values()),
+    )
+    kinds = (len(attention), sum(attention.values()), kept and bool(attention))
 
     if tree.whole:
         gm = assigned[""]
         total = graph_info(gm).macs
         q_total = _quantised_macs(records(gm)) if total is not None else None
-        counts = (len(total_layers), len(compiled), len(quantised))
-        return Coverage(True, *counts, total, q_total)
+        return Coverage(True, *counts, total, q_total, (), *kinds)
 
     macs = tree.macs
     total = macs.get("") if macs else None
@@ -60,8 +73,7 @@ def measure(tree: Tree, assigned: dict[str, fx.GraphModule]) -> Coverage:
             own = spent(part) - sum(spent(c) for c in part.children)
         share = None if own is None else own / total if total else 0.0
         leaves.append(Leaf(part.path, type(part.module).__name__, part.short_reason, own, share))
-    counts = (len(total_layers), len(compiled), len(quantised))
-    return Coverage(False, *counts, total, q_total, tuple(leaves))
+    return Coverage(False, *counts, total, q_total, tuple(leaves), *kinds)
 
 
 def _weight_layers(model: nn.Module) -> set[str]:

@@ -30,6 +30,7 @@ from dpc_fx.config import DPCConfig
 from dpc_fx.errors import PassOrderError
 
 __all__ = [
+    "ATTENTION",
     "META_KEY",
     "QUANTIZERS",
     "Assignment",
@@ -47,6 +48,7 @@ __all__ = [
     "records",
 ]
 
+ATTENTION = "attention"  # LayerMeta.op of scaled_dot_product_attention
 META_KEY = "dpc"  # the key of node.meta (a LayerMeta) and gm.meta (a GraphInfo)
 QUANTIZERS = "dpc"  # the submodule of a rewritten graph holding its quantisers
 _RECORD = "_dpc_fx"  # the attribute of a compiled module holding its Compiled record
@@ -211,13 +213,20 @@ class Coverage:
 
     Attributes:
         traced: the model traced whole (no leaves).
-        layers: conv/linear modules in the model, and the input projections of its
-            ``nn.MultiheadAttention`` modules.
+        layers: matmul-like layers: every one the compiled parts hold (conv/linear modules,
+            functional layers such as GPT-2's ``Conv1D``, products of activations,
+            attention), and the conv/linear modules and ``nn.MultiheadAttention`` input
+            projections of the leaves kept whole.
         compiled: those inside compiled parts, so under the plan (pinned ones included).
-        quantised: those whose weights the compiled model quantises.
-        macs: MACs of one forward on the example inputs (``None`` without them).
+        quantised: those the compiled model quantises (any of their tensors).
+        macs: MACs of one forward on the example inputs, attention's included (``None``
+            without them).
         quantised_macs: MACs of those spent in quantised layers.
         leaves: the submodules kept whole, in module order.
+        attention: attention layers (``scaled_dot_product_attention``) among ``compiled``.
+        attention_quantised: those quantised.
+        attention_kept: the config keeps attention in full precision
+            (``DPCConfig(attention=False)``).
     """
 
     traced: bool
@@ -227,6 +236,9 @@ class Coverage:
     macs: int | None
     quantised_macs: int | None
     leaves: tuple[Leaf, ...] = field(default=())
+    attention: int = 0
+    attention_quantised: int = 0
+    attention_kept: bool = False
 
     @property
     def macs_share(self) -> float | None:
@@ -239,9 +251,14 @@ class Coverage:
         """A summary line, then one line per leaf."""
         share = "" if self.macs_share is None else f", {self.macs_share:.1%} of MACs quantised"
         how = "traced whole" if self.traced else f"{len(self.leaves)} leaves kept whole"
+        attention = ""
+        if self.attention_kept:
+            attention = f"; attention ({self.attention}) in full precision (attention=False)"
+        elif self.attention:
+            attention = f"; attention: {self.attention_quantised}/{self.attention} quantised"
         head = (
-            f"coverage: {how}; {self.quantised}/{self.layers} conv/linear layers quantised "
-            f"({self.compiled} compiled){share}"
+            f"coverage: {how}; {self.quantised}/{self.layers} matmul-like layers quantised "
+            f"({self.compiled} compiled){share}{attention}"
         )
         return [head, *(f"  {leaf}" for leaf in self.leaves)]
 

@@ -33,7 +33,7 @@ import torch
 from dpc_fx.config import DPCConfig, Override
 from dpc_fx.cost import bitops
 from dpc_fx.errors import ConfigError, PlanError
-from dpc_fx.meta import FULL_PRECISION, Assignment, Bits, LayerMeta
+from dpc_fx.meta import ATTENTION, FULL_PRECISION, Assignment, Bits, LayerMeta
 from dpc_fx.plan import Plan, fingerprint
 from dpc_fx.quant import fake_quantize
 
@@ -91,11 +91,16 @@ def _bits(
 
 
 def _fixed(layers: Sequence[LayerMeta], config: DPCConfig) -> dict[int, Bits]:
-    """Layers whose bits the rule does not choose: overrides, then the pinned ones."""
+    """Layers whose bits the rule does not choose: overrides, then the pinned ones, then
+    attention when the config keeps it in full precision."""
     fixed = _overrides(layers, config)
     if config.pin_first_last:
         for i in _pinned(layers):
             fixed.setdefault(i, FULL_PRECISION)
+    if not config.attention:
+        for i, m in enumerate(layers):
+            if m.op == ATTENTION:
+                fixed.setdefault(i, FULL_PRECISION)
     return fixed
 
 

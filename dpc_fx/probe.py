@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from dpc_fx.errors import ShapeError
 from dpc_fx.inputs import describe
+from dpc_fx.passes.capacity import flop_counter
 
 if TYPE_CHECKING:
     from dpc_fx.parts import Part
@@ -34,7 +34,7 @@ def run(model: nn.Module, inputs: tuple[Any, ...], root: Part) -> dict[str, int]
     stack: list[str] = []
     with _recording(model, root, stack), _mode(model, training=False):
         try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            with torch.no_grad(), flop_counter() as counter:
                 model(*inputs)
         except Exception as e:
             where = stack[-1] if stack else ""

@@ -63,7 +63,7 @@ class CyclicSchedule:
             quantizers = [
                 q
                 for role, q in gm.get_submodule(holder).named_children()
-                if role in ("act_q", "weight_q") and isinstance(q, Quantizer)
+                if role != "grad_q" and isinstance(q, Quantizer)  # attention: query_q, key_q, ...
             ]
             forward = [b for b in (bits.w, bits.a) if b is not None]
             if quantizers and forward:

@@ -1,9 +1,14 @@
-"""Which graph nodes are matmul-like, which of their operands is the activation and which
+"""Which graph nodes are matmul-like, which of their operands are activations and which
 the weight, and what each layer is called.
 
 A layer is a module call (``nn.Linear``, ``nn.Conv*``, ``nn.ConvTranspose*`` whose forward is
 torch's own), a functional call (``F.linear``, ``F.conv*``), a matrix product (``@``,
-``torch.matmul/mm/bmm/addmm`` and their methods) or a two-operand ``einsum``.
+``torch.matmul/mm/bmm/addmm`` and their methods), a two-operand ``einsum``, or attention
+(``F.scaled_dot_product_attention``: two products, of query and key and of the scores and
+value, with no weight). Graphs captured by ``torch.export`` hold the same ops in their ATen
+forms (``aten.linear.default``, ``aten.conv2d.default``, ``aten.convolution.default``,
+``aten.matmul.default``, ``aten.scaled_dot_product_attention.default``, ...): those are
+layers too.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from dpc_fx.meta import ATTENTION
+
 __all__ = [
     "MODULES",
     "MatmulSpec",
@@ -26,6 +33,7 @@ __all__ = [
     "matmul_spec",
     "parameter_source",
     "weight_name",
+    "weight_source",
 ]
 
 
@@ -70,16 +78,18 @@ class MatmulSpec:
     """How to quantise one matmul-like node.
 
     Attributes:
-        op: short name (``"conv2d"``, ``"linear"``, ``"matmul"``, ...).
-        act: the operand quantised as an activation (per tensor).
-        weight: the operand quantised as a weight.
+        op: short name (``"conv2d"``, ``"linear"``, ``"matmul"``, ``"attention"``, ...).
+        acts: the operands quantised as activations (per tensor, running range): one for a
+            conv, linear or matrix product; query, key and value for attention.
+        weight: the operand quantised as a weight (per output channel when it is read from
+            a parameter, else per tensor), or ``None`` for a layer without one (attention).
         channel_dim: output-channel dimension of the weight operand when it is a parameter.
         module: the module for ``call_module`` nodes.
     """
 
     op: str
-    act: Operand
-    weight: Operand
+    acts: tuple[Operand, ...]
+    weight: Operand | None
     channel_dim: int | None
     module: nn.Module | None = None
 
@@ -87,26 +97,67 @@ class MatmulSpec:
 _X, _W = Operand(0, "input"), Operand(1, "weight")
 
 _FUNCTIONS: dict[Callable[..., Any], MatmulSpec] = {
-    F.linear: MatmulSpec("linear", _X, _W, 0),
-    F.conv1d: MatmulSpec("conv1d", _X, _W, 0),
-    F.conv2d: MatmulSpec("conv2d", _X, _W, 0),
-    F.conv3d: MatmulSpec("conv3d", _X, _W, 0),
-    F.conv_transpose1d: MatmulSpec("conv_transpose1d", _X, _W, 1),
-    F.conv_transpose2d: MatmulSpec("conv_transpose2d", _X, _W, 1),
-    F.conv_transpose3d: MatmulSpec("conv_transpose3d", _X, _W, 1),
-    torch.matmul: MatmulSpec("matmul", _X, Operand(1, "other"), -1),
-    operator.matmul: MatmulSpec("matmul", Operand(0, None), Operand(1, None), -1),
-    torch.mm: MatmulSpec("mm", _X, Operand(1, "mat2"), -1),
-    torch.bmm: MatmulSpec("bmm", _X, Operand(1, "mat2"), -1),
-    torch.addmm: MatmulSpec("addmm", Operand(1, "mat1"), Operand(2, "mat2"), -1),
+    F.linear: MatmulSpec("linear", (_X,), _W, 0),
+    F.conv1d: MatmulSpec("conv1d", (_X,), _W, 0),
+    F.conv2d: MatmulSpec("conv2d", (_X,), _W, 0),
+    F.conv3d: MatmulSpec("conv3d", (_X,), _W, 0),
+    F.conv_transpose1d: MatmulSpec("conv_transpose1d", (_X,), _W, 1),
+    F.conv_transpose2d: MatmulSpec("conv_transpose2d", (_X,), _W, 1),
+    F.conv_transpose3d: MatmulSpec("conv_transpose3d", (_X,), _W, 1),
+    torch.matmul: MatmulSpec("matmul", (_X,), Operand(1, "other"), -1),
+    operator.matmul: MatmulSpec("matmul", (Operand(0, None),), Operand(1, None), -1),
+    torch.mm: MatmulSpec("mm", (_X,), Operand(1, "mat2"), -1),
+    torch.bmm: MatmulSpec("bmm", (_X,), Operand(1, "mat2"), -1),
+    torch.addmm: MatmulSpec("addmm", (Operand(1, "mat1"),), Operand(2, "mat2"), -1),
 }
 
+# F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, ...):
+# two products of activations, query @ key^T and softmax(scores) @ value, no weight.
+_ATTENTION = MatmulSpec(
+    ATTENTION, (Operand(0, "query"), Operand(1, "key"), Operand(2, "value")), None, None
+)
+_FUNCTIONS[F.scaled_dot_product_attention] = _ATTENTION
+
+
+def _aten_functions() -> dict[Any, MatmulSpec]:
+    """The ATen forms of the functional layers, as ``torch.export`` captures them: each
+    op's overload packet and its overloads (``aten.linear``, ``aten.linear.default``).
+    ATen names the first operand ``self`` where the Python function says ``input``."""
+    aten = torch.ops.aten
+    self_ = Operand(0, "self")
+    table: dict[str, MatmulSpec] = {
+        "linear": MatmulSpec("linear", (_X,), _W, 0),
+        "conv1d": MatmulSpec("conv1d", (_X,), _W, 0),
+        "conv2d": MatmulSpec("conv2d", (_X,), _W, 0),
+        "conv3d": MatmulSpec("conv3d", (_X,), _W, 0),
+        "conv_transpose1d": MatmulSpec("conv_transpose1d", (_X,), _W, 1),
+        "conv_transpose2d": MatmulSpec("conv_transpose2d", (_X,), _W, 1),
+        "conv_transpose3d": MatmulSpec("conv_transpose3d", (_X,), _W, 1),
+        "matmul": MatmulSpec("matmul", (self_,), Operand(1, "other"), -1),
+        "mm": MatmulSpec("mm", (self_,), Operand(1, "mat2"), -1),
+        "bmm": MatmulSpec("bmm", (self_,), Operand(1, "mat2"), -1),
+        "addmm": MatmulSpec("addmm", (Operand(1, "mat1"),), Operand(2, "mat2"), -1),
+        "scaled_dot_product_attention": _ATTENTION,
+    }
+    out: dict[Any, MatmulSpec] = {}
+    for name, spec in table.items():
+        packet = getattr(aten, name)
+        out[packet] = spec
+        for overload in packet.overloads():
+            out[getattr(packet, overload)] = spec
+    return out
+
+
+_FUNCTIONS.update(_aten_functions())
+_EINSUMS = frozenset({torch.einsum, torch.ops.aten.einsum, torch.ops.aten.einsum.default})
+_CONVOLUTIONS = frozenset({torch.ops.aten.convolution, torch.ops.aten.convolution.default})
+
 _METHODS: dict[str, MatmulSpec] = {
-    "matmul": MatmulSpec("matmul", Operand(0, None), Operand(1, "other"), -1),
-    "mm": MatmulSpec("mm", Operand(0, None), Operand(1, "mat2"), -1),
-    "bmm": MatmulSpec("bmm", Operand(0, None), Operand(1, "mat2"), -1),
-    "addmm": MatmulSpec("addmm", Operand(1, "mat1"), Operand(2, "mat2"), -1),
-    "__matmul__": MatmulSpec("matmul", Operand(0, None), Operand(1, None), -1),
+    "matmul": MatmulSpec("matmul", (Operand(0, None),), Operand(1, "other"), -1),
+    "mm": MatmulSpec("mm", (Operand(0, None),), Operand(1, "mat2"), -1),
+    "bmm": MatmulSpec("bmm", (Operand(0, None),), Operand(1, "mat2"), -1),
+    "addmm": MatmulSpec("addmm", (Operand(1, "mat1"),), Operand(2, "mat2"), -1),
+    "__matmul__": MatmulSpec("matmul", (Operand(0, None),), Operand(1, None), -1),
 }
 
 # Modules whose forward is exactly one functional call on (input, self.weight, self.bias).
@@ -136,30 +187,42 @@ def matmul_spec(node: fx.Node, gm: fx.GraphModule) -> MatmulSpec | None:
         kind = _module_kind(mod)
         if kind is None:
             return None
-        return MatmulSpec(kind[0], Operand(0, "input"), _W, kind[1], module=mod)
+        return MatmulSpec(kind[0], (Operand(0, "input"),), _W, kind[1], module=mod)
     if node.op == "call_method":
         return _METHODS.get(str(node.target))
     if node.op != "call_function":
         return None
-    if node.target is torch.einsum:
-        return _einsum_spec(node)
     try:
+        if node.target in _EINSUMS:
+            return _einsum_spec(node)
+        if node.target in _CONVOLUTIONS:
+            return _convolution_spec(node)
         return _FUNCTIONS.get(node.target)  # type: ignore[arg-type]
     except TypeError:  # unhashable target
         return None
 
 
+def _convolution_spec(node: fx.Node) -> MatmulSpec:
+    """``aten.convolution(input, weight, bias, stride, padding, dilation, transposed,
+    output_padding, groups)``, what every conv decomposes to: a transposed one keeps its
+    output channels in the weight's dimension 1."""
+    transposed = Operand(6, "transposed").get(node.args, node.kwargs)
+    return MatmulSpec("convolution", (_X,), _W, 1 if transposed else 0)
+
+
 def _einsum_spec(node: fx.Node) -> MatmulSpec | None:
-    """A two-operand einsum is a (batched) matmul; other einsums are left alone."""
-    operands = node.args[1:]
+    """A two-operand einsum is a (batched) matmul; other einsums are left alone. ATen's form
+    takes the operands as a list (``aten.einsum(equation, [a, b])``), as ``torch.einsum``
+    may."""
+    operands = node.args[1:2] if node.target is not torch.einsum else node.args[1:]
     channel = _einsum_channel(node.args[0]) if node.args else None
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         if len(operands[0]) != 2:
             return None
-        return MatmulSpec("einsum", Operand(1, None, 0), Operand(1, None, 1), channel)
+        return MatmulSpec("einsum", (Operand(1, None, 0),), Operand(1, None, 1), channel)
     if len(operands) != 2:
         return None
-    return MatmulSpec("einsum", Operand(1, None), Operand(2, None), channel)
+    return MatmulSpec("einsum", (Operand(1, None),), Operand(2, None), channel)
 
 
 def _einsum_channel(equation: Any) -> int | None:
@@ -246,6 +309,15 @@ def parameter_source(node: fx.Node, hops: int = 6) -> fx.Node | None:
     return None
 
 
+def weight_source(node: fx.Node, spec: MatmulSpec) -> fx.Node | None:
+    """The ``get_attr`` node a functional layer's weight operand is read from, or ``None``
+    (no weight operand, or one computed from activations)."""
+    if spec.weight is None:
+        return None
+    operand = spec.weight.get(node.args, node.kwargs)
+    return parameter_source(operand) if isinstance(operand, fx.Node) else None
+
+
 def layer_weight(node: fx.Node, gm: fx.GraphModule) -> tuple[torch.Tensor, int | None] | None:
     """The parameter a layer node quantises as its weight, with its output-channel
     dimension (``None``: per tensor); ``None`` for a product of two activations."""
@@ -256,8 +328,7 @@ def layer_weight(node: fx.Node, gm: fx.GraphModule) -> tuple[torch.Tensor, int |
         weight = spec.module.weight
         assert isinstance(weight, torch.Tensor)
         return weight, spec.channel_dim
-    operand = spec.weight.get(node.args, node.kwargs)
-    source = parameter_source(operand) if isinstance(operand, fx.Node) else None
+    source = weight_source(node, spec)
     if source is None:
         return None
     obj: Any = gm
@@ -281,24 +352,30 @@ def layer_names(
     module, and one on a packed weight (``in_proj_weight``) after the weight
     (``attn.in_proj``); several on one packed weight are numbered (``attn.in_proj.0``).
     A graph traced from a conv/linear module itself names its one layer after that module
-    (the part's path), when it is a part of a larger model. Anything else by its node name.
+    (the part's path), when it is a part of a larger model. A layer without a weight of its
+    own (attention, a product of activations) is named after the module whose code ran it
+    (``blocks.0.attn.attention``). Anything else by its node name. Module types come from
+    ``module_types`` (the trace's), else from the nodes' ``nn_module_stack`` (a graph
+    captured by ``torch.export``).
     """
     kinds = {cls.__name__ for cls in MODULES}
+    # A captured graph (torch.export) has no traced module types: its nodes' module stacks
+    # name each module that ran, with its class.
+    types = {**_stack_types(gm), **module_types}
     owners: dict[fx.Node, tuple[str, str] | None] = {}
     for node, spec in specs.items():
         owners[node] = None
         if spec.module is not None:
             continue
-        operand = spec.weight.get(node.args, node.kwargs)
-        source = parameter_source(operand) if isinstance(operand, fx.Node) else None
+        source = weight_source(node, spec)
         if source is None:
             continue
         owner = str(source.target).rpartition(".")[0]
         name, is_weight = weight_name(str(source.target))
-        if not is_weight or owner not in module_types:
+        if not is_weight or owner not in types:
             continue
-        if owner or (prefix and module_types[""] in kinds):
-            owners[node] = (name, module_types[owner])
+        if owner or (prefix and types.get("") in kinds):
+            owners[node] = (name, types[owner])
     taken = [o[0] for o in owners.values() if o is not None]
     taken += [str(node.target) for node, spec in specs.items() if spec.module is not None]
     modules = {p for p, _ in gm.named_modules()}
@@ -319,7 +396,52 @@ def layer_names(
             names[node] = (numbered, named[1]) if free else (node.name, None)
         else:
             names[node] = (node.name, None)
+    _name_by_module(specs, names, {*taken, *modules})
     return {node: (_join(prefix, name), kind) for node, (name, kind) in names.items()}
+
+
+def _name_by_module(
+    specs: Mapping[fx.Node, MatmulSpec],
+    names: dict[fx.Node, tuple[str, str | None]],
+    taken: set[str],
+) -> None:
+    """Name layers without a weight of their own (attention, products of activations) after
+    the module whose code ran them, from their ``nn_module_stack``: ``blocks.0.attn.attention``,
+    then ``blocks.0.attn.attention_1`` for the next in the same module (as FX numbers nodes).
+    Layers in the model's own code, and any whose name would clash, keep their node names."""
+    seen: dict[str, int] = {}
+    for node in specs:
+        name, kind = names[node]
+        path = _stack_path(node)
+        if name != node.name or kind is not None or not path:
+            continue
+        base = f"{path}.{specs[node].op}"
+        i = seen[base] = seen.get(base, -1) + 1
+        candidate = base if i == 0 else f"{base}_{i}"
+        if candidate not in taken:
+            names[node] = (candidate, None)
+            taken.add(candidate)
+
+
+def _stack_path(node: fx.Node) -> str:
+    """The path of the innermost module on ``node``'s ``nn_module_stack`` (``""``: none)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    last = list(stack.values())[-1]
+    return str(last[0] if isinstance(last, tuple) else last)
+
+
+def _stack_types(gm: fx.GraphModule) -> dict[str, str]:
+    """Class name by module path, from the ``nn_module_stack`` of ``gm``'s nodes."""
+    out: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        for entry in (node.meta.get("nn_module_stack") or {}).values():
+            if isinstance(entry, tuple) and len(entry) == 2:
+                path, kind = entry
+                name = kind if isinstance(kind, str) else getattr(kind, "__qualname__", str(kind))
+                out[str(path)] = name.rpartition(".")[2]
+    return out
 
 
 def _join(a: str, b: str) -> str:

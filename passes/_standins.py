@@ -1,6 +1,6 @@
 """Traceable stand-ins for attention modules whose layers torch.fx cannot see.
 
-Three families of attention hide their matmul-like layers from a symbolic trace:
+Four families of attention hide their matmul-like layers from a symbolic trace:
 
 - ``nn.MultiheadAttention`` is a ``torch.nn`` module, so FX records it as one call; its
   in-projection (a packed ``in_proj_weight``) and ``out_proj`` never reach the graph.
@@ -9,6 +9,9 @@ Three families of attention hide their matmul-like layers from a symbolic trace:
 - torchvision's Swin attention (2-D, V2 and 3-D) runs in a function marked
   ``torch.fx.wrap`` that takes the ``qkv`` and ``proj`` weights as arguments, because its
   padding, shifting and masking depend on the feature map's size.
+- timm's LeViT and EfficientFormer attention caches its attention bias in eval mode: a
+  branch on ``self.training`` that keeps the module whole (both branches give the same
+  values; the stand-in takes the training one).
 
 One registry maps each such class to a *stand-in*: a function ``standin(m, mode, *args,
 **kwargs)`` that takes the arguments of the class's ``forward`` in the same order and
@@ -603,6 +606,23 @@ def _shift_mask(padded: list[int], window: list[int], shift: list[int], like: Te
 
 # Stand-ins by the qualified name of the class whose ``forward`` they stand in for (names,
 # not classes, so that torchvision is imported only by models that use it).
+# --- timm's LeViT and EfficientFormer attention -----------------------------------------
+# Their attention bias is gathered from its parameters in training, and cached in eval (the
+# same values, kept per device): a branch on ``self.training`` that would keep the module
+# whole. The stand-in traces the training branch, right in both modes.
+
+
+def _cached_bias_attention(m: nn.Module, mode: Callable[[], Any], x: Tensor) -> Tensor:
+    """``m.forward(x)`` with the attention bias gathered from its parameters, as training
+    mode does; eval mode reads the same values from a cache."""
+    was = m.training
+    m.training = True  # only get_attention_biases reads it: no dropout in these modules
+    try:
+        return type(m).forward(m, x)  # type: ignore[no-any-return]
+    finally:
+        m.training = was
+
+
 _STANDINS: dict[str, Callable[..., Any]] = {
     "torch.nn.modules.activation.MultiheadAttention": _multihead_attention,
     "torch.nn.modules.transformer.TransformerEncoderLayer": _encoder_layer,
@@ -613,4 +633,7 @@ _STANDINS: dict[str, Callable[..., Any]] = {
     "torchvision.models.swin_transformer.ShiftedWindowAttention": _swin_attention,
     "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": _swin_attention,
     "torchvision.models.video.swin_transformer.ShiftedWindowAttention3d": _swin_3d_attention,
+    "timm.models.levit.Attention": _cached_bias_attention,
+    "timm.models.levit.AttentionDownsample": _cached_bias_attention,
+    "timm.models.efficientformer.Attention": _cached_bias_attention,
 }

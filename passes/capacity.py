@@ -9,6 +9,11 @@ Shapes and FLOPs come from running the graph on fake tensors (``FakeTensorMode``
 are measured in well under a second. Without example inputs, ``macs``, ``flops`` and
 ``out_shape`` are ``None`` and parameter counts still work.
 
+Attention (``F.scaled_dot_product_attention``) is two products: ``B*H*L*S*E`` MACs for
+query and key, ``B*H*L*S*Ev`` for the scores and value. PyTorch's counter has no formula
+for its CPU kernel (it counts those on GPUs); :func:`flop_counter` adds one, so the graph's
+MACs and the layer's are the same on every device.
+
 Depth is the number of matmul-like layers on the longest path from an input to the node
 (ResNet-18's ``fc`` has depth 18), found on the networkx view of the graph.
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import networkx as nx
@@ -36,7 +42,7 @@ from dpc_fx.meta import META_KEY, LayerMeta, graph_info, set_graph_info
 from dpc_fx.passes._graph import copy_graph_module, get_attr, module_path, to_digraph
 from dpc_fx.passes._matmul import MatmulSpec, layer_names, matmul_spec, parameter_source
 
-__all__ = ["capacity"]
+__all__ = ["attention_macs", "capacity", "flop_counter"]
 
 
 def capacity(
@@ -88,12 +94,42 @@ def capacity(
     return new
 
 
+def attention_macs(query: Sequence[int], key: Sequence[int], value: Sequence[int], **_: Any) -> int:
+    """MACs of ``scaled_dot_product_attention`` on tensors of these shapes: ``query @ key^T``
+    and ``scores @ value`` over the query's batch and head dimensions (keys and values with
+    fewer heads, grouped-query attention, are broadcast to the query's).
+
+    >>> attention_macs((2, 4, 16, 8), (2, 4, 32, 8), (2, 4, 32, 6))  # B=2 H=4 L=16 S=32 E=8 Ev=6
+    57344
+    """
+    *batch, length, e = query
+    source, ev = key[-2], value[-1]
+    return math.prod(batch) * length * source * (e + ev)
+
+
+def _attention_flops(query: Any, key: Any, value: Any, *_: Any, **__: Any) -> int:
+    return 2 * attention_macs(query, key, value)
+
+
+def flop_counter() -> FlopCounterMode:
+    """``torch.utils.flop_counter.FlopCounterMode`` that also counts attention on CPUs
+    (PyTorch's counts its GPU kernels only)."""
+    aten = torch.ops.aten
+    return FlopCounterMode(
+        display=False,
+        custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops},
+    )
+
+
 def _params(gm: fx.GraphModule, node: fx.Node, spec: MatmulSpec) -> int:
     """Parameter elements the layer reads: a module's own, or for a functional layer those
     of each operand read from a parameter; from a slice of one (a packed ``in_proj_weight``
-    split for cross-attention), the slice's."""
+    split for cross-attention), the slice's. A layer without a weight operand (attention)
+    has none, whatever its mask is read from."""
     if spec.module is not None:
         return sum(p.numel() for p in spec.module.parameters(recurse=False))
+    if spec.weight is None:
+        return 0
     total = 0
     for src in node.all_input_nodes:
         attr = parameter_source(src)
@@ -206,7 +242,7 @@ class _FakeProp(fx.Interpreter):
         return super().call_module(target, args, kwargs)
 
     def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self.fake and target is F.linear and not kwargs and 2 <= len(args) <= 3:
+        if self.fake and target in _LINEAR_FUNCTIONS and not kwargs and 2 <= len(args) <= 3:
             sized = _size_linear(*args)
             if sized is not None:
                 self.shortcut_flops += sized[1]
@@ -290,6 +326,7 @@ def _placeholders(node: fx.Node) -> list[str]:
 # the errors for inputs that do not fit.
 
 _LINEARS = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+_LINEAR_FUNCTIONS = frozenset({F.linear, torch.ops.aten.linear.default})
 _CONVS: dict[type[nn.Module], int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 
 
@@ -385,7 +422,7 @@ def _propagate(
     level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)
     try:
-        with mode, FlopCounterMode(display=False) as counter:
+        with mode, flop_counter() as counter:
             prop = _FakeProp(gm, counter, layers, fake=fake)
             prop.run(*inputs)
     finally:

@@ -25,6 +25,7 @@ After::
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import fx
 
@@ -77,9 +78,13 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
+# F.linear, and its ATen form in a graph captured by torch.export: Int8Linear computes both.
+_LINEARS = (F.linear, torch.ops.aten.linear.default)
+
+
 def _chain(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, fx.Node, fx.Node] | None:
     """The ``act_q``, ``weight_q`` and ``grad_q`` nodes around a rewritten ``linear`` node."""
-    if node.op != "call_function" or node.target is not F.linear or len(node.args) < 2:
+    if node.op != "call_function" or node.target not in _LINEARS or len(node.args) < 2:
         return None
     act_q, weight_q = node.args[0], node.args[1]
     users = list(node.users)

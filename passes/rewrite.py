@@ -9,7 +9,11 @@ layers are copied as they are.
 
 Quantisers are submodules under ``gm.dpc.<node name>`` (``act_q``, ``weight_q``,
 ``grad_q``), so their ``bits`` can be changed between steps without re-tracing. Each role
-is inserted only when its bits are active (not ``None``/32).
+is inserted only when its bits are active (not ``None``/32). Attention
+(``F.scaled_dot_product_attention`` or its ATen form) has no weight: its query, key and
+value are quantised per tensor as activations (``query_q``, ``key_q``, ``value_q``, at the
+layer's activation bits), its output gradient by ``grad_q``, and the kernel itself is
+PyTorch's (flash, memory-efficient or math, as it chooses).
 
 Before::
 
@@ -30,6 +34,7 @@ what ``gm`` computes, forward and backward.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch.nn.functional as F
@@ -39,7 +44,7 @@ from dpc_fx.errors import ConfigError, DPCError
 from dpc_fx.int8 import lowerable
 from dpc_fx.meta import META_KEY, QUANTIZERS, DPCState, LayerMeta, graph_info, layer_meta
 from dpc_fx.passes._graph import get_attr, keep_module_order, keep_unused, require_graph
-from dpc_fx.passes._matmul import Operand, matmul_spec, parameter_source
+from dpc_fx.passes._matmul import MatmulSpec, Operand, matmul_spec, weight_source
 from dpc_fx.quant import ActQuantizer, GradQuantizer, Quantizer, WeightQuantizer, is_active
 
 __all__ = ["rewrite"]
@@ -72,6 +77,9 @@ def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
             f"where dpc_fx keeps the quantisers; rename that attribute of the model to compile it."
         )
     graph = fx.Graph()
+    # A captured graph (torch.export) flattens its inputs and outputs with pytree code of
+    # its own: keep it, so the new module is called and returns as the old one does.
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
     env: dict[fx.Node, fx.Node] = {}
     quantizers = DPCState()
     converted: dict[str, nn.Module] = {}
@@ -140,16 +148,18 @@ def _quantize_layer(
         weight_dim: int | None = spec.channel_dim
     else:
         target = node.target
-        weight_node = spec.weight.get(node.args, node.kwargs)
-        from_param = isinstance(weight_node, fx.Node) and parameter_source(weight_node) is not None
+        from_param = weight_source(node, spec) is not None
         weight_dim = spec.channel_dim if from_param else None
     if lowerable(meta, config):
         weight_dim = None  # integer kernels need one weight scale (see passes/lower.py)
 
-    act, weight = spec.act.get(args, kwargs), spec.weight.get(args, kwargs)
-    if is_active(meta.bits.a) and isinstance(act, fx.Node):
-        args, kwargs = spec.act.put(args, kwargs, add("act_q", ActQuantizer(meta.bits.a), act))
-    if is_active(meta.bits.w) and isinstance(weight, fx.Node):
+    for operand in spec.acts:
+        act = operand.get(args, kwargs)
+        if is_active(meta.bits.a) and isinstance(act, fx.Node):
+            q = add(_act_role(spec, operand), ActQuantizer(meta.bits.a), act)
+            args, kwargs = operand.put(args, kwargs, q)
+    weight = None if spec.weight is None else spec.weight.get(args, kwargs)
+    if spec.weight is not None and is_active(meta.bits.w) and isinstance(weight, fx.Node):
         q = add("weight_q", WeightQuantizer(meta.bits.w, weight_dim), weight)
         args, kwargs = spec.weight.put(args, kwargs, q)
 
@@ -164,6 +174,14 @@ def _quantize_layer(
     if is_active(meta.bits.g):
         out = add("grad_q", GradQuantizer(meta.bits.g), out)
     return out
+
+
+def _act_role(spec: MatmulSpec, operand: Operand) -> str:
+    """The quantiser's name for an activation operand: ``act_q`` for a layer's one input;
+    by the argument's name for several (attention's ``query_q``, ``key_q``, ``value_q``)."""
+    if len(spec.acts) == 1:
+        return "act_q"
+    return f"{operand.keyword}_q" if operand.keyword else f"act{spec.acts.index(operand)}_q"
 
 
 def _functional_call(

@@ -273,5 +273,5 @@ def test_inspect_prints_the_coverage(capsys: pytest.CaptureFixture[str]) -> None
     code = main(["inspect", "toys:GatedNet", "--input", "2,4"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "coverage: 1 leaves kept whole; 3/5 conv/linear layers quantised" in out
+    assert "coverage: 1 leaves kept whole; 3/5 matmul-like layers quantised" in out
     assert "leaf 'body.1.gate' (Gate)" in out

@@ -2,6 +2,7 @@
 
     python tools/zoo.py                          # all families, about 4 minutes on 2 cores
     python tools/zoo.py --models resnet18 raft_small --out /tmp/zoo.md
+    python tools/zoo.py --timm                   # 15 timm models: only the file's timm section
 
 For each model (random weights, small inputs) it records: traced whole or compiled through
 the fallback (untraceable submodules kept as leaves), conv/linear layers quantised out of
@@ -213,6 +214,152 @@ def notes(rows: list[Row]) -> list[str]:
     return out
 
 
+# timm models and their input sizes: small where the model allows, 224 where its position
+# embeddings, windows or attention biases are sized for it.
+TIMM_MODELS = {
+    "resnet50": 64,
+    "efficientnet_b0": 64,
+    "convnext_tiny": 64,
+    "vit_tiny_patch16_224": 224,
+    "deit_tiny_patch16_224": 224,
+    "swin_tiny_patch4_window7_224": 224,
+    "mobilenetv3_large_100": 64,
+    "regnety_002": 64,
+    "densenet121": 64,
+    "coat_lite_tiny": 224,
+    "levit_128": 224,
+    "poolformer_s12": 64,
+    "mixer_b16_224": 224,
+    "efficientformer_l1": 224,
+    "fastvit_t8": 64,
+}
+
+
+@dataclass
+class TimmRow:
+    name: str
+    shown: str
+    status: str = "failed"
+    quantised: str = "-"
+    attention: str = "-"
+    macs: str = "-"
+    unpinned: str = "-"  # share of the MACs outside the pinned layers that is quantised
+    leaves: str = "-"
+    compile_s: float | None = None
+    step: str = "-"
+    note: str = ""
+
+
+def run_timm(name: str) -> TimmRow:
+    import timm
+
+    size = TIMM_MODELS[name]
+    row = TimmRow(name, f"2x3x{size}x{size}")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10)
+    inputs = (torch.randn(2, 3, size, size),)
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = dpc_fx.compile(model, inputs)
+    except Exception as e:
+        row.note = f"compile: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        return row
+    row.compile_s = time.perf_counter() - start
+    cov = dpc_fx.coverage(gm)
+    metas = dpc_fx.layers(gm)
+    row.status = "traced" if cov.traced else "fallback"
+    row.quantised = f"{cov.quantised}/{cov.layers}"
+    row.attention = f"{cov.attention_quantised}/{cov.attention}" if cov.attention else "-"
+    if cov.macs and cov.quantised_macs is not None:
+        pinned = sum(m.macs or 0 for m in metas if m.pinned)
+        row.macs = f"{cov.quantised_macs / cov.macs:.1%}"
+        row.unpinned = f"{cov.quantised_macs / (cov.macs - pinned):.1%}"
+    row.leaves = str(len(cov.leaves)) if cov.leaves else "-"
+    row.step = _step(gm, Case({}, lambda: inputs, row.shown, _tensor_loss), inputs)
+    return row
+
+
+def render_timm(rows: list[TimmRow], command: str, seconds: float) -> str:
+    """The timm section of docs/ZOO.md."""
+    import timm
+
+    lines = [
+        TIMM_HEADING,
+        "",
+        f"Command: `{command}`  ",
+        f"timm {timm.__version__}, torch {torch.__version__}, {torch.get_num_threads()} torch "
+        f"threads on {_cpu()}; {datetime.date.today().isoformat()}, whole run "
+        f"{seconds / 60:.1f} min.",
+        "",
+        "Random weights (`pretrained=False`, 10 classes), default `DPCConfig()`. *quantised*: "
+        "matmul-like layers quantised of all (convolutions, linears, products of activations "
+        "and attention; the pinned first and last count as not quantised). *attention*: "
+        "`scaled_dot_product_attention` layers quantised (`-`: the model writes attention as "
+        "matmuls, counted among the layers). *MACs*: share of one forward's MACs, attention's "
+        "included, spent in quantised layers; *outside pinned*: the same share of the MACs "
+        "outside the pinned layers. *step*: forward in train mode, a loss, backward.",
+        "",
+        "| model | input | status | quantised | attention | MACs | outside pinned | leaves "
+        "| compile | step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        t = "-" if r.compile_s is None else f"{r.compile_s:.1f} s"
+        lines.append(
+            f"| {r.name} | {r.shown} | {r.status} | {r.quantised} | {r.attention} | {r.macs} "
+            f"| {r.unpinned} | {r.leaves} | {t} | {r.note or r.step} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+TIMM_HEADING = "## timm"
+
+
+def with_section(text: str, section: str) -> str:
+    """``text`` (docs/ZOO.md) with its timm section replaced by ``section``, or added at the
+    end; the rest of the file is kept as it is."""
+    start = text.find(TIMM_HEADING + "\n")
+    if start < 0:
+        return text.rstrip("\n") + "\n\n" + section
+    end = text.find("\n## ", start + len(TIMM_HEADING))
+    rest = "" if end < 0 else text[end + 1 :]
+    return text[:start] + section + ("\n" + rest if rest else "")
+
+
+def timm_section(text: str) -> str:
+    """The timm section of ``text`` (docs/ZOO.md), or ``""``."""
+    start = text.find(TIMM_HEADING + "\n")
+    if start < 0:
+        return ""
+    end = text.find("\n## ", start + len(TIMM_HEADING))
+    return text[start:] if end < 0 else text[start : end + 1]
+
+
+def main_timm(args: argparse.Namespace) -> int:
+    names = [n for n in TIMM_MODELS if not args.models or n in args.models]
+    rows = []
+    start = time.perf_counter()
+    for name in names:
+        try:
+            row = run_timm(name)
+        except Exception as e:  # building the model failed
+            row = TimmRow(name, "-", note=f"{type(e).__name__}: {e}"[:160])
+            traceback.print_exc()
+        rows.append(row)
+        print(f"{name:32s} {row.status:9s} {row.quantised:9s} {row.unpinned:7s} {row.step}")
+        gc.collect()
+    command = "python tools/zoo.py --timm" + (
+        f" --models {' '.join(args.models)}" if args.models else ""
+    )
+    out = Path(args.out)
+    old = out.read_text() if out.exists() else ""
+    out.write_text(with_section(old, render_timm(rows, command, time.perf_counter() - start)))
+    print(f"timm section written to {out}")
+    return 0
+
+
 def _cpu() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -286,8 +433,13 @@ def main() -> int:
     parser.add_argument(
         "--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "ZOO.md")
     )
+    parser.add_argument(
+        "--timm", action="store_true", help="the timm models; rewrites only the timm section"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.timm:
+        return main_timm(args)
     todo = [(n, f) for f, mod in FAMILIES.items() for n in M.list_models(module=mod)]
     if args.models:
         todo = [(n, f) for n, f in todo if n in args.models]
@@ -305,7 +457,10 @@ def main() -> int:
         )
         gc.collect()
     command = "python tools/zoo.py" + (f" --models {' '.join(args.models)}" if args.models else "")
-    Path(args.out).write_text(render(rows, command, time.perf_counter() - start))
+    out = Path(args.out)
+    kept = timm_section(out.read_text()) if out.exists() else ""  # from a --timm run
+    text = render(rows, command, time.perf_counter() - start)
+    out.write_text(text + ("\n" + kept if kept else ""))
     print(f"written to {args.out}")
     return 0
 
