@@ -56,6 +56,10 @@ class DPCConfig:
         lower: run linear layers of at most 8 bits (weights, activations and gradients) on
             integer kernels (``torch._int_mm``) in forward and backward. Their weights are
             then quantised per tensor, as integer products need.
+        fuse: run each quantised conv/linear layer (activation and weight quantised, at
+            most 8 bits) as one autograd node that keeps only the integer codes of its input
+            and weight for backward (packed to their bit-widths), not float copies. Same
+            numbers as the unfused quantisers; ``False`` keeps one graph node per quantiser.
         check_finite: raise :class:`~dpc_fx.errors.NonFiniteError`, naming the layer, when a
             quantised tensor holds NaN or Inf (costs a check per tensor). Off, ranges come
             from the finite values and one bad element spoils only itself.
@@ -86,6 +90,7 @@ class DPCConfig:
     similarity: float = 0.95
     leaf_modules: tuple[str, ...] = ()
     lower: bool = False
+    fuse: bool = True
     check_finite: bool = False
 
     def __post_init__(self) -> None:
@@ -112,7 +117,7 @@ class DPCConfig:
                 "(0, 1)",
                 fix="e.g. budget=0.3 for 30% fewer bit-operations than static 8-bit",
             )
-        for flag in ("pin_first_last", "lower", "check_finite"):
+        for flag in ("pin_first_last", "lower", "fuse", "check_finite"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(
                     f"DPCConfig: {flag}={getattr(self, flag)!r} must be True or False."

@@ -34,11 +34,15 @@ from torch import Tensor
 
 __all__ = [
     "channel_range",
+    "dequantize_codes",
     "fake_quant",
     "fake_quant_channels",
     "fake_quant_stochastic",
     "fake_quant_tensor",
     "fused",
+    "quantize_codes",
+    "quantize_codes_channels",
+    "quantize_codes_tensor",
     "tensor_range",
 ]
 
@@ -85,6 +89,7 @@ def fused(fn: F) -> F:
 
 
 _broken: list[str] = []
+
 
 
 def _minmax(x: Tensor, dims: list[int] | None) -> tuple[Tensor, Tensor]:
@@ -164,6 +169,43 @@ def fake_quant_stochastic(x: Tensor, levels: Tensor, seed: Tensor) -> Tensor:
     lo, hi = _minmax(x, None)
     scale = _scale(lo, hi, levels)
     return _dequant(torch.floor((x - lo) / scale + _uniform(x, seed)), lo, scale, levels, hi)
+
+
+def _codes(x: Tensor, lo: Tensor, hi: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
+    # The codes are what _dequant would clamp anyway, so dequantising them gives exactly
+    # fake_quant's output (levels <= 255: a code fits a byte).
+    scale = _scale(lo, hi, levels)
+    q = torch.minimum(
+        torch.round((x - lo) / scale).clamp_min(0.0), torch.where(hi > lo, levels, 0.0)
+    )
+    return q.to(torch.uint8), _dequant(q, lo, scale, levels, hi)
+
+
+@fused
+def quantize_codes(x: Tensor, lo: Tensor, hi: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`fake_quant` that also returns its uint8 codes: ``(codes, x_hat)``."""
+    return _codes(x, lo, hi, levels)
+
+
+@fused
+def quantize_codes_tensor(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`fake_quant_tensor` that also returns its uint8 codes: ``(codes, x_hat, lo, hi)``."""
+    lo, hi = _minmax(x, None)
+    return (*_codes(x, lo, hi, levels), lo, hi)
+
+
+@fused
+def quantize_codes_channels(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`fake_quant_channels` that also returns its uint8 codes and the (rows, 1)
+    ranges: ``(codes, x_hat, lo, hi)``."""
+    lo, hi = _minmax(x, [1])
+    return (*_codes(x, lo, hi, levels), lo, hi)
+
+
+@fused
+def dequantize_codes(q: Tensor, lo: Tensor, hi: Tensor, levels: Tensor) -> Tensor:
+    """The floats that ``q`` (from a ``quantize_codes*`` kernel over ``[lo, hi]``) stands for."""
+    return _dequant(q.to(lo.dtype), lo, _scale(lo, hi, levels), levels, hi)
 
 
 _LEVELS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
