@@ -73,7 +73,7 @@ def fused(fn: F) -> F:
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             compiled.append(torch.compile(fn, dynamic=True))
         try:
-            return compiled[0](*args)
+            return compiled[0](*(_unviewed(a) for a in args))
         except Exception as e:  # a compiler failure must not stop training
             if isinstance(e, (ValueError, TypeError, IndexError)):
                 raise
@@ -90,6 +90,15 @@ def fused(fn: F) -> F:
 
 _broken: list[str] = []
 
+
+def _unviewed(a: Any) -> Any:
+    """A view passed as it is makes dynamo guard on its base's strides (it rebuilds the view
+    from the base), so every new base layout (a new model's activation ranks and shapes)
+    compiles the kernel again, up to the recompile limit. ``detach()`` gives the same
+    memory as a tensor without a base: one compiled variant serves every layout."""
+    if isinstance(a, Tensor) and a._base is not None and not a.requires_grad:
+        return a.detach()
+    return a
 
 
 def _minmax(x: Tensor, dims: list[int] | None) -> tuple[Tensor, Tensor]:

@@ -16,9 +16,11 @@ import pytest
 import torch
 from helpers import compile_quiet, layer_node_list, quantizer_nodes
 from torch import Tensor, nn
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+from toys import mlp, small_cnn
 
 import dpc_fx
-from dpc_fx import DPCConfig
+from dpc_fx import DPCConfig, kernels
 from dpc_fx.fused import FusedLayer, pack, packed_bytes, unpack
 from dpc_fx.passes import fuse
 from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer
@@ -242,3 +244,48 @@ def test_fused_layers_match_under_autocast() -> None:
     assert a[0].dtype == torch.bfloat16 and a[-1].dtype == torch.float32
     for i, (u, v) in enumerate(zip(a, b, strict=True)):
         assert u.dtype == v.dtype and torch.equal(u, v), (i, (u - v).abs().max())
+
+
+@pytest.mark.usefixtures("fused_kernels")
+def test_differently_shaped_models_compile_each_kernel_once() -> None:
+    """Five models (conv2d, channels-last, conv1d, 2-D and 3-D linear inputs), fused and
+    unfused, stepped in one process: each kernel compiles once per kind of input (per-tensor
+    or per-channel codes for ``dequantize_codes``), not once per model's activation layout
+    (a view's base layout was a dynamo guard: four variants each, then the recompile limit)."""
+    torch.manual_seed(0)
+    models = [
+        (small_cnn(), torch.randn(4, 3, 12, 12)),
+        (mlp(8, 16, 4), torch.randn(5, 8)),
+        (
+            nn.Sequential(nn.Conv1d(2, 6, 3), nn.ReLU(), nn.Conv1d(6, 4, 5, stride=2)),
+            torch.randn(3, 2, 20),
+        ),
+        (nn.Sequential(nn.Linear(6, 10), nn.GELU(), nn.Linear(10, 6)), torch.randn(2, 7, 6)),
+        (
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)),
+            torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last),
+        ),
+    ]
+    for model, x in models:
+        for fused in (True, False):
+            gm = compile_quiet(model, x, config=CONFIG.replace(fuse=fused))
+            gm(x).sum().backward()
+            with torch.no_grad():
+                gm.eval()(x)
+    variants = {
+        name: len(_debug_get_cache_entry_list(getattr(kernels, name).__wrapped__.__code__))
+        for name in kernels.__all__
+        if name != "fused"
+    }
+    assert variants == {
+        "channel_range": 0,
+        "dequantize_codes": 2,
+        "fake_quant": 1,
+        "fake_quant_channels": 1,
+        "fake_quant_stochastic": 1,
+        "fake_quant_tensor": 1,
+        "quantize_codes": 0,
+        "quantize_codes_channels": 1,
+        "quantize_codes_tensor": 1,
+        "tensor_range": 0,
+    }
