@@ -10,11 +10,13 @@ gradients and running ranges are compared with ``torch.equal``.
 from __future__ import annotations
 
 import copy
+import io
 import itertools
 
 import pytest
 import torch
 from helpers import compile_quiet, layer_node_list, quantizer_nodes
+from rich.console import Console
 from torch import Tensor, nn
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from toys import mlp, small_cnn
@@ -24,6 +26,7 @@ from dpc_fx import DPCConfig, kernels
 from dpc_fx.fused import FusedLayer, pack, packed_bytes, unpack
 from dpc_fx.passes import fuse
 from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer
+from dpc_fx.report import layer_table
 
 CONFIG = DPCConfig(b_min=3, b_max=7, pin_first_last=False)
 
@@ -228,6 +231,9 @@ def test_cost_reports_what_each_layer_keeps_falling_with_its_bits() -> None:
     assert saved[0] is not None and saved[1] is not None and saved[2] is not None
     assert saved[0] > saved[1] > saved[2]
     assert saved[1] == packed_bytes(16 * 64, 5) + packed_bytes(64 * 64, 5) + 8 * (1 + 64)
+    text = io.StringIO()
+    Console(file=text, width=200).print(layer_table(gm))
+    assert " kept" in text.getvalue() and f"{saved[2] / 1e3:.1f}kB" in text.getvalue()
     unfused = compile_quiet(model, x, config=config.replace(fuse=False))
     unfused(x).sum().backward()
     assert all(r.saved_bytes is None for r in dpc_fx.cost(unfused).layers)
