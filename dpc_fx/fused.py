@@ -280,6 +280,12 @@ class FusedLayer(nn.Module):
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if self._fusable(x, weight, bias):
+            if self.op == "linear" and x.dim() > 2:
+                # aten.linear runs a dense 3-D input as a 2-D product and returns a view of
+                # it; a custom Function's output may not be a view (in-place ops on it would
+                # be refused), so the Function takes the 2-D product and autograd the view.
+                y = _FusedFn.apply(x.reshape(-1, x.shape[-1]), weight, bias, self)
+                return y.view(*x.shape[:-1], y.shape[-1])
             return _FusedFn.apply(x, weight, bias, self)
         y = self.product(self.act_q(x), self.weight_q(weight), bias)
         return y if self.grad_q is None else self.grad_q(y)

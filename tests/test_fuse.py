@@ -295,3 +295,18 @@ def test_differently_shaped_models_compile_each_kernel_once() -> None:
         "quantize_codes_tensor": 1,
         "tensor_range": 0,
     }
+
+
+def test_a_fused_linear_output_may_be_modified_in_place() -> None:
+    """A 3-D input's product comes back as a view; in-place ops on it (ReLU(inplace=True),
+    Swin's masks) work and change nothing: the same numbers as out of place. (Unfused, the
+    gradient hook put on such a view before the in-place op never fires, so its layer's
+    gradient goes unquantised: the two paths differ there, and the fused one is right.)"""
+    results = []
+    for inplace in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=inplace), nn.Linear(8, 4))
+        x = torch.randn(3, 5, 6)
+        results.append(_step(compile_quiet(model, x, config=CONFIG), x, 6))
+    for u, v in zip(*results, strict=True):
+        assert torch.equal(u, v)
