@@ -105,7 +105,7 @@ class _Codes:
         dtype: torch.dtype,
         restore: Callable[[Tensor], Tensor],
     ) -> None:
-        self.tensors = (pack(q.reshape(-1), bits), lo, hi)
+        self.tensors: tuple[Tensor, ...] = (pack(q.reshape(-1), bits), lo, hi)
         self.bits, self.numel, self.shape = bits, q.numel(), q.shape
         self.dtype, self.restore = dtype, restore
 
@@ -172,9 +172,12 @@ class _FusedFn(torch.autograd.Function):
         # at those copies and casts the gradients back, as autograd does unfused.
         ctx.dtypes = (y.dtype, x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(*act.tensors, *wgt.tensors)
+        layer.last_shapes = (x.numel(), weight.numel(), wgt.tensors[1].numel())
+        # Only save_for_backward holds them from here, so saved-tensor hooks (offloading,
+        # checkpointing) see every tensor backward keeps.
+        act.tensors = wgt.tensors = ()
         ctx.codes, ctx.layer = (act, wgt), layer
         ctx.has_bias = bias is not None
-        layer.last_shapes = (x.numel(), weight.numel(), wgt.tensors[1].numel())
         grad_q = layer.grad_q
         ctx.grad_bits = grad_q.bits if grad_q is not None and grad_q.active else None
         return y
