@@ -6,6 +6,8 @@ decide     policy.decide     bits for every layer of the model, from the records
 assign     passes.assign     write the bits onto each part's graph
 rewrite    passes.rewrite    quantisers around every quantised layer
 lower      passes.lower      optional: 8-bit linears on integer kernels
+fuse       passes.fuse       optional (on by default): each quantised conv/linear layer as
+                             one node that keeps integer codes for backward
 assemble   parts.assemble    the compiled parts put back where their modules sat
 record     meta.Compiled     the plan, the quantisers' places and the coverage, kept
                              with the result
@@ -37,6 +39,7 @@ from dpc_fx.meta import (
 )
 from dpc_fx.passes._graph import join
 from dpc_fx.passes.assign import assign
+from dpc_fx.passes.fuse import fuse
 from dpc_fx.passes.lower import lower
 from dpc_fx.passes.rewrite import rewrite
 from dpc_fx.passes.trace import MODE_BRANCH_REASON
@@ -95,7 +98,7 @@ def compile(
     tree = parts.split(model, inputs, config)
     decided = decide(tree.layers(), config, plan=plan, weights=tree.weights())
     assigned = {path: assign(gm, decided) for path, gm in tree.graphs().items()}
-    done = {path: _rewrite(gm, decided.config.lower) for path, gm in assigned.items()}
+    done = {path: _rewrite(gm, decided.config) for path, gm in assigned.items()}
     result = assemble(tree, done)
 
     final = tree.layers(done)
@@ -136,9 +139,10 @@ def _arguments(model: Any, config: Any) -> tuple[nn.Module, DPCConfig]:
     return model, config
 
 
-def _rewrite(gm: fx.GraphModule, lowered: bool) -> fx.GraphModule:
+def _rewrite(gm: fx.GraphModule, config: DPCConfig) -> fx.GraphModule:
     gm = rewrite(gm)
-    return lower(gm) if lowered else gm
+    gm = lower(gm) if config.lower else gm
+    return fuse(gm) if config.fuse else gm
 
 
 def _quantizers(done: dict[str, fx.GraphModule]) -> dict[str, str | None]:
@@ -151,7 +155,9 @@ def _quantizers(done: dict[str, fx.GraphModule]) -> dict[str, str | None]:
             if not isinstance(meta, LayerMeta):
                 continue
             target = str(node.target) if node.op == "call_module" else ""
-            name = target.removeprefix(f"{QUANTIZERS}.") if meta.lowered else node.name
+            # A lowered or fused layer is a call of the module that holds its quantisers.
+            inside = target.startswith(f"{QUANTIZERS}.")
+            name = target.removeprefix(f"{QUANTIZERS}.") if inside else node.name
             has = held is not None and name in held._modules
             out[meta.layer] = join(path, f"{QUANTIZERS}.{name}") if has else None
     return out

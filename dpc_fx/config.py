@@ -62,6 +62,10 @@ class DPCConfig:
             full precision (an override still wins), and ``dpc_fx.coverage`` says so.
             Attention has no parameters: under ``capacity="params"`` it has capacity 0 and
             gets ``b_max``; under ``capacity="macs"`` it is ranked by its MACs.
+        fuse: run each quantised conv/linear layer (activation and weight quantised, at
+            most 8 bits) as one autograd node that keeps only the integer codes of its input
+            and weight for backward (packed to their bit-widths), not float copies. Same
+            numbers as the unfused quantisers; ``False`` keeps one graph node per quantiser.
         check_finite: raise :class:`~dpc_fx.errors.NonFiniteError`, naming the layer, when a
             quantised tensor holds NaN or Inf (costs a check per tensor). Off, ranges come
             from the finite values and one bad element spoils only itself.
@@ -93,6 +97,7 @@ class DPCConfig:
     leaf_modules: tuple[str, ...] = ()
     lower: bool = False
     attention: bool = True
+    fuse: bool = True
     check_finite: bool = False
 
     def __post_init__(self) -> None:
@@ -119,7 +124,7 @@ class DPCConfig:
                 "(0, 1)",
                 fix="e.g. budget=0.3 for 30% fewer bit-operations than static 8-bit",
             )
-        for flag in ("pin_first_last", "lower", "attention", "check_finite"):
+        for flag in ("pin_first_last", "lower", "attention", "fuse", "check_finite"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(
                     f"DPCConfig: {flag}={getattr(self, flag)!r} must be True or False."

@@ -10,6 +10,11 @@ gradient bits ``g`` (full precision counts as 32):
 Savings compare the same layers against two baselines: fp32 (32 bits everywhere) and static
 8-bit (8/8/8 on every layer this plan quantises; the layers it keeps in full precision stay
 at 32 in both, so the comparison is about the bit-widths, not about which layers are pinned).
+
+Each row also says what a fused layer (:class:`~dpc_fx.fused.FusedLayer`, on by default)
+keeps for its backward at the plan's bits: ``saved_bytes``, its input's and weight's codes
+packed to their bit-widths plus their ranges, for the last batch it trained on (``None``
+before its first training step, and for layers that are not fused).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from dpc_fx.errors import PassOrderError
-from dpc_fx.meta import Bits, records
+from dpc_fx.fused import FusedLayer
+from dpc_fx.meta import Bits, compiled, records
 
 __all__ = ["Cost", "LayerCost", "bitops", "cost"]
 
@@ -46,6 +52,7 @@ class LayerCost:
     forward: int
     input_grad: int
     weight_grad: int
+    saved_bytes: int | None = None
 
     @property
     def total(self) -> int:
@@ -99,6 +106,10 @@ def cost(gm: nn.Module) -> Cost:
             no MACs.
     """
     rows, fp32, static8 = [], 0, 0
+    found = compiled(gm)
+    holders = (
+        dict(zip((m.layer for m in found.layers), found.quantizers, strict=True)) if found else {}
+    )
     for meta in records(gm):
         if meta.bits is None:
             raise PassOrderError(
@@ -110,8 +121,19 @@ def cost(gm: nn.Module) -> Cost:
                 f"cost: layer '{meta.layer}' has no MACs because the model was compiled "
                 "without example inputs; pass example_inputs to dpc_fx.compile."
             )
-        rows.append(LayerCost(meta.layer, meta.macs, meta.bits, *bitops(meta.macs, meta.bits)))
+        saved = _saved_bytes(gm, holders.get(meta.layer), meta.bits)
+        rows.append(
+            LayerCost(meta.layer, meta.macs, meta.bits, *bitops(meta.macs, meta.bits), saved)
+        )
         fp32 += sum(bitops(meta.macs, Bits(None, None, None)))
         eight = Bits(None, None, None) if meta.bits.full_precision else Bits(8, 8, 8)
         static8 += sum(bitops(meta.macs, eight))
     return Cost(tuple(rows), fp32, static8)
+
+
+def _saved_bytes(gm: nn.Module, holder: str | None, bits: Bits) -> int | None:
+    """What the fused layer at ``holder`` keeps for backward at the plan's ``bits``."""
+    module = gm.get_submodule(holder) if holder else None
+    if not isinstance(module, FusedLayer) or bits.a is None or bits.w is None:
+        return None
+    return module.saved_bytes(bits.a, bits.w)

@@ -140,10 +140,12 @@ def _weight_of(model: nn.Module, quantizer_path: str) -> Tensor:
         if not isinstance(owner, torch.fx.GraphModule):
             continue
         target = ".".join(parts[cut:])
+        fused = target.removesuffix(".weight_q")  # a fused layer: (x, weight, bias)
         for node in owner.graph.nodes:
-            if node.op == "call_module" and node.target == target:
+            if node.op == "call_module" and node.target in (target, fused):
                 weight: Any = owner
-                for name in str(node.args[0].target).split("."):
+                read = node.args[0] if node.target == target else node.args[1]
+                for name in str(read.target).split("."):
                     weight = getattr(weight, name)
                 return weight.detach()
     raise ValueError(f"export: no graph node calls '{quantizer_path}'")

@@ -38,11 +38,15 @@ from torch import Tensor
 
 __all__ = [
     "channel_range",
+    "dequantize_codes",
     "fake_quant",
     "fake_quant_channels",
     "fake_quant_stochastic",
     "fake_quant_tensor",
     "fused",
+    "quantize_codes",
+    "quantize_codes_channels",
+    "quantize_codes_tensor",
     "tensor_range",
 ]
 
@@ -73,7 +77,7 @@ def fused(fn: F) -> F:
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             compiled.append(torch.compile(fn, dynamic=True))
         try:
-            return compiled[0](*args)
+            return compiled[0](*(_unviewed(a) for a in args))
         except Exception as e:  # a compiler failure must not stop training
             if isinstance(e, (ValueError, TypeError, IndexError)):
                 raise
@@ -89,6 +93,16 @@ def fused(fn: F) -> F:
 
 
 _broken: list[str] = []
+
+
+def _unviewed(a: Any) -> Any:
+    """A view passed as it is makes dynamo guard on its base's strides (it rebuilds the view
+    from the base), so every new base layout (a new model's activation ranks and shapes)
+    compiles the kernel again, up to the recompile limit. ``detach()`` gives the same
+    memory as a tensor without a base: one compiled variant serves every layout."""
+    if isinstance(a, Tensor) and a._base is not None and not a.requires_grad:
+        return a.detach()
+    return a
 
 
 def _minmax(x: Tensor, dims: list[int] | None) -> tuple[Tensor, Tensor]:
@@ -184,6 +198,60 @@ def fake_quant_stochastic(x: Tensor, levels: Tensor, seed: Tensor) -> Tensor:
     # ``inf`` stays ``inf``). Nothing rounds below 0.
     q = q - (q > torch.where(hi > lo, levels, 0.0)).to(q.dtype)
     return q * scale + lo
+
+
+def _uint8_codes(
+    x: Tensor, lo: Tensor, hi: Tensor, levels: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(uint8 codes, x_hat, bad)``: the codes :func:`fake_quant` rounds ``x`` to over
+    ``[lo, hi]`` (levels <= 255: a code fits a byte), its output (``inf``/``nan`` passed
+    through), and whether ``x`` held a non-finite value, which no code can carry."""
+    scale = _scale(lo, hi, levels)
+    finite = _finite(x)
+    q = torch.minimum(
+        torch.round((x - lo) / scale).clamp_min(0.0), torch.where(hi > lo, levels, 0.0)
+    )
+    q = torch.where(finite, q, 0.0)
+    return q.to(torch.uint8), torch.where(finite, q * scale + lo, x), ~finite.all()
+
+
+@fused
+def quantize_codes(
+    x: Tensor, lo: Tensor, hi: Tensor, levels: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`fake_quant` that also returns its uint8 codes: ``(codes, x_hat, bad)``."""
+    return _uint8_codes(x, lo, hi, levels)
+
+
+@fused
+def quantize_codes_tensor(
+    x: Tensor, levels: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`fake_quant_tensor` that also returns its uint8 codes:
+    ``(codes, x_hat, lo, hi, bad)``."""
+    lo, hi = _minmax(x, None)
+    codes, out, bad = _uint8_codes(x, lo, hi, levels)
+    return codes, out, lo, hi, bad
+
+
+@fused
+def quantize_codes_channels(
+    x: Tensor, levels: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`fake_quant_channels` that also returns its uint8 codes and the (rows, 1)
+    ranges: ``(codes, x_hat, lo, hi, bad)``."""
+    lo, hi = _minmax(x, [1])
+    codes, out, bad = _uint8_codes(x, lo, hi, levels)
+    return codes, out, lo, hi, bad
+
+
+@fused
+def dequantize_codes(q: Tensor, lo: Tensor, hi: Tensor, levels: Tensor, bad: Tensor) -> Tensor:
+    """The floats that ``q`` (from a ``quantize_codes*`` kernel over ``[lo, hi]``) stands for;
+    all ``nan`` where the quantised tensor held a non-finite value (``bad``), so the
+    gradients computed from it are non-finite too, as they are without quantisation."""
+    out = q.to(lo.dtype) * _scale(lo, hi, levels) + lo
+    return torch.where(bad, float("nan"), out)
 
 
 _LEVELS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}

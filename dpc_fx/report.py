@@ -1,7 +1,8 @@
 """Terminal rendering of a compiled module: the one place dpc_fx uses rich.
 
 ``show(gm)`` prints one row per matmul-like layer (name, op, parameters, MACs, depth,
-capacity, bits and bit-operations) and a summary with the cost saving.
+capacity, bits, bit-operations and, once a fused layer has trained a step, the bytes it keeps
+for backward) and a summary with the cost saving.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from dpc_fx.cost import bitops, cost
+from dpc_fx.errors import PassOrderError
 from dpc_fx.meta import LayerMeta, records
 
 __all__ = ["layer_table", "show", "summary_text"]
@@ -68,6 +70,9 @@ def layer_table(gm: nn.Module, *, title: str | None = None) -> object:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     if has_macs:
         table.add_column("bitops", justify="right")
+    kept = _kept(gm) if has_macs else {}
+    if kept:
+        table.add_column("kept", justify="right")  # bytes saved for backward
     for i, m in enumerate(rows):
         bits = m.bits
         cells = [
@@ -85,8 +90,21 @@ def layer_table(gm: nn.Module, *, title: str | None = None) -> object:
         ]
         if has_macs and bits is not None and m.macs is not None:
             cells.append(_human(sum(bitops(m.macs, bits))))
+        if kept:
+            saved = kept.get(m.layer)
+            cells.append("-" if saved is None else f"{_human(saved)}B")
         table.add_row(*cells)
     return table
+
+
+def _kept(gm: nn.Module) -> dict[str, int | None]:
+    """Per layer, the bytes its fused layer keeps for backward; empty if no layer says."""
+    try:
+        rows = cost(gm).layers
+    except PassOrderError:
+        return {}
+    found = {r.layer: r.saved_bytes for r in rows}
+    return found if any(v is not None for v in found.values()) else {}
 
 
 def summary_text(gm: nn.Module) -> str:

@@ -45,7 +45,9 @@ def fused_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def resnet18_compiled():
-    """``(model, gm, x)``: torchvision's resnet18 (10 classes) compiled on a 2x3x32x32 batch.
+    """``(model, gm, x)``: torchvision's resnet18 (10 classes) compiled on a 2x3x32x32 batch,
+    unfused (``fuse=False``): the tests that use it read the rewrite's quantiser nodes;
+    ``test_fuse.py`` checks the fused layers against them.
 
     Session-scoped to save time: tests must not change it (copy it first).
     """
@@ -57,7 +59,7 @@ def resnet18_compiled():
     x = torch.randn(2, 3, 32, 32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        gm = dpc_fx.compile(model, x)
+        gm = dpc_fx.compile(model, x, config=dpc_fx.DPCConfig(fuse=False))
     # resnet18 traces whole and has layers to quantise: dpc_fx has nothing to warn about.
     assert not [w for w in caught if "dpc_fx" in str(w.message)], [str(w.message) for w in caught]
     return model, gm, x

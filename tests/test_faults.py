@@ -281,8 +281,8 @@ def test_export_after_a_state_dict_round_trip_writes_the_same_file(tmp_path: Pat
     torch.manual_seed(5)
     fresh = dpc_fx.compile(toys.small_cnn(), x, config=ALL_LAYERS)
     fresh.load_state_dict(gm.state_dict(), strict=True)
-    a = dpc_fx.export(gm, x, tmp_path / "a.onnx").read_bytes()
-    b = dpc_fx.export(fresh, x, tmp_path / "b.onnx").read_bytes()
+    a = dpc_fx.export_onnx(gm, x, tmp_path / "a.onnx").read_bytes()
+    b = dpc_fx.export_onnx(fresh, x, tmp_path / "b.onnx").read_bytes()
     assert a == b
 
 

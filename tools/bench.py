@@ -11,6 +11,8 @@ Sections:
   step      training step time and saved-for-backward memory: fp32 vs dpc_fx (w/a/g
             quantised) vs torch.ao QAT (w/a only), CIFAR-size ResNet-18 and MobileNetV2
             (batch 64) and a Transformer encoder block
+  memory    saved-for-backward memory only (part of step; deterministic, no timing): fp32
+            vs dpc_fx with fused layers (DPCConfig(fuse=True), the default) vs unfused
   kernel    one activation quantiser against two memory passes over its tensor
   lower     8-bit integer kernels (DPCConfig(lower=True)) vs fp32: an MLP block, a small GPT
 """
@@ -204,6 +206,56 @@ def bench_step(quick: bool) -> list[list[str]]:
     return rows
 
 
+def bench_memory() -> list[list[str]]:
+    """Saved-for-backward memory of one step: fp32, dpc_fx fused (the default) and unfused.
+
+    Deterministic (bytes, not time): safe to run on a busy machine."""
+    cases: list[tuple[str, nn.Module, Tensor, DPCConfig]] = [
+        (
+            "ResNet-18, 64x3x32x32",
+            torchvision.models.resnet18(num_classes=10),
+            torch.randn(64, 3, 32, 32),
+            DPCConfig(),
+        ),
+        (
+            "MobileNetV2, 64x3x32x32",
+            torchvision.models.mobilenet_v2(num_classes=10),
+            torch.randn(64, 3, 32, 32),
+            DPCConfig(),
+        ),
+        ("Transformer block, 64x64x256", EncoderBlock(), torch.randn(64, 64, 256), DPCConfig()),
+        (
+            "MLP 1024-4096-1024 lowered, 2048 tokens",
+            nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024)),
+            torch.randn(2048, 1024),
+            DPCConfig(b_min=8, b_max=8, grad_bits=8, lower=True, pin_first_last=False),
+        ),
+    ]
+    rows = []
+    for label, model, x, config in cases:
+        console.print(f"memory: {label}")
+        torch.manual_seed(0)
+        contenders = {
+            "fp32": copy.deepcopy(model).train(),
+            "dpc_fx fused": dpc_fx.compile(copy.deepcopy(model).train(), x, config=config),
+            "dpc_fx unfused": dpc_fx.compile(
+                copy.deepcopy(model).train(), x, config=config.replace(fuse=False)
+            ),
+        }
+
+        def step_of(m: nn.Module, x: Tensor = x) -> Callable[[], None]:
+            def step() -> None:
+                m.zero_grad(set_to_none=True)
+                m(x).float().square().mean().backward()
+
+            return step
+
+        mem = {name: saved_bytes(step_of(m)) for name, m in contenders.items()}
+        for name, held in mem.items():
+            rows.append([label, name, f"{held / 2**20:.1f} MiB", f"{held / mem['fp32']:.2f}x"])
+    return rows
+
+
 # ----------------------------------------------------------------------------- kernel
 
 
@@ -385,7 +437,9 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", nargs="+", choices=["compile", "step", "kernel", "lower"])
+    parser.add_argument(
+        "--only", nargs="+", choices=["compile", "step", "memory", "kernel", "lower"]
+    )
     parser.add_argument(
         "--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md")
     )
@@ -415,6 +469,14 @@ def main() -> int:
                     "target",
                 ],
                 bench_step(args.quick),
+            )
+        )
+    if "step" in chosen or "memory" in chosen:
+        parts.append(
+            table(
+                "Saved-for-backward memory of one training step",
+                ["model", "method", "saved for backward", "vs fp32"],
+                bench_memory(),
             )
         )
     if "kernel" in chosen:
@@ -451,9 +513,10 @@ def main() -> int:
         "backward, a stochastic gradient quantiser whose noise comes from an integer hash per "
         "element. The kernel table shows each near or above two memory passes; the gradient "
         "quantiser is the dearest (hash arithmetic). The rest is Python dispatch per layer.",
-        "- *Saved-for-backward memory*: a convolution keeps its quantised input for backward, a "
-        "tensor beside the float activation the rest of the network keeps; lowered linears keep "
-        "int8 codes instead.",
+        "- *Saved-for-backward memory*: unfused, a convolution keeps its quantised input for "
+        "backward, a tensor beside the float activation the rest of the network keeps; a fused "
+        "layer (the default) keeps its input's and weight's integer codes packed to their "
+        "bit-widths instead, and lowered linears keep int8 codes.",
         "- *Compile*: linear layers and convolutions are sized by arithmetic; the rest of "
         "the shape propagation runs on fake tensors (attention, reshapes), and FX generates "
         "code once per pass; the rewrite pass (one quantiser module per tensor) is about a "

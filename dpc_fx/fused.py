@@ -1,0 +1,345 @@
+"""A quantised conv/linear layer as one autograd node that keeps only integer codes.
+
+The rewrite pass surrounds a layer with three quantisers: ``act_q`` and ``weight_q``
+fake-quantise its inputs, ``grad_q`` quantises its output gradient in backward. Run as they
+are, autograd keeps a float copy of the quantised activation and weight for the layer's
+backward, and each quantiser is a node of its own. :class:`FusedLayer` runs the same
+quantisers' kernels inside one :class:`torch.autograd.Function`:
+
+forward   the activation's range and codes (per tensor: the batch's range in training,
+          updating ``act_q``'s running range, the running range in eval), the weight's
+          codes (per output channel), the product on the dequantised values;
+saved     the uint8 codes of the activation and the weight, packed to ``bits`` bits each
+          (8 codes in ``bits`` bytes), and their ranges: never a float copy;
+backward  the output gradient quantised as ``grad_q`` does (stochastic, per tensor, the same
+          seed stream), the saved codes dequantised, and the layer's own backward formula
+          (``aten.convolution_backward``; for linear, the matmuls ``aten.linear``'s backward
+          runs).
+
+Every quantised value equals the one the unfused chain computes (the same kernels; codes
+dequantise to exactly the fake-quantised floats), so outputs and gradients agree bit for bit
+(``tests/test_fuse.py``). Where the codes cannot stand in (a bit-width above 8 or off, no
+gradient wanted, ``torch.compile`` or ``torch.jit`` tracing the model) the layer runs the
+unfused chain through the same quantiser modules.
+
+>>> q = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 5], dtype=torch.uint8)
+>>> pack(q, 3).shape, torch.equal(unpack(pack(q, 3), 3, 9), q)
+(torch.Size([2, 3]), True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dpc_fx import kernels
+from dpc_fx.quant import (
+    ActQuantizer,
+    GradQuantizer,
+    WeightQuantizer,
+    _flat,
+    _quantize_grad,
+    _rows,
+    _working,
+    is_active,
+)
+
+__all__ = ["FUSABLE", "FusedLayer", "pack", "packed_bytes", "unpack"]
+
+# The ops a fused layer runs, with their number of spatial dimensions.
+FUSABLE = {"linear": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3}
+_FUNCTIONAL: dict[str, Callable[..., Tensor]] = {
+    "linear": F.linear,
+    "conv1d": F.conv1d,
+    "conv2d": F.conv2d,
+    "conv3d": F.conv3d,
+}
+_MAX_CODE_BITS = 8  # a code fits a byte
+
+
+def packed_bytes(numel: int, bits: int) -> int:
+    """Bytes :func:`pack` keeps for ``numel`` codes of ``bits`` bits (one byte each at 8)."""
+    return numel if bits >= 8 else -(-numel // 8) * bits
+
+
+def pack(q: Tensor, bits: int) -> Tensor:
+    """The ``bits``-bit codes ``q`` (a uint8 vector) in ``bits`` bytes per 8 codes.
+
+    Byte ``i`` of a group holds bit ``i`` of its 8 codes (bit planes), so every bit-width
+    below 8 packs without waste; at 8 bits ``q`` is returned as it is.
+    """
+    if bits >= 8:
+        return q
+    pad = (-q.numel()) % 8
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad)])
+    shifts = torch.arange(8, dtype=torch.uint8, device=q.device)
+    planes = (q.view(-1, 8, 1) >> shifts[:bits]) & 1  # (groups, code, plane)
+    return (planes << shifts.view(8, 1)).sum(1, dtype=torch.uint8)
+
+
+def unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """The ``numel`` codes :func:`pack` packed, as a uint8 vector."""
+    if bits >= 8:
+        return packed
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    planes = (packed.unsqueeze(1) >> shifts.view(8, 1)) & 1  # (groups, code, plane)
+    return (planes << shifts[:bits]).sum(2, dtype=torch.uint8).view(-1)[:numel]
+
+
+class _Codes:
+    """One quantised tensor as backward needs it: packed codes and range (tensors, saved
+    through ``save_for_backward``) and how to turn them back into the fake-quantised floats
+    (plain values: nothing here may hold the float tensor)."""
+
+    def __init__(
+        self,
+        q: Tensor,
+        lo: Tensor,
+        hi: Tensor,
+        bad: Tensor,
+        bits: int,
+        dtype: torch.dtype,
+        restore: Callable[[Tensor], Tensor],
+    ) -> None:
+        self.tensors: tuple[Tensor, ...] = (pack(q.reshape(-1), bits), lo, hi, bad)
+        self.bits, self.numel, self.shape = bits, q.numel(), q.shape
+        self.dtype, self.restore = dtype, restore
+
+    def floats(self, packed: Tensor, lo: Tensor, hi: Tensor, bad: Tensor) -> Tensor:
+        q = unpack(packed, self.bits, self.numel).view(self.shape)
+        levels = kernels.levels_tensor(self.bits, lo)
+        return self.restore(kernels.dequantize_codes(q, lo, hi, levels, bad)).to(self.dtype)
+
+
+def _strided(size: torch.Size, stride: tuple[int, ...]) -> Callable[[Tensor], Tensor]:
+    return lambda flat: flat.as_strided(size, stride)
+
+
+def _activation(q: ActQuantizer, x: Tensor) -> tuple[Tensor, _Codes]:
+    """``q(x)`` (nearest rounding over the batch's or the running range) and its codes."""
+    assert q.bits is not None
+    q._check(x)
+    work = _working(x.detach())
+    flat, back = _flat(work)
+    levels = kernels.levels_tensor(q.bits, work)
+    if q.training:
+        codes, out, lo, hi, bad = kernels.quantize_codes_tensor(flat, levels)
+        q._observe(lo, hi)
+    else:
+        lo, hi = q.range_for(x)
+        lo, hi = lo.reshape(()).to(work.dtype), hi.reshape(()).to(work.dtype)
+        codes, out, bad = kernels.quantize_codes(flat, lo, hi, levels)
+    x_hat = back(out).to(x.dtype)
+    # _flat's way back holds x itself; backward rebuilds the layout from sizes and strides.
+    restore = _strided(x_hat.size(), x_hat.stride())
+    return x_hat, _Codes(codes, lo, hi, bad, q.bits, x.dtype, restore)
+
+
+def _weight(q: WeightQuantizer, w: Tensor) -> tuple[Tensor, _Codes]:
+    """``q(w)`` (per output channel, or per tensor) and its codes."""
+    assert q.bits is not None
+    q._check(w)
+    work = _working(w.detach())
+    levels = kernels.levels_tensor(q.bits, work)
+    channel_dim = q.channel_dim if w.dim() > 1 else None
+    if channel_dim is None:
+        flat, back = _flat(work)
+        codes, out, lo, hi, bad = kernels.quantize_codes_tensor(flat, levels)
+        w_hat = back(out).to(w.dtype)
+        restore = _strided(w_hat.size(), w_hat.stride())
+    else:
+        rows, restore = _rows(work, channel_dim)
+        codes, out, lo, hi, bad = kernels.quantize_codes_channels(rows, levels)
+        w_hat = restore(out).to(w.dtype)
+    return w_hat, _Codes(codes, lo, hi, bad, q.bits, w.dtype, restore)
+
+
+class _FusedFn(torch.autograd.Function):
+    """Quantise, multiply, keep codes; in backward quantise the gradient and differentiate
+    the product at the dequantised codes (straight through to ``x`` and ``weight``)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: FusedLayer
+    ) -> Tensor:
+        x_hat, act = _activation(layer.act_q, x)
+        w_hat, wgt = _weight(layer.weight_q, weight)
+        y = layer.product(x_hat, w_hat, bias)
+        # Under autocast the product ran on copies cast to y's dtype; backward differentiates
+        # at those copies and casts the gradients back, as autograd does unfused.
+        ctx.dtypes = (y.dtype, x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(*act.tensors, *wgt.tensors)
+        layer.last_shapes = (x.numel(), weight.numel(), wgt.tensors[1].numel())
+        # Only save_for_backward holds them from here, so saved-tensor hooks (offloading,
+        # checkpointing) see every tensor backward keeps.
+        act.tensors = wgt.tensors = ()
+        ctx.codes, ctx.layer = (act, wgt), layer
+        ctx.has_bias = bias is not None
+        grad_q = layer.grad_q
+        ctx.grad_bits = grad_q.bits if grad_q is not None and grad_q.active else None
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        act, wgt = ctx.codes
+        layer: FusedLayer = ctx.layer
+        if ctx.grad_bits is not None:
+            assert layer.grad_q is not None
+            if layer.grad_q.check_finite:
+                layer.grad_q._check(grad)
+            grad = _quantize_grad(grad, ctx.grad_bits)
+        product, *dtypes = ctx.dtypes
+        x_hat, w_hat = act.floats(*saved[:4]), wgt.floats(*saved[4:])
+        x_hat, w_hat = x_hat.to(product), w_hat.to(product)
+        want = ctx.needs_input_grad[:3]
+        if layer.op == "linear":
+            dx, dw, db = _linear_backward(grad, x_hat, w_hat, want)
+        else:
+            n = FUSABLE[layer.op]
+            dx, dw, db = torch.ops.aten.convolution_backward(
+                grad,
+                x_hat,
+                w_hat,
+                [w_hat.shape[0]] if ctx.has_bias else None,
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                False,
+                [0] * n,
+                layer.groups,
+                [want[0], want[1], want[2] and ctx.has_bias],
+            )
+        grads = (dx, dw, db if ctx.has_bias else None)
+        return (
+            *(
+                g.to(t) if g is not None and w and t is not None else None
+                for g, w, t in zip(grads, want, dtypes, strict=True)
+            ),
+            None,
+        )
+
+
+def _linear_backward(
+    grad: Tensor, x_hat: Tensor, w_hat: Tensor, want: tuple[bool, ...]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    # The products autograd runs for aten.linear (addmm / mm on the flattened input):
+    # d(input) = g @ W and d(weight) = g^T @ x, in these layouts, so the sums match.
+    g2 = grad.reshape(-1, grad.shape[-1])
+    dx = g2.mm(w_hat).view(x_hat.shape) if want[0] else None
+    dw = g2.t().mm(x_hat.reshape(-1, x_hat.shape[-1])) if want[1] else None
+    db = g2.sum(0) if want[2] else None
+    return dx, dw, db
+
+
+def _tuple(value: int | tuple[int, ...], n: int) -> list[int]:
+    return list(value) if isinstance(value, (tuple, list)) else [int(value)] * n
+
+
+class FusedLayer(nn.Module):
+    """A quantised conv/linear layer: its three quantisers and one autograd node.
+
+    Called in the graph as ``self.dpc.<layer>(x, weight, bias)`` in place of the
+    ``act_q -> op <- weight_q ; grad_q`` chain. The quantisers stay its children under their
+    roles' names (so quantiser paths, ``state_dict`` keys and schedules setting ``bits``
+    keep working); their ``bits`` are read on every call.
+
+    Args:
+        op: ``"linear"``, ``"conv1d"``, ``"conv2d"`` or ``"conv3d"``.
+        act_q, weight_q, grad_q: the layer's quantisers (``grad_q`` may be ``None``).
+        stride, padding, dilation, groups: the convolution's, as ints or tuples.
+    """
+
+    act_q: ActQuantizer
+    weight_q: WeightQuantizer
+    grad_q: GradQuantizer | None
+
+    def __init__(
+        self,
+        op: str,
+        act_q: ActQuantizer,
+        weight_q: WeightQuantizer,
+        grad_q: GradQuantizer | None,
+        *,
+        stride: int | tuple[int, ...] = 1,
+        padding: int | tuple[int, ...] = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+    ) -> None:
+        super().__init__()
+        if op not in FUSABLE:
+            raise ValueError(f"FusedLayer: op={op!r} is not one of {sorted(FUSABLE)}")
+        n = max(FUSABLE[op], 1)
+        self.op = op
+        self.act_q, self.weight_q = act_q, weight_q
+        self.register_module("grad_q", grad_q)
+        self.stride, self.padding = _tuple(stride, n), _tuple(padding, n)
+        self.dilation, self.groups = _tuple(dilation, n), groups
+        # Elements of the last input, weight and weight ranges the fused path saw.
+        self.last_shapes: tuple[int, int, int] | None = None
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        if self._fusable(x, weight, bias):
+            if self.op == "linear" and x.dim() > 2:
+                # aten.linear runs a dense 3-D input as a 2-D product and returns a view of
+                # it; a custom Function's output may not be a view (in-place ops on it would
+                # be refused), so the Function takes the 2-D product and autograd the view.
+                y = _FusedFn.apply(x.reshape(-1, x.shape[-1]), weight, bias, self)
+                return y.view(*x.shape[:-1], y.shape[-1])
+            return _FusedFn.apply(x, weight, bias, self)
+        y = self.product(self.act_q(x), self.weight_q(weight), bias)
+        return y if self.grad_q is None else self.grad_q(y)
+
+    def product(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The layer's op on (quantised) ``x`` and ``weight``."""
+        if self.op == "linear":
+            return F.linear(x, weight, bias)
+        fn = _FUNCTIONAL[self.op]
+        return fn(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _fusable(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return False  # nothing to keep, or a tracer that should see the quantisers
+        if not any(t is not None and t.requires_grad for t in (x, weight, bias)):
+            return False
+        if self.op == "linear":
+            # aten.matmul folds a strided input differently when it requires grad (as it
+            # does unfused, never inside an autograd function): only dense inputs agree.
+            batched = x.dim() == 2 or (x.dim() > 2 and x.is_contiguous())
+        else:
+            batched = x.dim() == FUSABLE[self.op] + 2
+        codes = all(
+            is_active(b := getattr(q, "bits", None)) and b <= _MAX_CODE_BITS  # type: ignore[operator]
+            for q in (self.act_q, self.weight_q)
+        )
+        return codes and batched and x.numel() > 0 and weight.numel() > 0
+
+    def saved_bytes(self, a_bits: int | None = None, w_bits: int | None = None) -> int | None:
+        """Bytes this layer keeps for backward at ``a_bits``/``w_bits`` (default: its
+        quantisers' bits) for the last input it ran on; ``None`` before its first fused
+        step. Codes plus ranges: 4-byte ``lo``/``hi`` per tensor, and per weight channel,
+        and a one-byte flag per tensor."""
+        if self.last_shapes is None:
+            return None
+        a_bits = self.act_q.bits if a_bits is None else a_bits
+        w_bits = self.weight_q.bits if w_bits is None else w_bits
+        if not (is_active(a_bits) and is_active(w_bits)):
+            return None
+        assert a_bits is not None and w_bits is not None
+        x_numel, w_numel, channels = self.last_shapes
+        ranges = 2 * 4 * (1 + channels) + 2  # and one byte each: held a non-finite value
+        return packed_bytes(x_numel, a_bits) + packed_bytes(w_numel, w_bits) + ranges
+
+    def extra_repr(self) -> str:
+        roles = (("act_q", self.act_q), ("weight_q", self.weight_q), ("grad_q", self.grad_q))
+        bits = ", ".join(f"{role}={getattr(q, 'bits', None) or 'fp'}" for role, q in roles)
+        conv = ""
+        if self.op != "linear":
+            conv = f", stride={tuple(self.stride)}, padding={tuple(self.padding)}"
+            conv += f", groups={self.groups}" if self.groups != 1 else ""
+        return f"{self.op}, {bits}{conv}"

@@ -1,0 +1,137 @@
+"""Pass 6, fuse: each quantised conv/linear layer as one node and one autograd step.
+
+Reads: a rewritten (optionally lowered) GraphModule: quantisers in place, ``meta["dpc"]``
+with bits. Writes: a copy in which every ``linear``/``conv1d``/``conv2d``/``conv3d`` layer
+whose activation and weight are both quantised runs as one
+:class:`~dpc_fx.fused.FusedLayer` call. That module holds the layer's quantiser modules as
+its children (``act_q``, ``weight_q``, ``grad_q``: the same objects, under the same paths),
+runs their kernels in one autograd function and keeps only integer codes for backward. The
+fused node keeps the layer's ``meta["dpc"]``. Everything else (lowered linears, transposed
+convolutions, products of two activations, layers with a full-precision input, convs with
+``padding="same"``) is copied as it is.
+
+Invariant: the fused module computes what ``gm`` computes, forward and backward, bit for
+bit (the same kernels, the same stochastic-rounding stream).
+
+Before::
+
+    conv1_act_q    = self.dpc.conv1.act_q(x)
+    conv1_weight_q = self.dpc.conv1.weight_q(conv1_weight)
+    conv1          = torch.conv2d(conv1_act_q, conv1_weight_q, None, (2, 2), (3, 3), (1, 1), 1)
+    conv1_grad_q   = self.dpc.conv1.grad_q(conv1)
+
+After::
+
+    dpc_conv1 = self.dpc.conv1(x, conv1_weight, None)
+    # FusedLayer(conv2d, act_q=6, weight_q=6, grad_q=8, stride=(2, 2), padding=(3, 3))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from torch import fx
+
+from dpc_fx.fused import FUSABLE, FusedLayer
+from dpc_fx.meta import QUANTIZERS, DPCState, layer_meta
+from dpc_fx.passes._graph import copy_graph_module, layer_nodes
+from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer
+
+__all__ = ["fuse"]
+
+_TARGETS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+def fuse(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with each quantised conv/linear layer as one fused module call."""
+    new = copy_graph_module(gm)
+    old_state = getattr(gm, QUANTIZERS, None)
+    if not isinstance(old_state, DPCState):
+        return new
+    state = DPCState()
+    for name, child in old_state.named_children():
+        state.add_module(name, child)
+    graph = new.graph
+    for node in layer_nodes(new):
+        meta = layer_meta(node, needed_by="fuse", bits=True)
+        chain = _chain(node, new)
+        if meta.op not in FUSABLE or chain is None or node.name not in state._modules:
+            continue
+        call = _arguments(node)
+        if call is None:
+            continue
+        act_q, weight_q, grad_q = chain
+        state.add_module(
+            node.name,
+            FusedLayer(
+                _TARGETS[node.target],  # type: ignore[index]
+                new.get_submodule(str(act_q.target)),  # type: ignore[arg-type]
+                new.get_submodule(str(weight_q.target)),  # type: ignore[arg-type]
+                None if grad_q is None else new.get_submodule(str(grad_q.target)),  # type: ignore[arg-type]
+                **call,
+            ),
+        )
+        bias = _bias(node)
+        with graph.inserting_before(node):
+            fused = graph.call_module(
+                f"{QUANTIZERS}.{node.name}", (act_q.args[0], weight_q.args[0], bias)
+            )
+        fused.meta = dict(node.meta)
+        (node if grad_q is None else grad_q).replace_all_uses_with(fused)
+        for dead in (grad_q, node, weight_q, act_q):
+            if dead is not None:
+                graph.erase_node(dead)
+    new.add_module(QUANTIZERS, state)
+    graph.lint()
+    new.recompile()
+    return new
+
+
+def _chain(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
+    """The ``act_q``, ``weight_q`` and (if any) ``grad_q`` nodes around a rewritten layer."""
+    if node.op != "call_function" or node.target not in _TARGETS or len(node.args) < 2:
+        return None
+    act_q, weight_q = node.args[0], node.args[1]
+    if not (isinstance(act_q, fx.Node) and isinstance(weight_q, fx.Node)):
+        return None
+    for n, kind in ((act_q, ActQuantizer), (weight_q, WeightQuantizer)):
+        if n.op != "call_module" or not isinstance(gm.get_submodule(str(n.target)), kind):
+            return None
+        if len(n.users) != 1:
+            return None
+    users = list(node.users)
+    grad_q = users[0] if len(users) == 1 else None
+    if grad_q is not None and not (
+        grad_q.op == "call_module"
+        and isinstance(gm.get_submodule(str(grad_q.target)), GradQuantizer)
+    ):
+        grad_q = None
+    return act_q, weight_q, grad_q
+
+
+def _bias(node: fx.Node) -> Any:
+    return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+
+
+def _arguments(node: fx.Node) -> dict[str, Any] | None:
+    """The convolution's stride, padding, dilation and groups, if they are plain values the
+    fused layer can differentiate with (not graph values, not ``padding="same"``)."""
+    if node.target is F.linear:
+        return {} if len(node.args) + len(node.kwargs) <= 3 else None
+    values: dict[str, Any] = dict(_CONV_DEFAULTS)
+    values.update(zip(_CONV_ARGS, node.args, strict=False))
+    values.update(node.kwargs)
+    call = {k: values[k] for k in ("stride", "padding", "dilation", "groups")}
+    bias = _bias(node)
+    if bias is not None and not isinstance(bias, fx.Node):
+        return None
+    return call if all(_ints(v) for v in call.values()) else None
+
+
+def _ints(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,331 @@
+"""The fuse pass: one autograd node per quantised conv/linear layer, integer codes kept.
+
+Tolerance: none. A fused layer runs the unfused quantisers' kernels, its codes dequantise to
+exactly the fake-quantised floats, its backward calls the products autograd calls for the
+unfused op (``aten.convolution_backward``; for linear the same ``mm`` layouts), and it draws
+its gradient's stochastic-rounding seed at the same point of the backward pass. So outputs,
+gradients and running ranges are compared with ``torch.equal``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+
+import pytest
+import torch
+from helpers import compile_quiet, layer_node_list, quantizer_nodes
+from rich.console import Console
+from torch import Tensor, nn
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+from toys import mlp, small_cnn
+
+import dpc_fx
+from dpc_fx import DPCConfig, kernels
+from dpc_fx.fused import FusedLayer, pack, packed_bytes, unpack
+from dpc_fx.passes import fuse
+from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer
+from dpc_fx.report import layer_table
+
+CONFIG = DPCConfig(b_min=3, b_max=7, pin_first_last=False)
+
+
+class Mixed(nn.Module):
+    """Every kind of layer the fused path takes, and two it leaves alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
+        self.depthwise = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False)
+        self.point = nn.Conv2d(8, 16, 1)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)  # not fused
+        self.seq = nn.Conv1d(8, 12, 3, dilation=2)
+        self.proj = nn.Linear(12, 12, bias=False)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.point(torch.relu(self.depthwise(torch.relu(self.stem(x))))))
+        h = torch.relu(self.up(h)).flatten(2)  # (batch, 8, 64)
+        h = self.seq(h).transpose(1, 2).contiguous()  # (batch, 60, 12)
+        h = self.proj(h)
+        h = h @ h.transpose(1, 2) @ h  # products of activations: not fused
+        return self.head(torch.tanh(h))
+
+
+def _model() -> tuple[nn.Module, Tensor]:
+    torch.manual_seed(0)
+    return Mixed(), torch.randn(2, 3, 8, 8)
+
+
+def _step(gm: nn.Module, x: Tensor, seed: int) -> list[Tensor]:
+    """Output, input gradient and parameter gradients of one backward pass."""
+    for p in gm.parameters():
+        p.grad = None
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)  # the gradient quantisers' noise
+    y = gm(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    assert x.grad is not None
+    return [y.detach(), x.grad, *(p.grad for p in gm.parameters())]  # type: ignore[misc]
+
+
+def _ranges(gm: nn.Module) -> list[Tensor]:
+    return [
+        t
+        for m in gm.modules()
+        if isinstance(m, ActQuantizer)
+        for t in (m.running_min, m.running_max)
+    ]
+
+
+def test_fused_layers_match_the_unfused_quantisers_bit_for_bit() -> None:
+    model, x = _model()
+    plain = compile_quiet(model, x, config=CONFIG.replace(fuse=False))
+    fused = compile_quiet(copy.deepcopy(model), x, config=CONFIG)
+    assert sum(isinstance(m, FusedLayer) for m in fused.modules()) == 6
+    for mode, seed in (("train", 1), ("train", 2), ("eval", 3)):  # eval: the running range
+        a = _step(getattr(plain, mode)(), x, seed)
+        b = _step(getattr(fused, mode)(), x, seed)
+        assert len(a) == len(b)
+        for i, (u, v) in enumerate(zip(a, b, strict=True)):
+            assert torch.equal(u, v), (mode, i, (u - v).abs().max())
+        assert all(torch.equal(u, v) for u, v in zip(_ranges(plain), _ranges(fused), strict=True))
+
+
+def test_a_fused_layer_above_8_bits_runs_the_unfused_chain() -> None:
+    model, x = _model()
+    plain = compile_quiet(model, x, config=CONFIG.replace(fuse=False))
+    fused = compile_quiet(copy.deepcopy(model), x, config=CONFIG)
+    for gm in (plain, fused):
+        for m in gm.modules():
+            if isinstance(m, ActQuantizer):
+                m.bits = 12  # codes no longer fit a byte
+    for u, v in zip(_step(plain, x, 4), _step(fused, x, 4), strict=True):
+        assert torch.equal(u, v)
+
+
+def test_fuse_leaves_one_node_per_layer_that_names_its_quantisers() -> None:
+    model, x = _model()
+    plain = compile_quiet(model, x, config=CONFIG.replace(fuse=False))
+    gm = fuse(plain)
+    assert len(quantizer_nodes(plain, "act_q")) == 9
+    # ConvTranspose and the two activation products keep their quantiser nodes.
+    assert [len(quantizer_nodes(gm, r)) for r in ("act_q", "weight_q", "grad_q")] == [3, 3, 3]
+    fused = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), FusedLayer)
+    ]
+    assert {n.meta["dpc"].layer for n in fused} == {
+        "stem",
+        "depthwise",
+        "point",
+        "seq",
+        "proj",
+        "head",
+    }
+    assert all(n.target == f"dpc.{n.meta['dpc'].layer}" for n in fused)
+    # The record stays on the layer's node, the quantisers stay the same objects under the
+    # same paths, so state_dict keys and schedules are unchanged.
+    assert len(layer_node_list(gm)) == len(layer_node_list(plain))
+    assert gm.state_dict().keys() == plain.state_dict().keys()
+    assert dpc_fx.model_state_dict(gm).keys() == model.state_dict().keys()
+    for node in fused:
+        layer = gm.get_submodule(node.target)
+        assert layer.act_q is plain.get_submodule(f"{node.target}.act_q")
+        bits = node.meta["dpc"].bits
+        assert f"act_q={bits.a}, weight_q={bits.w}, grad_q={bits.g}" in repr(layer)
+    assert plain.graph is not gm.graph and len(quantizer_nodes(plain, "act_q")) == 9  # pure
+
+
+def test_a_schedule_sets_the_bits_a_fused_layer_runs_at() -> None:
+    model, x = _model()
+    gm = compile_quiet(model, x, config=CONFIG)
+    schedule = dpc_fx.CyclicSchedule(gm, low=3, high=8, period=4)
+    stem = gm.get_submodule("dpc.stem")
+    assert isinstance(stem, FusedLayer)
+    seen = set()
+    for _ in range(4):
+        seen.add(stem.act_q.bits)
+        assert f"act_q={stem.act_q.bits}," in repr(stem)
+        schedule.step()
+    assert len(seen) > 1
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("numel", [0, 1, 7, 8, 9, 1000])
+def test_packed_codes_round_trip(bits: int, numel: int) -> None:
+    torch.manual_seed(bits * 1000 + numel)
+    q = torch.randint(0, 2**bits, (numel,), dtype=torch.uint8)
+    packed = pack(q, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_bytes(numel, bits)
+    assert torch.equal(unpack(packed, bits, numel), q)
+
+
+def _kept(layer: FusedLayer, x: Tensor, weight: Tensor) -> list[Tensor]:
+    """The tensors autograd keeps for the layer's backward."""
+    kept: list[Tensor] = []
+
+    def keep(t: Tensor) -> Tensor:
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        layer(x, weight, None)
+    return kept
+
+
+def _layer(bits: int, *, fused: bool = True) -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    layer = FusedLayer(
+        "conv2d", ActQuantizer(bits), WeightQuantizer(bits), GradQuantizer(8), padding=1
+    )
+    x = torch.randn(4, 16, 12, 12, requires_grad=True)
+    weight = torch.randn(32, 16, 3, 3, requires_grad=True)
+    return layer, x, weight
+
+
+def test_a_fused_layer_keeps_codes_not_floats_and_less_at_fewer_bits() -> None:
+    kept_bytes = []
+    for bits in range(8, 1, -1):
+        layer, x, weight = _layer(bits)
+        kept = _kept(layer, x, weight)
+        # A float copy of the input or the weight would be a float tensor as large as a
+        # weight channel or more; only the ranges (one per tensor, one per channel) are float.
+        big_floats = [t for t in kept if t.is_floating_point() and t.numel() > weight.shape[0]]
+        assert not big_floats, [(t.dtype, t.shape) for t in big_floats]
+        total = sum(t.numel() * t.element_size() for t in kept)
+        assert total == layer.saved_bytes()
+        kept_bytes.append(total)
+    assert all(a > b for a, b in itertools.pairwise(kept_bytes)), kept_bytes
+    codes = 4 * 16 * 12 * 12 + 32 * 16 * 3 * 3
+    assert kept_bytes[0] < codes * 1.05  # a byte per element at 8 bits
+    assert kept_bytes[-1] < codes * 2 / 8 * 1.2  # two bits per element at 2 bits
+
+
+def test_the_float_copy_check_sees_the_unfused_quantisers() -> None:
+    """The check above can fail: the unfused chain keeps the quantised input in float."""
+    layer, x, weight = _layer(8)
+    kept: list[Tensor] = []
+
+    def keep(t: Tensor) -> Tensor:
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        layer.grad_q(layer.product(layer.act_q(x), layer.weight_q(weight), None))
+    assert any(t.is_floating_point() and t.shape == x.shape for t in kept)
+
+
+def test_cost_reports_what_each_layer_keeps_falling_with_its_bits() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)
+    )
+    x = torch.randn(16, 64)
+    config = CONFIG.replace(overrides={"0": 8, "2": 5, "4": 3})
+    gm = compile_quiet(model, x, config=config)
+    assert all(r.saved_bytes is None for r in dpc_fx.cost(gm).layers)  # nothing ran yet
+    gm(x).sum().backward()
+    saved = [r.saved_bytes for r in dpc_fx.cost(gm).layers]
+    assert saved[0] is not None and saved[1] is not None and saved[2] is not None
+    assert saved[0] > saved[1] > saved[2]
+    # codes, 4-byte lo/hi per tensor and per weight channel, a one-byte non-finite flag each
+    assert saved[1] == packed_bytes(16 * 64, 5) + packed_bytes(64 * 64, 5) + 8 * (1 + 64) + 2
+    text = io.StringIO()
+    Console(file=text, width=200).print(layer_table(gm))
+    assert " kept" in text.getvalue() and f"{saved[2] / 1e3:.1f}kB" in text.getvalue()
+    unfused = compile_quiet(model, x, config=config.replace(fuse=False))
+    unfused(x).sum().backward()
+    assert all(r.saved_bytes is None for r in dpc_fx.cost(unfused).layers)
+
+
+def test_fused_layers_match_under_autocast() -> None:
+    """Under autocast the product runs in bfloat16 on cast copies: backward differentiates
+    at the same copies and casts the gradients back to each parameter's dtype."""
+    model, x = _model()
+    plain = compile_quiet(model, x, config=CONFIG.replace(fuse=False))
+    fused = compile_quiet(copy.deepcopy(model), x, config=CONFIG)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = _step(plain, x, 5), _step(fused, x, 5)
+    assert a[0].dtype == torch.bfloat16 and a[-1].dtype == torch.float32
+    for i, (u, v) in enumerate(zip(a, b, strict=True)):
+        assert u.dtype == v.dtype and torch.equal(u, v), (i, (u - v).abs().max())
+
+
+@pytest.mark.usefixtures("fused_kernels")
+def test_differently_shaped_models_compile_each_kernel_once() -> None:
+    """Five models (conv2d, channels-last, conv1d, 2-D and 3-D linear inputs), fused and
+    unfused, stepped in one process: each kernel compiles once per kind of input (per-tensor
+    or per-channel codes for ``dequantize_codes``), not once per model's activation layout
+    (a view's base layout was a dynamo guard: four variants each, then the recompile limit)."""
+    torch.manual_seed(0)
+    models = [
+        (small_cnn(), torch.randn(4, 3, 12, 12)),
+        (mlp(8, 16, 4), torch.randn(5, 8)),
+        (
+            nn.Sequential(nn.Conv1d(2, 6, 3), nn.ReLU(), nn.Conv1d(6, 4, 5, stride=2)),
+            torch.randn(3, 2, 20),
+        ),
+        (nn.Sequential(nn.Linear(6, 10), nn.GELU(), nn.Linear(10, 6)), torch.randn(2, 7, 6)),
+        (
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)),
+            torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last),
+        ),
+    ]
+    for model, x in models:
+        for fused in (True, False):
+            gm = compile_quiet(model, x, config=CONFIG.replace(fuse=fused))
+            gm(x).sum().backward()
+            with torch.no_grad():
+                gm.eval()(x)
+    variants = {
+        name: len(_debug_get_cache_entry_list(getattr(kernels, name).__wrapped__.__code__))
+        for name in kernels.__all__
+        if name != "fused"
+    }
+    assert variants == {
+        "channel_range": 0,
+        "dequantize_codes": 2,
+        "fake_quant": 1,
+        "fake_quant_channels": 1,
+        "fake_quant_stochastic": 1,
+        "fake_quant_tensor": 1,
+        "quantize_codes": 0,
+        "quantize_codes_channels": 1,
+        "quantize_codes_tensor": 1,
+        "tensor_range": 0,
+    }
+
+
+def test_a_fused_linear_output_may_be_modified_in_place() -> None:
+    """A 3-D input's product comes back as a view; in-place ops on it (ReLU(inplace=True),
+    Swin's masks) work and change nothing: the same numbers as out of place. (Unfused, the
+    gradient hook put on such a view before the in-place op never fires, so its layer's
+    gradient goes unquantised: the two paths differ there, and the fused one is right.)"""
+    results = []
+    for inplace in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=inplace), nn.Linear(8, 4))
+        x = torch.randn(3, 5, 6)
+        results.append(_step(compile_quiet(model, x, config=CONFIG), x, 6))
+    for u, v in zip(*results, strict=True):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("where", ["input", "weight"])
+def test_a_non_finite_value_reaches_the_fused_layers_gradients(where: str) -> None:
+    """Codes cannot hold ``inf``: a flag kept beside them makes the gradients the codes
+    give non-finite, as the plain layer's are (AMP's GradScaler must see the overflow)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16))
+    gm = dpc_fx.compile(model, torch.randn(4, 8), config=DPCConfig(pin_first_last=False))
+    assert isinstance(gm.get_submodule("dpc._0"), FusedLayer)
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.no_grad():
+        (x if where == "input" else model[0].weight)[0, 0] = float("inf")
+    gm(x).sum().backward()
+    # The other operand's gradient is the one the bad value feeds.
+    grad = model[0].weight.grad if where == "input" else x.grad
+    assert grad is not None and not bool(torch.isfinite(grad).all())
