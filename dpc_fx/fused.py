@@ -169,12 +169,21 @@ class _FusedFn(torch.autograd.Function):
     ) -> Tensor:
         x_hat, act = _activation(layer.act_q, x)
         w_hat, wgt = _weight(layer.weight_q, weight)
+        # A parameter is kept anyway: backward quantises it again (the same codes, nearest
+        # rounding is deterministic) rather than keep its codes beside it.
+        if isinstance(weight, nn.Parameter):
+            wgt.tensors = (weight,)
         y = layer.product(x_hat, w_hat, bias)
         # Under autocast the product ran on copies cast to y's dtype; backward differentiates
         # at those copies and casts the gradients back, as autograd does unfused.
         ctx.dtypes = (y.dtype, x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.save_for_backward(*act.tensors, *wgt.tensors)
-        layer.last_shapes = (x.numel(), weight.numel(), wgt.tensors[1].numel())
+        # (input elements, weight elements and ranges kept as codes: none for a parameter)
+        coded = len(wgt.tensors) > 1
+        layer.last_shapes = (
+            x.numel(),
+            *((weight.numel(), wgt.tensors[1].numel()) if coded else (0, 0)),
+        )
         # Only save_for_backward holds them from here, so saved-tensor hooks (offloading,
         # checkpointing) see every tensor backward keeps.
         act.tensors = wgt.tensors = ()
@@ -195,7 +204,11 @@ class _FusedFn(torch.autograd.Function):
                 layer.grad_q._check(grad)
             grad = _quantize_grad(grad, ctx.grad_bits)
         product, *dtypes = ctx.dtypes
-        x_hat, w_hat = act.floats(*saved[:4]), wgt.floats(*saved[4:])
+        x_hat = act.floats(*saved[:4])
+        if len(saved) == 5:  # the parameter itself
+            w_hat = _weight(layer.weight_q, saved[4])[0]
+        else:
+            w_hat = wgt.floats(*saved[4:])
         x_hat, w_hat = x_hat.to(product), w_hat.to(product)
         want = ctx.needs_input_grad[:3]
         if layer.op == "linear":
@@ -322,8 +335,9 @@ class FusedLayer(nn.Module):
     def saved_bytes(self, a_bits: int | None = None, w_bits: int | None = None) -> int | None:
         """Bytes this layer keeps for backward at ``a_bits``/``w_bits`` (default: its
         quantisers' bits) for the last input it ran on; ``None`` before its first fused
-        step. Codes plus ranges: 4-byte ``lo``/``hi`` per tensor, and per weight channel,
-        and a one-byte flag per tensor."""
+        step. The input's codes, its 4-byte ``lo``/``hi`` and a one-byte non-finite flag;
+        a weight that is a parameter is kept as it is (no new memory) and quantised again in
+        backward, any other weight as codes, ranges per channel and a flag."""
         if self.last_shapes is None:
             return None
         a_bits = self.act_q.bits if a_bits is None else a_bits
@@ -332,8 +346,8 @@ class FusedLayer(nn.Module):
             return None
         assert a_bits is not None and w_bits is not None
         x_numel, w_numel, channels = self.last_shapes
-        ranges = 2 * 4 * (1 + channels) + 2  # and one byte each: held a non-finite value
-        return packed_bytes(x_numel, a_bits) + packed_bytes(w_numel, w_bits) + ranges
+        act = packed_bytes(x_numel, a_bits) + 2 * 4 + 1
+        return act + (packed_bytes(w_numel, w_bits) + 2 * 4 * channels + 1 if w_numel else 0)
 
     def extra_repr(self) -> str:
         roles = (("act_q", self.act_q), ("weight_q", self.weight_q), ("grad_q", self.grad_q))
