@@ -35,6 +35,7 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     without touching ``gm``.
     """
     graph = fx.Graph()
+    graph.set_codegen(gm.graph._codegen)  # a captured graph's inputs and outputs are pytrees
     env: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, env)
     graph.output(out)

@@ -101,6 +101,17 @@ _FUNCTIONS: dict[Callable[..., Any], MatmulSpec] = {
     torch.addmm: MatmulSpec("addmm", Operand(1, "mat1"), Operand(2, "mat2"), -1),
 }
 
+# --- ATen forms, as graphs captured by torch.export hold them (passes/capture.py). -------
+# Only the forms the capture's tests need; branch `attention` (issue 12, second half) brings
+# the full set (conv*, matmul/mm/bmm, einsum, scaled_dot_product_attention): keep theirs.
+_aten = torch.ops.aten
+_FUNCTIONS |= {
+    _aten.linear.default: MatmulSpec("linear", Operand(0, None), Operand(1, None), 0),
+    _aten.conv2d.default: MatmulSpec("conv2d", Operand(0, None), Operand(1, None), 0),
+    _aten.addmm.default: MatmulSpec("addmm", Operand(1, None), Operand(2, None), -1),
+}
+# --- end of the ATen forms ----------------------------------------------------------------
+
 _METHODS: dict[str, MatmulSpec] = {
     "matmul": MatmulSpec("matmul", Operand(0, None), Operand(1, "other"), -1),
     "mm": MatmulSpec("mm", Operand(0, None), Operand(1, "mat2"), -1),
@@ -285,9 +296,14 @@ def layer_names(
     """
     kinds = {cls.__name__ for cls in MODULES}
     owners: dict[fx.Node, tuple[str, str] | None] = {}
+    calls: dict[fx.Node, tuple[str, str]] = {}  # captured calls of conv/linear modules
     for node, spec in specs.items():
         owners[node] = None
         if spec.module is not None:
+            continue
+        called = _captured_module_call(node, spec, module_types)
+        if called is not None:
+            calls[node] = called
             continue
         operand = spec.weight.get(node.args, node.kwargs)
         source = parameter_source(operand) if isinstance(operand, fx.Node) else None
@@ -301,6 +317,7 @@ def layer_names(
             owners[node] = (name, module_types[owner])
     taken = [o[0] for o in owners.values() if o is not None]
     taken += [str(node.target) for node, spec in specs.items() if spec.module is not None]
+    taken += [path for path, _ in calls.values()]
     modules = {p for p, _ in gm.named_modules()}
     seen: dict[str, int] = {}
     names: dict[fx.Node, tuple[str, str | None]] = {}
@@ -308,6 +325,8 @@ def layer_names(
         named = owners[node]
         if spec.module is not None:
             names[node] = (str(node.target), type(spec.module).__name__)
+        elif node in calls:
+            names[node] = calls[node]
         elif named is not None and taken.count(named[0]) == 1:
             names[node] = named
         elif named is not None and named[0] and named[0] not in modules:
@@ -320,6 +339,25 @@ def layer_names(
         else:
             names[node] = (node.name, None)
     return {node: (_join(prefix, name), kind) for node, (name, kind) in names.items()}
+
+
+def _captured_module_call(
+    node: fx.Node, spec: MatmulSpec, module_types: Mapping[str, str]
+) -> tuple[str, str] | None:
+    """(module path, class name) when ``node``, in a graph torch.export captured, is the
+    call of a conv/linear module on its own weight: named after that module, as the module
+    call in a traced graph is (several calls of one module share its name)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    path = list(stack.values())[-1][0]
+    operand = spec.weight.get(node.args, node.kwargs)
+    if not isinstance(operand, fx.Node) or operand.op != "get_attr":
+        return None
+    if str(operand.target) != _join(path, "weight"):
+        return None
+    kind = module_types.get(path)
+    return (path, kind) if kind in {cls.__name__ for cls in MODULES} else None
 
 
 def _join(a: str, b: str) -> str:

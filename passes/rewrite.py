@@ -72,6 +72,7 @@ def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
             f"where dpc_fx keeps the quantisers; rename that attribute of the model to compile it."
         )
     graph = fx.Graph()
+    graph.set_codegen(gm.graph._codegen)  # a captured graph's inputs and outputs are pytrees
     env: dict[fx.Node, fx.Node] = {}
     quantizers = DPCState()
     converted: dict[str, nn.Module] = {}
