@@ -26,20 +26,29 @@ if TYPE_CHECKING:
 __all__ = ["run"]
 
 
-def run(model: nn.Module, inputs: tuple[Any, ...], root: Part) -> dict[str, int]:
-    """Run ``model`` once in eval mode; store each part's first inputs; return MACs per module
+def run(
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    root: Part,
+    kwargs: dict[str, Any] | None = None,
+) -> dict[str, int]:
+    """Run ``model(*inputs, **kwargs)`` once in eval mode; store each part's first inputs (as
+    positional arguments, and the call as it was made); return MACs per module
     path. Parts that only training mode calls (auxiliary classifiers) get theirs from a second
     run in training mode, which leaves no trace: buffers (batch-norm statistics) and the
     random state are restored after it."""
+    kwargs = kwargs or {}
     stack: list[str] = []
     with _recording(model, root, stack), _mode(model, training=False):
         try:
             with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                model(*inputs)
+                model(*inputs, **kwargs)
         except Exception as e:
             where = stack[-1] if stack else ""
             module = model.get_submodule(where) if where not in ("", "?") else model
-            shapes = ", ".join(describe(x) for x in inputs)
+            shapes = ", ".join(
+                [describe(x) for x in inputs] + [f"{k}={describe(v)}" for k, v in kwargs.items()]
+            )
             raise ShapeError(
                 f"example inputs do not fit the model: module '{where or '(the model itself)'}' "
                 f"({type(module).__name__}) failed on example inputs [{shapes}] with "
@@ -50,7 +59,7 @@ def run(model: nn.Module, inputs: tuple[Any, ...], root: Part) -> dict[str, int]
     if any(part.gm is not None and not part.called for part in root.walk()):
         with _recording(model, root, []), _mode(model, training=True), _untouched(model):
             try:
-                model(*inputs)
+                model(*inputs, **kwargs)
             except Exception:  # training may need more (a detector's targets): left alone
                 pass
     root_name = type(model).__name__
@@ -75,6 +84,7 @@ def _recording(model: nn.Module, root: Part, stack: list[str]) -> Iterator[None]
         for part in by_module.get(id(module), ()):
             if not part.called:
                 part.called, part.inputs = True, _positional(module, args, kwargs)
+                part.call = (args, kwargs)
 
     def after(module: nn.Module, args: Any, output: Any) -> None:
         stack.pop()
