@@ -66,7 +66,9 @@ def parse_kwarg(text: str) -> tuple[str, torch.Tensor]:
     try:
         shape = parse_shape(shape_text)
     except ConfigError as e:
-        raise ConfigError(f"--kwarg {text!r}: {e}") from e
+        raise ConfigError(
+            f"--kwarg {text!r}: {shape_text!r} is not a shape; write it as e.g. input_ids=2,16:long."
+        ) from e
     if dtype.is_floating_point:
         return name, torch.randn(shape, dtype=dtype)
     return name, torch.ones(shape, dtype=dtype)

@@ -13,6 +13,7 @@ from torch import Tensor, fx, nn
 
 import dpc_fx
 from dpc_fx import ConfigError
+from dpc_fx.cli import main
 from dpc_fx.errors import TraceError
 from dpc_fx.passes.capture import capture
 
@@ -406,3 +407,41 @@ def test_bert_compiles_from_input_ids_alone() -> None:
     model.eval()
     gm.eval()
     assert torch.equal(quantizers_off(gm)(ids).logits, model(ids).logits)
+
+
+# ------------------------------------------------------------------ torch.compile, CLI
+
+
+def test_torch_compile_sees_no_graph_break_in_a_captured_module() -> None:
+    torch.manual_seed(0)
+    gm = dpc_fx.compile(Unrolled(), example_kwargs=unrolled_inputs())
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(gm)(**unrolled_inputs())
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+def test_inspect_takes_keyword_inputs(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["inspect", "test_capture:Keyworded", "--kwarg", "x=4,8", "--kwarg", "mask=4,16"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "x=(4, 8) mask=(4, 16)" in out and "traced whole" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--kwarg", "x4,8"], r"--kwarg 'x4,8' is not NAME=SHAPE\[:DTYPE\]"),
+        (["--kwarg", "x=4,8:complex"], r"dtypes: float, float32, long"),
+        (["--kwarg", "x=four"], r"--kwarg 'x=four': 'four' is not a shape; write it as e.g. input_ids=2,16:long"),
+        ([], r"inspect needs example inputs: --input SHAPE, --kwarg NAME=SHAPE"),
+        (["--kwarg", "y=4,8"], r"example_kwargs names \['y'\]"),
+    ],
+)
+def test_inspect_says_what_is_wrong_with_a_keyword_input(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code = main(["inspect", "test_capture:Keyworded", *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert __import__("re").search(message, err), err
