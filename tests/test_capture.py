@@ -433,7 +433,10 @@ def test_inspect_takes_keyword_inputs(capsys: pytest.CaptureFixture[str]) -> Non
     [
         (["--kwarg", "x4,8"], r"--kwarg 'x4,8' is not NAME=SHAPE\[:DTYPE\]"),
         (["--kwarg", "x=4,8:complex"], r"dtypes: float, float32, long"),
-        (["--kwarg", "x=four"], r"--kwarg 'x=four': 'four' is not a shape; write it as e.g. input_ids=2,16:long"),
+        (
+            ["--kwarg", "x=four"],
+            r"--kwarg 'x=four': 'four' is not a shape; write it as e.g. input_ids=2,16:long",
+        ),
         ([], r"inspect needs example inputs: --input SHAPE, --kwarg NAME=SHAPE"),
         (["--kwarg", "y=4,8"], r"example_kwargs names \['y'\]"),
     ],
