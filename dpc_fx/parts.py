@@ -75,6 +75,7 @@ class Part:
     called: bool = False
     call: tuple[tuple[Any, ...], dict[str, Any]] | None = None  # first call: args, kwargs
     captured: bool = False  # gm is a torch.export capture, not an FX trace
+    varied: bool = False  # called with differing non-tensor arguments or structures
 
     def walk(self) -> Iterator[Part]:
         yield self
@@ -318,7 +319,7 @@ def split(
             found = {
                 p.path: p.call
                 for p in root.walk()
-                if p.gm is None and p.call is not None and not p.container
+                if p.gm is None and p.call is not None and not p.container and not p.varied
                 if _has_parameters(p.module) and p.path not in captures.calls
             }
             if found:
@@ -342,7 +343,7 @@ def split(
         except ShapeError as e:
             # A graph FX traced that does not run on what its model hands it: captured whole
             # by torch.export on that call, if it can be, before keeping anything whole.
-            if not part.captured and part.call is not None:
+            if not part.captured and part.call is not None and not part.varied:
                 captures.calls.setdefault(part.path, part.call)
                 if captures.attempt(part.module, part.path):
                     continue

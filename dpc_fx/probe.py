@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from dpc_fx.errors import ShapeError
@@ -85,6 +86,8 @@ def _recording(model: nn.Module, root: Part, stack: list[str]) -> Iterator[None]
             if not part.called:
                 part.called, part.inputs = True, _positional(module, args, kwargs)
                 part.call = (args, kwargs)
+            elif part.call is not None and not _same_form(part.call, (args, kwargs)):
+                part.varied = True  # a capture on the first call would not fit the others
 
     def after(module: nn.Module, args: Any, output: Any) -> None:
         stack.pop()
@@ -130,6 +133,20 @@ def _untouched(model: nn.Module) -> Iterator[None]:
             for module, name, buffer, values in saved:
                 module._buffers[name] = buffer
                 buffer.copy_(values)
+
+
+def _form(call: Any) -> Any:
+    """What a capture specialises on in a call: its structure, the tensors' ranks and dtypes,
+    the other values (sizes stay free)."""
+    leaves, spec = pytree.tree_flatten(call)
+    return spec, [(x.dim(), x.dtype) if isinstance(x, torch.Tensor) else x for x in leaves]
+
+
+def _same_form(a: Any, b: Any) -> bool:
+    try:
+        return bool(_form(a) == _form(b))
+    except Exception:  # values that do not compare: take them as different
+        return False
 
 
 def _positional(

@@ -448,3 +448,37 @@ def test_inspect_says_what_is_wrong_with_a_keyword_input(
     err = capsys.readouterr().err
     assert code == 2
     assert __import__("re").search(message, err), err
+
+
+class CalledTwoWays(nn.Module):
+    """FX cannot trace it; its model calls it with and without a mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        h = torch.stack(list(self.lin(x)))
+        return h if mask is None else h * mask
+
+
+class TwoCalls(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.inner, self.last = nn.Linear(4, 4), CalledTwoWays(), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inner(self.first(x))
+        h = self.inner(h, torch.ones_like(h)) if x.sum() > -1e9 else h  # FX cannot trace this
+        return self.last(h)
+
+
+def test_a_part_called_in_different_forms_is_not_captured_on_one_of_them() -> None:
+    torch.manual_seed(0)
+    model, x = TwoCalls(), torch.randn(3, 4)
+    with pytest.warns(UserWarning, match=r"submodule 'inner' \(CalledTwoWays\)"):
+        gm = dpc_fx.compile(model, x)
+    assert "inner" in [leaf.path for leaf in dpc_fx.coverage(gm).leaves]
+    model.eval()
+    gm.eval()
+    assert torch.equal(quantizers_off(copy.deepcopy(gm))(x), model(x))
