@@ -344,6 +344,8 @@ def split(
             # A graph FX traced that does not run on what its model hands it: captured whole
             # by torch.export on that call, if it can be, before keeping anything whole.
             if not part.captured and part.call is not None and not part.varied:
+                if whole and not _runs(model, args, kwargs, root):
+                    raise  # the inputs are at fault, and the graph's error says where
                 captures.calls.setdefault(part.path, part.call)
                 if captures.attempt(part.module, part.path):
                     continue
@@ -357,6 +359,15 @@ def split(
             error = error or e
             bad.update(failing)
     raise AssertionError("unreachable: each round keeps at least one more module whole")
+
+
+def _runs(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], root: Part) -> bool:
+    """Whether the model runs on its example inputs (the example run, once)."""
+    try:
+        probe.run(model, args, root, kwargs)
+    except ShapeError:
+        return False
+    return True
 
 
 def _specialised(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
