@@ -40,7 +40,7 @@ def run(
     random state are restored after it."""
     kwargs = kwargs or {}
     stack: list[str] = []
-    with _recording(model, root, stack), _mode(model, training=False):
+    with _recording(model, root, stack), _mode(model, training=False), _attributes(model):
         try:
             with torch.no_grad(), FlopCounterMode(display=False) as counter:
                 model(*inputs, **kwargs)
@@ -101,6 +101,21 @@ def _recording(model: nn.Module, root: Part, stack: list[str]) -> Iterator[None]
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def _attributes(model: nn.Module) -> Iterator[None]:
+    """Put back the modules' attributes after the run: some cache values on their first call
+    (torchvision's ``MultiScaleRoIAlign.scales``), which later traces would then meet."""
+    saved = {m: dict(vars(m)) for m in model.modules()}
+    try:
+        yield
+    finally:
+        for module, attrs in saved.items():
+            now = vars(module)
+            for key in [k for k in now if k not in attrs]:
+                del now[key]
+            now.update(attrs)
 
 
 @contextlib.contextmanager

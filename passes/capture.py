@@ -29,6 +29,7 @@ Before: ``model`` (a Hugging Face forward with ``**kwargs``, which FX cannot rea
 from __future__ import annotations
 
 import inspect
+import logging
 import warnings
 from typing import Any
 
@@ -93,9 +94,14 @@ def _export(
     modes = {m: m.training for m in module.modules()}
     saved = {m: dict(vars(m)) for m in module.modules()}
     module.train(training)
+    # export's own notes on what it specialised (a size of 1, say) are logged and warned
+    quiet = [logging.getLogger(n) for n in ("torch._export", "torch.export", "torch._dynamo")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # export's own notes on what it specialised
+            warnings.simplefilter("ignore")
             program = torch.export.export(
                 module, args, kwargs, dynamic_shapes=_any_size(module, args, kwargs), strict=False
             )
@@ -113,6 +119,8 @@ def _export(
             vars(m).update(attrs)
         for m, was in modes.items():
             m.training = was
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
 
 
 def _any_size(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
