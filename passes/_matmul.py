@@ -326,7 +326,13 @@ def layer_names(
         if spec.module is not None:
             names[node] = (str(node.target), type(spec.module).__name__)
         elif node in calls:
-            names[node] = calls[node]
+            # A module called again (a loop unrolled by the capture) is one layer per
+            # call, each with its own MACs: ``fc``, then ``fc.1``, ``fc.2``.
+            path, kind = calls[node]
+            i = seen[path] = seen.get(path, -1) + 1
+            numbered = f"{path}.{i}" if i else path
+            free = not i or (numbered not in modules and numbered not in taken)
+            names[node] = (numbered, kind) if free else (node.name, None)
         elif named is not None and taken.count(named[0]) == 1:
             names[node] = named
         elif named is not None and named[0] and named[0] not in modules:
@@ -346,7 +352,7 @@ def _captured_module_call(
 ) -> tuple[str, str] | None:
     """(module path, class name) when ``node``, in a graph torch.export captured, is the
     call of a conv/linear module on its own weight: named after that module, as the module
-    call in a traced graph is (several calls of one module share its name)."""
+    call in a traced graph is."""
     stack = node.meta.get("nn_module_stack")
     if not stack or not isinstance(node.target, torch._ops.OpOverload):
         return None

@@ -41,7 +41,7 @@ from dpc_fx.errors import TraceError
 from dpc_fx.meta import set_graph_info
 from dpc_fx.passes._graph import keep_module_order, keep_unused
 
-__all__ = ["by_mode", "capture", "count_batch"]
+__all__ = ["by_mode", "capture", "count_batch", "specialised_to"]
 
 
 def by_mode(training: bool, in_training: Any, in_eval: Any) -> Any:
@@ -79,6 +79,7 @@ def capture(
     gm.meta = {}
     _follow_mode(gm, evaluated, name)
     _drop_guards(gm)
+    _check_constants(gm, args, kwargs, name)
     gm.graph.lint()
     gm.recompile()
     keep_unused(gm, module)
@@ -218,6 +219,34 @@ def _skipped(node: fx.Node) -> bool:
     and ``contiguous``, which export records in one mode and not the other where a
     tensor's layout differs (after attention with dropout), and which computes nothing."""
     return _is_batch_count(node) or node.target is torch.ops.aten.contiguous.default
+
+
+def specialised_to(value: Any, captured: Any, where: str) -> None:
+    """Raise unless an input the graph was specialised on has the value it was captured with."""
+    if type(value) is not type(captured) or value != captured:
+        raise ValueError(
+            f"{where} was captured with the value {captured!r} and is called with {value!r}; "
+            "a captured module is specialised on its example inputs: compile it again with "
+            "this value in example_inputs/example_kwargs."
+        )
+
+
+def _check_constants(
+    gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], name: str
+) -> None:
+    """Check, when the graph runs, each input that is no tensor (``num_flow_updates=2``):
+    export bakes its value into the graph, which would silently ignore another one."""
+    codegen = gm.graph._codegen
+    spec = codegen.pytree_info.in_spec  # type: ignore[attr-defined]
+    values = pytree.tree_leaves((args, kwargs))
+    if spec.num_leaves != len(values):
+        return  # not the structure we think: nothing to check
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, values, strict=False):
+        if isinstance(value, torch.Tensor):
+            continue
+        with gm.graph.inserting_after(placeholders[-1]):
+            gm.graph.call_function(specialised_to, (node, value, f"{name}'s input '{node.name}'"))
 
 
 def _drop_guards(gm: fx.GraphModule) -> None:

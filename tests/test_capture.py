@@ -152,8 +152,8 @@ def test_what_fx_cannot_trace_is_captured_whole() -> None:
     targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
     assert torch.ops.aten.conv2d.default in targets and torch.ops.aten.linear.default in targets
     # layers named after their modules (the loop ran once per example row: four calls of
-    # one module, named as a traced graph names repeated calls)
-    assert [m.layer for m in dpc_fx.layers(gm)] == ["conv", "fc", "fc", "fc", "fc", "head"]
+    # one module, numbered after the first)
+    assert [m.layer for m in dpc_fx.layers(gm)] == ["conv", "fc", "fc.1", "fc.2", "fc.3", "head"]
     keys = [k for k in gm.state_dict() if not k.startswith("dpc.")]  # quantisers' own state
     assert keys == list(model.state_dict())
     fresh = Unrolled()
@@ -482,3 +482,27 @@ def test_a_part_called_in_different_forms_is_not_captured_on_one_of_them() -> No
     model.eval()
     gm.eval()
     assert torch.equal(quantizers_off(copy.deepcopy(gm))(x), model(x))
+
+
+class Steps(nn.Module):
+    """An int argument FX cannot trace through (a loop over a tensor each step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor, steps: int = 1) -> Tensor:
+        for _ in range(steps):
+            x = torch.stack([torch.tanh(self.lin(row)) for row in x])
+        return x
+
+
+def test_a_captured_module_says_when_called_with_another_value_it_was_specialised_on() -> None:
+    torch.manual_seed(0)
+    model, x = Steps(), torch.randn(3, 4)
+    gm = quantizers_off(dpc_fx.compile(model, example_kwargs={"x": x, "steps": 2}))
+    assert torch.equal(gm(x=x, steps=2), model(x=x, steps=2))
+    with pytest.raises(
+        ValueError, match=r"'steps' was captured with the value 2 and is called with 3"
+    ):
+        gm(x=x, steps=3)
