@@ -2,6 +2,7 @@
 
 dpc-fx inspect resnet18 --input 1,3,32,32
 dpc-fx inspect mypkg.models:build_net --input 8,3,64,64 --b-min 3 --delta 0.5
+dpc-fx inspect mypkg.models:tiny_bert --kwarg input_ids=2,16:long --kwarg labels=2:long
 
 The demo (fp32 vs DPC trained on MNIST-1D) is part of the repository's experiments, not of
 the installed library: ``make demo`` in a checkout.
@@ -27,7 +28,7 @@ import dpc_fx
 from dpc_fx import report
 from dpc_fx.errors import ConfigError, DPCError
 
-__all__ = ["load_model", "main", "parse_shape"]
+__all__ = ["load_model", "main", "parse_kwarg", "parse_shape"]
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -39,6 +40,40 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if not shape or any(d < 0 for d in shape):
         raise ConfigError(f"--input {text!r} is not a shape; write it as e.g. 1,3,32,32.")
     return shape
+
+
+_DTYPES = {
+    "float": torch.float32,
+    "float32": torch.float32,
+    "long": torch.long,
+    "int64": torch.long,
+    "int": torch.int32,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+
+
+def parse_kwarg(text: str) -> tuple[str, torch.Tensor]:
+    """``"input_ids=2,16:long"`` -> ``("input_ids", tensor of shape (2, 16))``: a keyword
+    input of the given shape and dtype (``float`` by default: normal random values; integer
+    and ``bool`` tensors are all ones, valid as token ids, masks and class labels)."""
+    name, eq, rest = text.partition("=")
+    shape_text, _, dtype_name = rest.partition(":")
+    dtype = _DTYPES.get(dtype_name or "float")
+    if not eq or not name.isidentifier() or dtype is None:
+        raise ConfigError(
+            f"--kwarg {text!r} is not NAME=SHAPE[:DTYPE]; write it as e.g. input_ids=2,16:long "
+            f"(dtypes: {', '.join(_DTYPES)})."
+        )
+    try:
+        shape = parse_shape(shape_text)
+    except ConfigError as e:
+        raise ConfigError(
+            f"--kwarg {text!r}: {shape_text!r} is not a shape; write it as e.g. input_ids=2,16:long."
+        ) from e
+    if dtype.is_floating_point:
+        return name, torch.randn(shape, dtype=dtype)
+    return name, torch.ones(shape, dtype=dtype)
 
 
 def load_model(spec: str, num_classes: int | None = None) -> nn.Module:
@@ -104,13 +139,20 @@ def _inspect(args: argparse.Namespace) -> int:
     console = Console(width=max(Console().width, 130) if not sys.stdout.isatty() else None)
     model = load_model(args.model, args.num_classes)
     model.eval()
-    x = torch.randn(parse_shape(args.input))
+    if args.input is None and not args.kwarg:
+        raise ConfigError(
+            "inspect needs example inputs: --input SHAPE, --kwarg NAME=SHAPE, or both."
+        )
+    x = None if args.input is None else torch.randn(parse_shape(args.input))
+    kwargs = dict(parse_kwarg(k) for k in args.kwarg)
     config = _config(args)
     plan = dpc_fx.Plan.load(args.plan) if args.plan else None
     start = time.perf_counter()
-    gm = dpc_fx.compile(model, x, config=config, plan=plan)
+    gm = dpc_fx.compile(model, x, example_kwargs=kwargs or None, config=config, plan=plan)
     elapsed = time.perf_counter() - start
-    title = f"{args.model} {tuple(x.shape)}"
+    shapes = [] if x is None else [str(tuple(x.shape))]
+    shapes += [f"{k}={tuple(v.shape)}" for k, v in kwargs.items()]
+    title = f"{args.model} {' '.join(shapes)}"
     coverage = dpc_fx.coverage(gm)
     if args.json:
         data = report.to_json(gm)
@@ -142,7 +184,15 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="compile a model and print its annotated layers")
     inspect.add_argument("model", help="torchvision model name (resnet18) or module:callable")
-    inspect.add_argument("--input", required=True, help="example input shape, e.g. 1,3,32,32")
+    inspect.add_argument("--input", help="example input shape, e.g. 1,3,32,32")
+    inspect.add_argument(
+        "--kwarg",
+        action="append",
+        default=[],
+        metavar="NAME=SHAPE[:DTYPE]",
+        help="a keyword input, e.g. input_ids=2,16:long (repeat for more; float inputs are "
+        "random, integer and bool ones all ones)",
+    )
     inspect.add_argument("--num-classes", type=int, help="classes of a torchvision model")
     inspect.add_argument("--policy", choices=("dpc", "uniform"))
     inspect.add_argument("--b-min", type=int)

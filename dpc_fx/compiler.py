@@ -15,6 +15,7 @@ record     meta.Compiled     the plan, the quantisers' places and the coverage, 
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any
 
@@ -53,6 +54,7 @@ def compile(
     model: nn.Module,
     example_inputs: Any = None,
     *,
+    example_kwargs: dict[str, Any] | None = None,
     config: DPCConfig | None = None,
     plan: Plan | None = None,
 ) -> nn.Module:
@@ -66,10 +68,11 @@ def compile(
     shares ``model``'s parameters (as ``torch.fx.symbolic_trace`` does); ``model`` itself is
     not modified.
 
-    Submodules that torch.fx cannot trace (or whose traced graph does not run) are kept
-    whole as *leaves* and their traceable children compiled, under one plan for the whole
-    model (see :mod:`dpc_fx.parts`); a warning names each leaf and :func:`coverage` lists
-    them. The result is a ``torch.fx.GraphModule`` when the model's own ``forward`` traces,
+    What torch.fx cannot trace (or whose traced graph does not run on what its model hands
+    it) is captured whole by ``torch.export``, specialised on the example inputs. Submodules
+    that neither can read are kept whole as *leaves* and their traceable children compiled,
+    under one plan for the whole model (see :mod:`dpc_fx.parts`); a warning names each leaf
+    and :func:`coverage` lists them. The result is a ``torch.fx.GraphModule`` when the model's own ``forward`` traces,
     else a copy of the model's class with compiled parts inside; :func:`layers`,
     :func:`dpc_fx.plan_of`, :func:`dpc_fx.cost` and :func:`dpc_fx.show` work on both alike.
 
@@ -81,8 +84,14 @@ def compile(
         model: the model to compile.
         example_inputs: one batch of the model's inputs: a tensor, or a tuple with one entry
             per positional argument (each a tensor, or a list, tuple or dict of them:
-            ``([img1, img2],)`` for a detection model). Optional: without it, capacity is
-            measured in parameters and the cost model (which needs MACs) is unavailable.
+            ``([img1, img2],)`` for a detection model). Optional: without it (and without
+            ``example_kwargs``), capacity is measured in parameters and the cost model
+            (which needs MACs) is unavailable.
+        example_kwargs: the model's keyword inputs, as it will be called:
+            ``dict(input_ids=ids, attention_mask=mask, labels=labels)``. Tensors (also in
+            lists, tuples and dicts) are inputs; ``None`` and plain values
+            (``return_dict=False``) specialise the compiled module, which is then called
+            with the same keywords.
         config: how to assign bits; defaults to ``DPCConfig()``.
         plan: a :class:`dpc_fx.Plan` to apply exactly instead of ``config``'s policy.
 
@@ -94,8 +103,9 @@ def compile(
     """
     model, config = _arguments(model, config)
     inputs = None if example_inputs is None else example_tuple(example_inputs)
+    kwargs = _example_kwargs(model, inputs, example_kwargs)
 
-    tree = parts.split(model, inputs, config)
+    tree = parts.split(model, inputs, config, kwargs)
     decided = decide(tree.layers(), config, plan=plan, weights=tree.weights())
     assigned = {path: assign(gm, decided) for path, gm in tree.graphs().items()}
     done = {path: _rewrite(gm, decided.config) for path, gm in assigned.items()}
@@ -137,6 +147,37 @@ def _arguments(model: Any, config: Any) -> tuple[nn.Module, DPCConfig]:
             "not hold the model it was compiled from; compile the original model instead."
         )
     return model, config
+
+
+def _example_kwargs(
+    model: nn.Module, inputs: tuple[Any, ...] | None, example_kwargs: Any
+) -> dict[str, Any]:
+    """``example_kwargs`` checked against ``model.forward``'s parameters."""
+    if example_kwargs is None:
+        return {}
+    name = type(model).__name__
+    if not isinstance(example_kwargs, dict) or not all(isinstance(k, str) for k in example_kwargs):
+        raise ConfigError(
+            f"dpc_fx.compile: example_kwargs must be a dict of keyword arguments by name, got "
+            f"{type(example_kwargs).__name__}; pass e.g. example_kwargs=dict(input_ids=ids)."
+        )
+    signature = inspect.signature(model.forward)
+    params = signature.parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in example_kwargs if k not in params]
+        if unknown:
+            raise ConfigError(
+                f"dpc_fx.compile: example_kwargs names {unknown}, which {name}.forward does not "
+                f"take (its parameters: {', '.join(params)}); use the names of its parameters."
+            )
+    try:
+        signature.bind_partial(*(inputs or ()), **example_kwargs)
+    except TypeError as e:
+        raise ConfigError(
+            f"dpc_fx.compile: example_inputs and example_kwargs do not fit {name}.forward{signature}: "
+            f"{e}; give each argument once, positional ones in example_inputs."
+        ) from e
+    return dict(example_kwargs)
 
 
 def _rewrite(gm: fx.GraphModule, config: DPCConfig) -> fx.GraphModule:

@@ -3,11 +3,15 @@ of them for error messages."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
+from torch import fx
+from torch.fx._pytree import tree_flatten_spec
+from torch.fx.graph import _PyTreeCodeGen
 
-__all__ = ["describe", "example_tuple"]
+__all__ = ["describe", "example_tuple", "graph_inputs"]
 
 
 def example_tuple(example_inputs: Any) -> tuple[Any, ...]:
@@ -30,3 +34,24 @@ def describe(x: Any) -> str:
     if isinstance(x, dict):
         return "dict: " + ", ".join(f"{k}: {describe(v)}" for k, v in list(x.items())[:3])
     return type(x).__name__
+
+
+def graph_inputs(
+    gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, ...]:
+    """The values of ``gm``'s placeholders, in order, for the call ``gm(*args, **kwargs)``:
+    flattened as the graph's input pytree says for a captured graph, else bound to its
+    ``forward``'s parameters (defaults filled in).
+
+    Raises:
+        TypeError: the call does not fit ``gm``'s signature.
+    """
+    codegen = gm.graph._codegen
+    if isinstance(codegen, _PyTreeCodeGen) and codegen.pytree_info is not None:
+        spec = codegen.pytree_info.in_spec
+        return tuple(tree_flatten_spec((args, kwargs), spec))
+    if not kwargs:
+        return args
+    bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return tuple(bound.args)

@@ -4,7 +4,10 @@ Every model is compiled as a tree. A model that ``torch.fx`` traces whole is one
 no leaves. When tracing a module fails inside one of its submodules, that submodule becomes a
 *leaf* (called as it is) and tracing is tried again; when a module's own ``forward`` cannot
 be traced (or its traced graph does not run, or it holds layers and its own code branches on
-``self.training``, which a graph would freeze), the module itself is a leaf. A leaf is never
+``self.training``, which a graph would freeze), the module itself is a leaf. Before anything
+is kept whole, a module that FX cannot trace (or whose graph does not run on the inputs its
+model hands it) is captured whole by ``torch.export`` on those inputs
+(:mod:`dpc_fx.passes.capture`): a *captured* part, compiled like a traced one. A leaf is never
 compiled, but its children are, recursively, so the smallest untraceable modules are what
 stays in full precision:
 
@@ -29,12 +32,15 @@ A model traced whole is measured on fake tensors alone.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from dpc_fx import probe
 from dpc_fx.config import DPCConfig
@@ -43,6 +49,7 @@ from dpc_fx.meta import META_KEY, LayerMeta, graph_info
 from dpc_fx.passes._graph import join, module_path
 from dpc_fx.passes._matmul import layer_weight
 from dpc_fx.passes.capacity import capacity
+from dpc_fx.passes.capture import capture
 from dpc_fx.passes.trace import trace
 
 __all__ = ["Part", "Tree", "failing_modules", "split"]
@@ -66,6 +73,9 @@ class Part:
     children: list[Part] = field(default_factory=list)
     inputs: tuple[Any, ...] | None = None
     called: bool = False
+    call: tuple[tuple[Any, ...], dict[str, Any]] | None = None  # first call: args, kwargs
+    captured: bool = False  # gm is a torch.export capture, not an FX trace
+    varied: bool = False  # called with differing non-tensor arguments or structures
 
     def walk(self) -> Iterator[Part]:
         yield self
@@ -94,21 +104,66 @@ def _has_parameters(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 
 
+@dataclass(eq=False)
+class _Captures:
+    """What ``torch.export`` is tried on: the calls known by module path (the model's own from
+    its example inputs, others from the example run), the captured graphs, and the modules it
+    could not capture (tried once)."""
+
+    calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
+    graphs: dict[str, fx.GraphModule] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def attempt(self, module: nn.Module, path: str) -> bool:
+        """Capture the module at ``path`` on its known call; whether that worked."""
+        if path in self.graphs:
+            return True
+        if path not in self.calls or path in self.refused:
+            return False
+        try:
+            self.graphs[path] = capture(module, *self.calls[path])
+        except TraceError as e:
+            self.refused[path] = e.reason
+            return False
+        return True
+
+
 def _split(
-    module: nn.Module, path: str, name: str, keep: tuple[str, ...], bad: dict[str, str]
+    module: nn.Module,
+    path: str,
+    name: str,
+    keep: tuple[str, ...],
+    bad: dict[str, str],
+    captures: _Captures,
+    concrete: MappingProxyType[str, Any] = MappingProxyType({}),
 ) -> Part:
-    """The part tree of ``module``: trace it, making failing submodules leaves."""
-    if type(module).forward is nn.Module.forward or path in bad:
-        return _leaf(module, path, name, bad.get(path, "no forward of its own"), keep, bad)
+    """The part tree of ``module``: trace it, making failing submodules leaves; a module
+    FX fails on whose call is known is captured whole instead (``captures``). ``concrete``
+    specialises the model's own trace (its non-tensor keyword inputs)."""
+    if type(module).forward is nn.Module.forward:
+        return _leaf(module, path, name, "no forward of its own", keep, bad, captures)
+    if path in captures.graphs or (path in bad and captures.attempt(module, path)):
+        return Part(path, name, module, captures.graphs[path], captured=True)
+    if path in bad:
+        return _leaf(module, path, name, bad[path], keep, bad, captures)
     fixed = [rel for p in keep if (rel := _under(p, path))]
     leaves = [rel for p in bad if (rel := _under(p, path))]
     reasons: dict[str, str] = {}
     while True:
         try:
-            gm = trace(module, leaf_modules=fixed + leaves, mode_branches="record")
+            gm = trace(
+                module,
+                leaf_modules=fixed + leaves,
+                concrete_args=dict(concrete) if not path and concrete else None,
+                mode_branches="record",
+            )
         except TraceError as e:
+            # Captured whole before anything is kept whole (leaves the user asked for
+            # stay theirs: a capture would inline them).
+            if not fixed and captures.attempt(module, path):
+                return Part(path, name, module, captures.graphs[path], captured=True)
             if not e.path or e.path in leaves:
-                return _leaf(module, path, name, e.reason, keep, bad)
+                return _leaf(module, path, name, e.reason, keep, bad, captures)
             leaves.append(e.path)
             reasons[e.path] = e.reason
             continue
@@ -119,23 +174,30 @@ def _split(
             reasons.update(inner)
             continue
         if "" in branches:
-            return _leaf(module, path, name, branches[""], keep, bad)
+            return _leaf(module, path, name, branches[""], keep, bad, captures)
         break
     children = []
     for rel in leaves:
         full = join(path, rel)
         why = bad.get(full, reasons.get(rel, ""))
-        children.append(_split(module.get_submodule(rel), full, rel, keep, {**bad, full: why}))
+        child = module.get_submodule(rel)
+        children.append(_split(child, full, rel, keep, {**bad, full: why}, captures))
     return Part(path, name, module, gm, children=children)
 
 
 def _leaf(
-    module: nn.Module, path: str, name: str, reason: str, keep: tuple[str, ...], bad: dict[str, str]
+    module: nn.Module,
+    path: str,
+    name: str,
+    reason: str,
+    keep: tuple[str, ...],
+    bad: dict[str, str],
+    captures: _Captures,
 ) -> Part:
     if not _has_parameters(module):
         return Part(path, name, module, None, reason)
     children = [
-        _split(child, join(path, n), n, keep, bad)
+        _split(child, join(path, n), n, keep, bad, captures)
         for n, child in module.named_children()
         if _has_parameters(child) and join(path, n) not in keep
     ]
@@ -234,34 +296,73 @@ class Tree:
         return out
 
 
-def split(model: nn.Module, inputs: tuple[Any, ...] | None, config: DPCConfig) -> Tree:
-    """Trace ``model`` into its part tree and measure every part on its example inputs.
+def split(
+    model: nn.Module,
+    inputs: tuple[Any, ...] | None,
+    config: DPCConfig,
+    kwargs: dict[str, Any] | None = None,
+) -> Tree:
+    """Trace ``model`` into its part tree and measure every part on its example inputs
+    (``model(*inputs, **kwargs)``; non-tensor keyword inputs specialise the trace).
 
     Raises:
-        ShapeError: the model itself does not run on ``inputs``.
+        ShapeError: the model itself does not run on its example inputs.
     """
+    kwargs = kwargs or {}
+    given = inputs is not None or bool(kwargs)
+    args = inputs or ()
     bad: dict[str, str] = {}
+    captures = _Captures()
+    if given:
+        captures.calls[""] = (args, kwargs)
+    concrete = MappingProxyType(_specialised(model, args, kwargs) if given else {})
     error: ShapeError | None = None
-    for _ in range(len(list(model.modules())) + 1):
-        root = _split(model, "", "", config.leaf_modules, bad)
+    for _ in range(2 * len(list(model.modules())) + 2):
+        root = _split(model, "", "", config.leaf_modules, bad, captures, concrete)
         whole = root.gm is not None and not root.children and error is None
         macs: dict[str, int] = {}
-        if inputs is not None and not whole:
+        if given and not whole:
             try:
-                macs = probe.run(model, inputs, root)
+                macs = probe.run(model, args, root, kwargs)
             except ShapeError:
                 if error is not None:  # the model fails too: say where its graph did
                     raise error from error.__cause__
                 raise
+            # Leaves the run called, with parameters: capture them whole if torch.export can
+            # (one more round), before keeping them whole.
+            found = {
+                p.path: p.call
+                for p in root.walk()
+                if p.gm is None and p.call is not None and not p.container and not p.varied
+                if _has_parameters(p.module) and p.path not in captures.calls
+            }
+            if found:
+                captures.calls.update(found)
+                continue
         if whole:
             root.called, root.inputs = True, inputs
-        parts = [p for p in root.walk() if p.gm is not None and (inputs is None or p.called)]
+            root.call = (args, kwargs) if given else None
+        parts = [p for p in root.walk() if p.gm is not None and (not given or p.called)]
         try:
             for part in parts:
                 assert part.gm is not None
-                part.gm = capacity(part.gm, part.inputs, fake=whole, prefix=part.path)
+                # A captured part, and the model itself, take the call as it was made; a
+                # traced part its positional form.
+                own = part.call is not None and (part.captured or not part.path)
+                part_args, part_kwargs = part.call if own else (part.inputs, {})  # type: ignore[misc]
+                part.gm = capacity(
+                    part.gm, part_args, example_kwargs=part_kwargs, fake=whole, prefix=part.path
+                )
             return Tree(model, root, parts, macs)
         except ShapeError as e:
+            # A graph FX traced that does not run on what its model hands it: captured whole
+            # by torch.export on that call, if it can be, before keeping anything whole.
+            if not part.captured and part.call is not None and not part.varied:
+                if whole and not _runs(model, args, kwargs, root):
+                    raise  # the inputs are at fault, and the graph's error says where
+                captures.calls.setdefault(part.path, part.call)
+                if captures.attempt(part.module, part.path):
+                    continue
             # The graph or the inputs at fault? The example run of the next round tells: if
             # the model runs, its graph does not, and the modules whose code made the
             # failing node are kept whole.
@@ -272,6 +373,39 @@ def split(model: nn.Module, inputs: tuple[Any, ...] | None, config: DPCConfig) -
             error = error or e
             bad.update(failing)
     raise AssertionError("unreachable: each round keeps at least one more module whole")
+
+
+def _runs(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], root: Part) -> bool:
+    """Whether the model runs on its example inputs (the example run, once)."""
+    try:
+        probe.run(model, args, root, kwargs)
+    except ShapeError:
+        return False
+    return True
+
+
+def _specialised(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of the model's call that are no tensors (``None``, flags), the
+    parameters it leaves out at their defaults: the model's trace is specialised on them
+    (FX's ``concrete_args``), as the model will be called. An optional argument left
+    ``None`` is then ``None`` in the graph, not a tensor that never comes."""
+    signature = inspect.signature(model.forward)
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError:
+        return {}  # the example run says what does not fit
+    out = {}
+    for name, p in signature.parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        value = bound.arguments.get(name, p.default)
+        if value is not p.empty and not _holds_tensor(value):
+            out[name] = value
+    return out
+
+
+def _holds_tensor(value: Any) -> bool:
+    return any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(value))
 
 
 def failing_modules(gm: fx.GraphModule, path: str, e: ShapeError) -> dict[str, str]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from dpc_fx.errors import ShapeError
 from dpc_fx.inputs import describe
@@ -26,20 +27,29 @@ if TYPE_CHECKING:
 __all__ = ["run"]
 
 
-def run(model: nn.Module, inputs: tuple[Any, ...], root: Part) -> dict[str, int]:
-    """Run ``model`` once in eval mode; store each part's first inputs; return MACs per module
+def run(
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    root: Part,
+    kwargs: dict[str, Any] | None = None,
+) -> dict[str, int]:
+    """Run ``model(*inputs, **kwargs)`` once in eval mode; store each part's first inputs (as
+    positional arguments, and the call as it was made); return MACs per module
     path. Parts that only training mode calls (auxiliary classifiers) get theirs from a second
     run in training mode, which leaves no trace: buffers (batch-norm statistics) and the
     random state are restored after it."""
+    kwargs = kwargs or {}
     stack: list[str] = []
-    with _recording(model, root, stack), _mode(model, training=False):
+    with _recording(model, root, stack), _mode(model, training=False), _attributes(model):
         try:
             with torch.no_grad(), flop_counter() as counter:
-                model(*inputs)
+                model(*inputs, **kwargs)
         except Exception as e:
             where = stack[-1] if stack else ""
             module = model.get_submodule(where) if where not in ("", "?") else model
-            shapes = ", ".join(describe(x) for x in inputs)
+            shapes = ", ".join(
+                [describe(x) for x in inputs] + [f"{k}={describe(v)}" for k, v in kwargs.items()]
+            )
             raise ShapeError(
                 f"example inputs do not fit the model: module '{where or '(the model itself)'}' "
                 f"({type(module).__name__}) failed on example inputs [{shapes}] with "
@@ -50,7 +60,7 @@ def run(model: nn.Module, inputs: tuple[Any, ...], root: Part) -> dict[str, int]
     if any(part.gm is not None and not part.called for part in root.walk()):
         with _recording(model, root, []), _mode(model, training=True), _untouched(model):
             try:
-                model(*inputs)
+                model(*inputs, **kwargs)
             except Exception:  # training may need more (a detector's targets): left alone
                 pass
     root_name = type(model).__name__
@@ -75,6 +85,9 @@ def _recording(model: nn.Module, root: Part, stack: list[str]) -> Iterator[None]
         for part in by_module.get(id(module), ()):
             if not part.called:
                 part.called, part.inputs = True, _positional(module, args, kwargs)
+                part.call = (args, kwargs)
+            elif part.call is not None and not _same_form(part.call, (args, kwargs)):
+                part.varied = True  # a capture on the first call would not fit the others
 
     def after(module: nn.Module, args: Any, output: Any) -> None:
         stack.pop()
@@ -88,6 +101,21 @@ def _recording(model: nn.Module, root: Part, stack: list[str]) -> Iterator[None]
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def _attributes(model: nn.Module) -> Iterator[None]:
+    """Put back the modules' attributes after the run: some cache values on their first call
+    (torchvision's ``MultiScaleRoIAlign.scales``), which later traces would then meet."""
+    saved = {m: dict(vars(m)) for m in model.modules()}
+    try:
+        yield
+    finally:
+        for module, attrs in saved.items():
+            now = vars(module)
+            for key in [k for k in now if k not in attrs]:
+                del now[key]
+            now.update(attrs)
 
 
 @contextlib.contextmanager
@@ -120,6 +148,20 @@ def _untouched(model: nn.Module) -> Iterator[None]:
             for module, name, buffer, values in saved:
                 module._buffers[name] = buffer
                 buffer.copy_(values)
+
+
+def _form(call: Any) -> Any:
+    """What a capture specialises on in a call: its structure, the tensors' ranks and dtypes,
+    the other values (sizes stay free)."""
+    leaves, spec = pytree.tree_flatten(call)
+    return spec, [(x.dim(), x.dtype) if isinstance(x, torch.Tensor) else x for x in leaves]
+
+
+def _same_form(a: Any, b: Any) -> bool:
+    try:
+        return bool(_form(a) == _form(b))
+    except Exception:  # values that do not compare: take them as different
+        return False
 
 
 def _positional(

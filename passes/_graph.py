@@ -6,7 +6,6 @@ Which nodes are matmul-like, and which operand is the weight, is :mod:`._matmul`
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import networkx as nx
@@ -36,7 +35,7 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     without touching ``gm``.
     """
     graph = fx.Graph()
-    graph._codegen = copy.deepcopy(gm.graph._codegen)  # torch.export's pytree in/out code
+    graph.set_codegen(gm.graph._codegen)  # a captured graph's inputs and outputs are pytrees
     env: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, env)
     graph.output(out)

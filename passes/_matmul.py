@@ -363,9 +363,14 @@ def layer_names(
     # name each module that ran, with its class.
     types = {**_stack_types(gm), **module_types}
     owners: dict[fx.Node, tuple[str, str] | None] = {}
+    calls: dict[fx.Node, tuple[str, str]] = {}  # captured calls of conv/linear modules
     for node, spec in specs.items():
         owners[node] = None
         if spec.module is not None:
+            continue
+        called = _captured_module_call(node, spec, types)
+        if called is not None:
+            calls[node] = called
             continue
         source = weight_source(node, spec)
         if source is None:
@@ -378,6 +383,7 @@ def layer_names(
             owners[node] = (name, types[owner])
     taken = [o[0] for o in owners.values() if o is not None]
     taken += [str(node.target) for node, spec in specs.items() if spec.module is not None]
+    taken += [path for path, _ in calls.values()]
     modules = {p for p, _ in gm.named_modules()}
     seen: dict[str, int] = {}
     names: dict[fx.Node, tuple[str, str | None]] = {}
@@ -385,6 +391,14 @@ def layer_names(
         named = owners[node]
         if spec.module is not None:
             names[node] = (str(node.target), type(spec.module).__name__)
+        elif node in calls:
+            # A module called again (a loop unrolled by the capture) is one layer per
+            # call, each with its own MACs: ``fc``, then ``fc.1``, ``fc.2``.
+            path, kind = calls[node]
+            i = seen[path] = seen.get(path, -1) + 1
+            numbered = f"{path}.{i}" if i else path
+            free = not i or (numbered not in modules and numbered not in taken)
+            names[node] = (numbered, kind) if free else (node.name, None)
         elif named is not None and taken.count(named[0]) == 1:
             names[node] = named
         elif named is not None and named[0] and named[0] not in modules:
@@ -442,6 +456,27 @@ def _stack_types(gm: fx.GraphModule) -> dict[str, str]:
                 name = kind if isinstance(kind, str) else getattr(kind, "__qualname__", str(kind))
                 out[str(path)] = name.rpartition(".")[2]
     return out
+
+
+def _captured_module_call(
+    node: fx.Node, spec: MatmulSpec, module_types: Mapping[str, str]
+) -> tuple[str, str] | None:
+    """(module path, class name) when ``node``, in a graph torch.export captured, is the
+    call of a conv/linear module on its own weight: named after that module, as the module
+    call in a traced graph is."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    path = list(stack.values())[-1][0]
+    if spec.weight is None:
+        return None
+    operand = spec.weight.get(node.args, node.kwargs)
+    if not isinstance(operand, fx.Node) or operand.op != "get_attr":
+        return None
+    if str(operand.target) != _join(path, "weight"):
+        return None
+    kind = module_types.get(path)
+    return (path, kind) if kind in {cls.__name__ for cls in MODULES} else None
 
 
 def _join(a: str, b: str) -> str:

@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from dpc_fx.errors import PassOrderError, ShapeError
-from dpc_fx.inputs import example_tuple
+from dpc_fx.inputs import example_tuple, graph_inputs
 from dpc_fx.meta import META_KEY, LayerMeta, graph_info, set_graph_info
 from dpc_fx.passes._graph import copy_graph_module, get_attr, module_path, to_digraph
 from dpc_fx.passes._matmul import MatmulSpec, layer_names, matmul_spec, parameter_source
@@ -46,7 +46,12 @@ __all__ = ["attention_macs", "capacity", "flop_counter"]
 
 
 def capacity(
-    gm: fx.GraphModule, example_inputs: Any = None, *, fake: bool = True, prefix: str = ""
+    gm: fx.GraphModule,
+    example_inputs: Any = None,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    fake: bool = True,
+    prefix: str = "",
 ) -> fx.GraphModule:
     """Annotate each matmul-like node of (a copy of) ``gm`` with its capacity figures.
 
@@ -57,6 +62,7 @@ def capacity(
         gm: a traced module (see :func:`dpc_fx.passes.trace`); it is not modified.
         example_inputs: a tensor, or a tuple of the model's positional inputs (each a
             tensor or a list, tuple or dict of them); only their shapes and dtypes are used.
+        example_kwargs: the model's keyword inputs, as it is called with them.
         fake: run the graph on fake tensors (no arithmetic). ``False`` runs it on the
             example inputs themselves, for graphs that keep untraceable submodules as
             leaves: those may branch on tensor values, which fake tensors do not have.
@@ -74,8 +80,10 @@ def capacity(
     new = copy_graph_module(gm)
     specs = {node: spec for node in new.graph.nodes if (spec := matmul_spec(node, new))}
     measured: dict[str, tuple[int, tuple[int, ...] | None]] = {}
-    if example_inputs is not None:
-        measured, total = _propagate(new, example_tuple(example_inputs), set(specs), fake=fake)
+    if example_inputs is not None or example_kwargs:
+        args = () if example_inputs is None else example_tuple(example_inputs)
+        inputs = _bind(new, args, example_kwargs or {})
+        measured, total = _propagate(new, inputs, set(specs), fake=fake)
         set_graph_info(new, macs=total // 2)
     depths = _depths(new)
     names = layer_names(new, specs, graph_info(new).module_types, prefix=prefix)
@@ -395,6 +403,16 @@ def _mutable(value: Any) -> Any:
     return value
 
 
+def _bind(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    try:
+        return graph_inputs(gm, args, kwargs)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ShapeError(
+            f"example inputs do not fit {gm.__class__.__name__}.forward: {e}; pass them as the "
+            "model is called (positional inputs in a tuple, keyword inputs in example_kwargs)."
+        ) from e
+
+
 def _propagate(
     gm: fx.GraphModule, inputs: tuple[Any, ...], layers: set[fx.Node], *, fake: bool
 ) -> tuple[dict[str, tuple[int, tuple[int, ...] | None]], int]:
@@ -424,7 +442,7 @@ def _propagate(
     try:
         with mode, flop_counter() as counter:
             prop = _FakeProp(gm, counter, layers, fake=fake)
-            prop.run(*inputs)
+            prop.run(*inputs, enable_io_processing=False)  # inputs are the placeholders'
     finally:
         fake_log.setLevel(level)
         for m, training in modes.items():

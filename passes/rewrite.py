@@ -34,7 +34,6 @@ what ``gm`` computes, forward and backward.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch.nn.functional as F
@@ -79,7 +78,7 @@ def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
     graph = fx.Graph()
     # A captured graph (torch.export) flattens its inputs and outputs with pytree code of
     # its own: keep it, so the new module is called and returns as the old one does.
-    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    graph.set_codegen(gm.graph._codegen)
     env: dict[fx.Node, fx.Node] = {}
     quantizers = DPCState()
     converted: dict[str, nn.Module] = {}

@@ -205,6 +205,8 @@ def trace(
         gm, branches = _settle_mode(model, traced, tuple(leaf_modules), concrete_args)
     if branches and mode_branches == "warn":
         _warn_mode(model, branches)
+    if concrete_args:
+        _keep_argument_names(gm, concrete_args)
     keep_module_order(gm, model)
     keep_unused(gm, model)  # same state_dict keys as the model, used by forward or not
     # Class names by module path: GraphModule keeps plain holders for modules it only reads
@@ -413,6 +415,19 @@ def _root_flags(model: nn.Module) -> dict[str, Any]:
         for p in params
         if isinstance(p.default, bool) or p.name.endswith("is_causal")
     }
+
+
+def _keep_argument_names(gm: fx.GraphModule, concrete_args: dict[str, Any]) -> None:
+    """FX names the argument of a specialised parameter ``flag_1``; the module must take it by
+    its own name, so that it is called with the same keywords as the model."""
+    names = set(concrete_args)
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        base, _, suffix = str(node.target).rpartition("_")
+        if base in names and suffix.isdigit():
+            node.target = base  # the generated code binds the node's own name to it
+    gm.recompile()
 
 
 def _restore(saved: dict[nn.Module, dict[str, Any]]) -> None:

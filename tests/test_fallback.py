@@ -13,8 +13,10 @@ from torch import Tensor, nn
 from toys import GatedNet
 
 import dpc_fx
+import dpc_fx.parts
 from dpc_fx import DPCConfig, ShapeError
 from dpc_fx.cli import main
+from dpc_fx.errors import TraceError
 from dpc_fx.quant import ActQuantizer
 
 
@@ -208,7 +210,26 @@ def test_a_child_the_example_run_never_calls_is_left_alone() -> None:
     assert (cov.layers, cov.compiled, cov.quantised) == (5, 4, 2)
 
 
-def test_a_traced_graph_that_does_not_run_falls_back_to_its_module() -> None:
+def test_a_traced_graph_that_does_not_run_is_captured_by_export() -> None:
+    torch.manual_seed(0)
+    model = RunsButGraphDoesNot()
+    x = torch.randn(3, 4)
+    gm = dpc_fx.compile(model, x)
+    assert dpc_fx.coverage(gm).leaves == ()
+    assert [m.layer for m in dpc_fx.layers(gm)] == ["a", "b.lin", "c", "d"]
+    off = quantizers_off(copy.deepcopy(gm))
+    assert torch.equal(off(x), model(x))
+    x5 = torch.randn(5, 4)  # captured with a free batch size
+    assert torch.equal(off(x5), model(x5))
+
+
+def test_a_traced_graph_that_does_not_run_falls_back_to_its_module(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(module: nn.Module, *args: object) -> None:
+        raise TraceError("refused", reason="refused")
+
+    monkeypatch.setattr(dpc_fx.parts, "capture", refuse)  # torch.export cannot either
     torch.manual_seed(0)
     model = RunsButGraphDoesNot()
     x = torch.randn(3, 4)

@@ -1,0 +1,290 @@
+"""Pass 1b, capture: what ``torch.fx`` cannot trace, captured whole by ``torch.export``.
+
+Reads: a module and one call's example inputs (positional and keyword). Writes: a new
+GraphModule of ATen ops (``aten.linear``, ``aten.conv2d``, ``aten.addmm``, ...), specialised
+on those inputs as ``torch.export.export(module, args, kwargs, strict=False)`` sees them
+(shapes, ``None`` arguments, flags); the module itself is left alone. The graph module shares
+the module's parameters and buffers under their own paths, so ``state_dict`` keys are the
+module's and layers are named after their modules (a weight's ``get_attr`` target is
+``bert.encoder.layer.0.attention.self.query.weight``). It is called as the module was, with
+the same keywords, and returns what the module returns (a ``ModelOutput`` with its loss, a
+tuple, a dict): its inputs and outputs are pytrees (``torch.fx.graph._PyTreeCodeGen``), which
+the other passes keep.
+
+``ExportedProgram.module()`` runs the mode it was exported in (and refuses ``eval()``): a
+dropout's ``training`` flag, batch norm's, attention's dropout probability are constants.
+So the module is captured in both modes and the two graphs compared node by node: constants
+that differ read the graph module's own ``training`` flag at run time (``by_mode``), a batch
+norm's batch counter counts in training only (``count_batch``), and graphs that differ in
+anything else (code that branches on ``self.training`` around layers) are not captured.
+
+Before: ``model`` (a Hugging Face forward with ``**kwargs``, which FX cannot read). After:
+
+    input_ids, attention_mask = tree_flatten_spec(([], {...}), self._in_spec)
+    linear = aten.linear(layer_norm, self.bert...query.weight, self.bert...query.bias)
+    dropout = aten.dropout(linear_1, 0.1, self.training)
+    return tree_unflatten((loss, logits), self._out_spec)
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from dpc_fx.errors import TraceError
+from dpc_fx.meta import set_graph_info
+from dpc_fx.passes._graph import keep_module_order, keep_unused
+
+__all__ = ["by_mode", "capture", "count_batch", "specialised_to"]
+
+
+def by_mode(training: bool, in_training: Any, in_eval: Any) -> Any:
+    """``in_training`` in training mode, else ``in_eval``: a constant the two modes set apart
+    (attention's dropout probability), read when the graph runs."""
+    return in_training if training else in_eval
+
+
+def count_batch(count: torch.Tensor, training: bool) -> torch.Tensor:
+    """Batch norm's ``num_batches_tracked += 1``, in training mode only, as
+    ``nn.BatchNorm*`` does."""
+    if training:
+        count.add_(1)
+    return count
+
+
+def capture(
+    module: nn.Module, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+) -> fx.GraphModule:
+    """``module`` captured by ``torch.export`` on one call ``module(*args, **kwargs)``.
+
+    Raises:
+        TraceError: ``torch.export`` could not capture the module, or the module's code does
+            more than set constants apart between training and eval mode.
+    """
+    kwargs = dict(kwargs or {})
+    name = type(module).__name__
+    trained = _export(module, args, kwargs, training=True)
+    evaluated = _export(module, args, kwargs, training=False)
+    graph = fx.Graph()
+    graph.set_codegen(trained.graph._codegen)
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(trained.graph, env))
+    gm = fx.GraphModule(trained, graph, name)
+    gm.meta = {}
+    _follow_mode(gm, evaluated, name)
+    _drop_guards(gm)
+    _check_constants(gm, args, kwargs, name)
+    gm.graph.lint()
+    gm.recompile()
+    keep_unused(gm, module)
+    keep_module_order(gm, module)
+    set_graph_info(gm, module_types={p: type(m).__name__ for p, m in module.named_modules()})
+    gm.train(module.training)
+    return gm
+
+
+def _export(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, training: bool
+) -> fx.GraphModule:
+    modes = {m: m.training for m in module.modules()}
+    saved = {m: dict(vars(m)) for m in module.modules()}
+    module.train(training)
+    # export's own notes on what it specialised (a size of 1, say) are logged and warned
+    quiet = [logging.getLogger(n) for n in ("torch._export", "torch.export", "torch._dynamo")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(
+                module, args, kwargs, dynamic_shapes=_any_size(module, args, kwargs), strict=False
+            )
+        return program.module()  # type: ignore[return-value]
+    except Exception as e:
+        raise TraceError(
+            f"torch.export could not capture {type(module).__name__} "
+            f"({'training' if training else 'eval'} mode) either: {type(e).__name__}: "
+            f"{_first_line(e)}.",
+            reason=f"{type(e).__name__}: {_first_line(e)}",
+        ) from e
+    finally:
+        for m, attrs in saved.items():  # export's run may cache values on modules
+            vars(m).clear()
+            vars(m).update(attrs)
+        for m, was in modes.items():
+            m.training = was
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
+
+
+def _any_size(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Every dimension of every tensor input free to change (``Dim.AUTO``): export keeps
+    those the code lets vary (the batch, a sequence's length) symbolic and fixes the others,
+    so the graph runs on the last, smaller batch of an epoch too."""
+
+    def sizes(x: Any) -> Any:
+        return {i: torch.export.Dim.AUTO for i in range(x.dim())} if x.dim() else None
+
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None  # export says what does not fit
+    return {
+        name: pytree.tree_map(lambda x: sizes(x) if isinstance(x, torch.Tensor) else None, value)
+        for name, value in bound.arguments.items()
+    }
+
+
+def _follow_mode(gm: fx.GraphModule, other: fx.GraphModule, name: str) -> None:
+    """Make ``gm`` (captured in training mode) follow ``gm.training`` where ``other``
+    (captured in eval mode) differs from it in constants; raise if it differs otherwise."""
+    ours = [n for n in gm.graph.nodes if not _skipped(n)]
+    theirs = [n for n in other.graph.nodes if not _skipped(n)]
+    pairs = enumerate(zip(ours, theirs, strict=False))
+    where = next((i for i, (a, b) in pairs if (a.op, a.target) != (b.op, b.target)), None)
+    if where is None and len(ours) != len(theirs):  # the same up to the shorter one's end
+        where = min(len(ours), len(theirs))
+    if where is not None:
+        raise TraceError(
+            f"torch.export captured {name} differently in training and eval mode "
+            f"(from node '{ours[min(where, len(ours) - 1)].name}'): its code branches on "
+            "self.training around more than constants, which one graph cannot follow.",
+            reason="its code branches on self.training (a captured graph would run one "
+            "branch in both modes)",
+        )
+    graph = gm.graph
+    flag: fx.Node | None = None
+
+    def training() -> fx.Node:
+        nonlocal flag
+        if flag is None:
+            with graph.inserting_before(_first_body_node(graph)):
+                flag = graph.create_node("get_attr", "training")  # the bool, not a tensor
+        return flag
+
+    for a, b in zip(ours, theirs, strict=True):
+        leaves_a, spec = pytree.tree_flatten(_full_arguments(a))
+        leaves_b, spec_b = pytree.tree_flatten(_full_arguments(b))
+        if spec != spec_b:
+            raise TraceError(f"torch.export captured {name} differently in the two modes.")
+        changed = False
+        for i, (x, y) in enumerate(zip(leaves_a, leaves_b, strict=True)):
+            if isinstance(x, fx.Node) or isinstance(y, fx.Node) or _same(x, y):
+                continue
+            changed = True
+            if x is True and y is False:
+                leaves_a[i] = training()
+            else:
+                with graph.inserting_before(a):
+                    leaves_a[i] = graph.call_function(by_mode, (training(), x, y))
+        if changed:
+            a.args, a.kwargs = pytree.tree_unflatten(leaves_a, spec)
+    for node in list(graph.nodes):
+        if _is_batch_count(node):
+            node.target = count_batch
+            node.args = (node.args[0], training())
+
+
+def _full_arguments(node: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """An ATen call's arguments with the defaults its schema fills in (attention passes its
+    dropout probability in training only, leaving the default 0.0 in eval): positional ones
+    as positional, keyword-only ones by keyword."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None:
+        return node.args, node.kwargs
+    args, kwargs = list(node.args), dict(node.kwargs)
+    for i, arg in enumerate(schema.arguments):
+        if arg.kwarg_only:
+            if arg.name not in kwargs and arg.has_default_value():
+                kwargs[arg.name] = arg.default_value
+        elif i >= len(args):
+            if arg.name in kwargs:
+                args.append(kwargs.pop(arg.name))
+            elif arg.has_default_value():
+                args.append(arg.default_value)
+            else:
+                return node.args, node.kwargs  # not a call this schema reads: compare as is
+    return tuple(args), kwargs
+
+
+def _skipped(node: fx.Node) -> bool:
+    """Nodes the comparison of the two modes leaves out: the batch counter (training only)
+    and ``contiguous``, which export records in one mode and not the other where a
+    tensor's layout differs (after attention with dropout), and which computes nothing."""
+    return _is_batch_count(node) or node.target is torch.ops.aten.contiguous.default
+
+
+def specialised_to(value: Any, captured: Any, where: str) -> None:
+    """Raise unless an input the graph was specialised on has the value it was captured with."""
+    if type(value) is not type(captured) or value != captured:
+        raise ValueError(
+            f"{where} was captured with the value {captured!r} and is called with {value!r}; "
+            "a captured module is specialised on its example inputs: compile it again with "
+            "this value in example_inputs/example_kwargs."
+        )
+
+
+def _check_constants(
+    gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], name: str
+) -> None:
+    """Check, when the graph runs, each input that is no tensor (``num_flow_updates=2``):
+    export bakes its value into the graph, which would silently ignore another one."""
+    codegen = gm.graph._codegen
+    spec = codegen.pytree_info.in_spec  # type: ignore[attr-defined]
+    values = pytree.tree_leaves((args, kwargs))
+    if spec.num_leaves != len(values):
+        return  # not the structure we think: nothing to check
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, values, strict=False):
+        if isinstance(value, torch.Tensor):
+            continue
+        with gm.graph.inserting_after(placeholders[-1]):
+            gm.graph.call_function(specialised_to, (node, value, f"{name}'s input '{node.name}'"))
+
+
+def _drop_guards(gm: fx.GraphModule) -> None:
+    """Remove export's input check (``_guards_fn``): its code cannot read a ``**kwargs``
+    forward's inputs, and the ops themselves say when a shape does not fit."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+    if "_guards_fn" in gm._modules:
+        del gm._modules["_guards_fn"]
+
+
+def _is_batch_count(node: fx.Node) -> bool:
+    """``aten.add_(bn.num_batches_tracked, 1)``: batch norm counting a training batch."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.add_.Tensor:
+        return False
+    first = node.args[0] if node.args else None
+    return (
+        isinstance(first, fx.Node)
+        and first.op == "get_attr"
+        and str(first.target).endswith("num_batches_tracked")
+    )
+
+
+def _first_body_node(graph: fx.Graph) -> fx.Node:
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            return node
+    raise AssertionError("a graph ends with its output node")
+
+
+def _same(x: Any, y: Any) -> bool:
+    try:
+        return type(x) is type(y) and bool(x == y)
+    except Exception:
+        return x is y
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else "(no message)"
