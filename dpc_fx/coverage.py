@@ -42,7 +42,8 @@ def measure(tree: Tree, assigned: dict[str, fx.GraphModule]) -> Coverage:
         len(quantised_by_layer),
         sum(quantised_by_layer.values()),
     )
-    kinds = (len(attention), sum(attention.values()), kept and bool(attention))
+    captured = tuple(p.path for p in tree.parts if p.captured)
+    kinds = (len(attention), sum(attention.values()), kept and bool(attention), captured)
 
     if tree.whole:
         gm = assigned[""]

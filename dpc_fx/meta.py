@@ -227,6 +227,8 @@ class Coverage:
         attention_quantised: those quantised.
         attention_kept: the config keeps attention in full precision
             (``DPCConfig(attention=False)``).
+        captured: paths of the parts captured through ``torch.export`` rather than traced
+            by ``torch.fx`` (``""``: the model itself).
     """
 
     traced: bool
@@ -239,6 +241,7 @@ class Coverage:
     attention: int = 0
     attention_quantised: int = 0
     attention_kept: bool = False
+    captured: tuple[str, ...] = ()
 
     @property
     def macs_share(self) -> float | None:
@@ -250,7 +253,10 @@ class Coverage:
     def lines(self) -> list[str]:
         """A summary line, then one line per leaf."""
         share = "" if self.macs_share is None else f", {self.macs_share:.1%} of MACs quantised"
-        how = "traced whole" if self.traced else f"{len(self.leaves)} leaves kept whole"
+        whole = "captured whole (torch.export)" if "" in self.captured else "traced whole"
+        how = whole if self.traced else f"{len(self.leaves)} leaves kept whole"
+        if self.captured and self.captured != ("",):
+            how += f", {len(self.captured)} parts captured (torch.export)"
         attention = ""
         if self.attention_kept:
             attention = f"; attention ({self.attention}) in full precision (attention=False)"

@@ -506,3 +506,11 @@ def test_a_captured_module_says_when_called_with_another_value_it_was_specialise
         ValueError, match=r"'steps' was captured with the value 2 and is called with 3"
     ):
         gm(x=x, steps=3)
+
+
+def test_coverage_says_the_model_was_captured() -> None:
+    torch.manual_seed(0)
+    gm = dpc_fx.compile(Unrolled(), example_kwargs=unrolled_inputs())
+    cov = dpc_fx.coverage(gm)
+    assert cov.traced and cov.captured == ("",)
+    assert str(cov).startswith("coverage: captured whole (torch.export); ")

@@ -38,6 +38,14 @@ def test_digits_experiment_short() -> None:
     assert [line.split()[0] for line in out.splitlines()[-3:]] == ["fp32", "static", "DPC"]
 
 
+@pytest.mark.hf
+def test_hf_finetune_short() -> None:
+    out = run(sys.executable, str(EXAMPLES / "hf_finetune.py"), "--steps", "3")
+    lines = out.strip().splitlines()
+    assert "coverage:" in lines[0] and "attention: 2/2 quantised" in lines[0]
+    assert [line.split(":")[0].strip() for line in lines[-2:]] == ["fp32", "DPC"]
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_ddp_example_under_torchrun() -> None:
     """Two gloo ranks train and exit cleanly (the example leaves its process group only once

@@ -13,6 +13,9 @@ Sections:
             (batch 64) and a Transformer encoder block
   memory    saved-for-backward memory only (part of step; deterministic, no timing): fp32
             vs dpc_fx with fused layers (DPCConfig(fuse=True), the default) vs unfused
+  targets   step time of EfficientNet-B0 and MobileNetV3-Large at 96x96 (batch 32 and 2),
+            the demo CNN, a 2-layer Llama-style decoder, and the demo CNN and ResNet-18 with
+            both sides under torch.compile
   kernel    one activation quantiser against two memory passes over its tensor
   lower     8-bit integer kernels (DPCConfig(lower=True)) vs fp32: an MLP block, a small GPT
 """
@@ -415,6 +418,93 @@ def bench_lower(quick: bool) -> list[list[str]]:
     return rows
 
 
+# ---------------------------------------------------------------------------- targets
+
+
+def _llama() -> tuple[nn.Module, dict[str, Tensor]]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        vocab_size=100,
+    )
+    ids = torch.randint(0, 100, (16, 128))
+    return LlamaForCausalLM(config), {"input_ids": ids, "labels": ids, "use_cache": False}
+
+
+def _demo_cnn() -> nn.Module:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the experiments package
+    from experiments.models import MNIST1DCNN
+
+    return MNIST1DCNN()
+
+
+def bench_targets(quick: bool) -> list[list[str]]:
+    """The step-time targets of the small and depthwise models, a Llama-style decoder and the
+    demo CNN (fp32 vs dpc_fx, default config, side by side), and both under torch.compile."""
+    images = lambda b, s: (torch.randn(b, 3, s, s),)  # noqa: E731
+    cases: list[tuple[str, Callable[[], nn.Module], tuple[Tensor, ...], float, bool]] = [
+        ("EfficientNet-B0, 32x3x96x96", lambda: torchvision.models.efficientnet_b0(num_classes=10), images(32, 96), 1.15, False),
+        ("EfficientNet-B0, 2x3x96x96", lambda: torchvision.models.efficientnet_b0(num_classes=10), images(2, 96), 1.4, False),
+        ("MobileNetV3-Large, 32x3x96x96", lambda: torchvision.models.mobilenet_v3_large(num_classes=10), images(32, 96), 1.15, False),
+        ("MobileNetV3-Large, 2x3x96x96", lambda: torchvision.models.mobilenet_v3_large(num_classes=10), images(2, 96), 1.4, False),
+        ("demo CNN (MNIST-1D), 100x1x40", _demo_cnn, (torch.randn(100, 1, 40),), 1.5, False),
+        ("demo CNN under torch.compile", _demo_cnn, (torch.randn(100, 1, 40),), 1.1, True),
+        ("ResNet-18 under torch.compile, 64x3x32x32", lambda: torchvision.models.resnet18(num_classes=10), images(64, 32), 1.1, True),
+    ]  # fmt: skip
+    reps = 5 if quick else 9
+    rows = []
+    for label, build, x, target, compiled in cases:
+        console.print(f"targets: {label}")
+        torch.manual_seed(0)
+        model = build().train()
+        dpc = dpc_fx.compile(copy.deepcopy(model), x)
+        base: nn.Module = model
+        if compiled:
+            base, dpc = torch.compile(base), torch.compile(dpc)
+
+        def step_of(m: nn.Module, x: tuple[Tensor, ...] = x) -> Callable[[], None]:
+            def step() -> None:
+                m.zero_grad(set_to_none=True)
+                out = m(*x)
+                (out[0] if isinstance(out, tuple) else out).float().square().mean().backward()
+
+            return step
+
+        ta, tb, ratio = paired(step_of(base), step_of(dpc), reps, warmup=3 if compiled else 2)
+        rows.append(
+            [
+                label,
+                f"{ta * 1e3:.0f} ms",
+                f"{tb * 1e3:.0f} ms",
+                f"{ratio:.2f}x",
+                _verdict(ratio, target),
+            ]
+        )
+    try:
+        model, kwargs = _llama()
+    except ImportError:
+        return rows
+    console.print("targets: Llama-style decoder, 2 layers, 16x128 tokens")
+    model.train()
+    dpc = dpc_fx.compile(copy.deepcopy(model), example_kwargs=kwargs)
+
+    def llama_step(m: nn.Module) -> Callable[[], None]:
+        def step() -> None:
+            m.zero_grad(set_to_none=True)
+            m(**kwargs).loss.backward()
+
+        return step
+
+    ta, tb, ratio = paired(llama_step(model), llama_step(dpc), reps)
+    rows.append(["Llama-style decoder, 2 layers, 16x128 tokens", f"{ta * 1e3:.0f} ms", f"{tb * 1e3:.0f} ms", f"{ratio:.2f}x", _verdict(ratio, 1.2)])  # fmt: skip
+    return rows
+
+
 def _verdict(value: float, target: float | None, higher: bool = False) -> str:
     if target is None:
         return ""
@@ -438,14 +528,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
-        "--only", nargs="+", choices=["compile", "step", "memory", "kernel", "lower"]
+        "--only", nargs="+", choices=["compile", "step", "memory", "targets", "kernel", "lower"]
     )
     parser.add_argument(
         "--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md")
     )
     args = parser.parse_args()
     torch.manual_seed(0)
-    chosen = args.only or ["compile", "step", "kernel", "lower"]
+    chosen = args.only or ["compile", "step", "targets", "kernel", "lower"]
     parts = []
     if "compile" in chosen:
         parts.append(
@@ -477,6 +567,15 @@ def main() -> int:
                 "Saved-for-backward memory of one training step",
                 ["model", "method", "saved for backward", "vs fp32"],
                 bench_memory(),
+            )
+        )
+    if "targets" in chosen:
+        parts.append(
+            table(
+                "Training step vs fp32: small and depthwise models, a Llama-style decoder, "
+                "the demo CNN, and torch.compile of both sides",
+                ["workload", "fp32", "dpc_fx", "ratio", "target"],
+                bench_targets(args.quick),
             )
         )
     if "kernel" in chosen:

@@ -3,6 +3,7 @@
     python tools/zoo.py                          # all families, about 4 minutes on 2 cores
     python tools/zoo.py --models resnet18 raft_small --out /tmp/zoo.md
     python tools/zoo.py --timm                   # 15 timm models: only the file's timm section
+    python tools/zoo.py --hf                     # tiny Hugging Face transformers: their section
 
 For each model (random weights, small inputs) it records: traced whole or compiled through
 the fallback (untraceable submodules kept as leaves), conv/linear layers quantised out of
@@ -13,10 +14,12 @@ train mode, a loss, backward) ran. Detection models get targets and return their
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import os
 import platform
+import statistics
 import time
 import traceback
 import warnings
@@ -317,23 +320,23 @@ def render_timm(rows: list[TimmRow], command: str, seconds: float) -> str:
 TIMM_HEADING = "## timm"
 
 
-def with_section(text: str, section: str) -> str:
-    """``text`` (docs/ZOO.md) with its timm section replaced by ``section``, or added at the
-    end; the rest of the file is kept as it is."""
-    start = text.find(TIMM_HEADING + "\n")
+def with_section(text: str, section: str, heading: str = TIMM_HEADING) -> str:
+    """``text`` (docs/ZOO.md) with its section under ``heading`` replaced by ``section``, or
+    added at the end; the rest of the file is kept as it is."""
+    start = text.find(heading + "\n")
     if start < 0:
         return text.rstrip("\n") + "\n\n" + section
-    end = text.find("\n## ", start + len(TIMM_HEADING))
+    end = text.find("\n## ", start + len(heading))
     rest = "" if end < 0 else text[end + 1 :]
     return text[:start] + section + ("\n" + rest if rest else "")
 
 
-def timm_section(text: str) -> str:
-    """The timm section of ``text`` (docs/ZOO.md), or ``""``."""
-    start = text.find(TIMM_HEADING + "\n")
+def timm_section(text: str, heading: str = TIMM_HEADING) -> str:
+    """The section of ``text`` (docs/ZOO.md) under ``heading``, or ``""``."""
+    start = text.find(heading + "\n")
     if start < 0:
         return ""
-    end = text.find("\n## ", start + len(TIMM_HEADING))
+    end = text.find("\n## ", start + len(heading))
     return text[start:] if end < 0 else text[start : end + 1]
 
 
@@ -357,6 +360,176 @@ def main_timm(args: argparse.Namespace) -> int:
     old = out.read_text() if out.exists() else ""
     out.write_text(with_section(old, render_timm(rows, command, time.perf_counter() - start)))
     print(f"timm section written to {out}")
+    return 0
+
+
+# ----------------------------------------------------------------- Hugging Face transformers
+
+HF_HEADING = "## Hugging Face transformers"
+HF_MODELS = ("gpt2", "llama", "bert", "distilbert", "t5", "vit")
+
+
+def hf_case(name: str) -> tuple[torch.nn.Module, dict[str, Any], str]:
+    """A tiny random-weight model (2 layers, width 128) and the keyword inputs it is
+    trained with: token ids 2x16 (ViT: 2x3x32x32 pixels), attention mask and labels."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 16))
+    text = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    small = {"vocab_size": 100}
+    classes = torch.tensor([0, 1])
+    if name == "gpt2":
+        model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=128, n_head=4, **small))
+        return model, {**text, "labels": ids, "use_cache": False}, "ids 2x16"
+    if name == "llama":
+        config = T.LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=256,
+            **small,
+        )
+        return T.LlamaForCausalLM(config), {**text, "labels": ids, "use_cache": False}, "ids 2x16"
+    if name == "bert":
+        config = T.BertConfig(
+            num_hidden_layers=2, hidden_size=128, num_attention_heads=4, intermediate_size=256,
+            **small,
+        )  # fmt: skip
+        return T.BertForSequenceClassification(config), {**text, "labels": classes}, "ids 2x16"
+    if name == "distilbert":
+        config = T.DistilBertConfig(n_layers=2, dim=128, n_heads=4, hidden_dim=256, **small)
+        model = T.DistilBertForSequenceClassification(config)
+        return model, {**text, "labels": classes}, "ids 2x16"
+    if name == "t5":
+        config = T.T5Config(
+            num_layers=2, num_decoder_layers=2, d_model=128, d_ff=256, num_heads=4, d_kv=32,
+            decoder_start_token_id=0, pad_token_id=0, **small,
+        )  # fmt: skip
+        model = T.T5ForConditionalGeneration(config)
+        return model, {**text, "labels": ids, "use_cache": False}, "ids 2x16"
+    assert name == "vit"
+    config = T.ViTConfig(
+        num_hidden_layers=2, hidden_size=128, num_attention_heads=4, intermediate_size=256,
+        image_size=32, patch_size=8, num_labels=10,
+    )  # fmt: skip
+    pixels = torch.randn(2, 3, 32, 32)
+    return (
+        T.ViTForImageClassification(config),
+        {"pixel_values": pixels, "labels": classes},
+        "pixels 2x3x32x32",
+    )
+
+
+def run_hf(name: str, reps: int) -> TimmRow:
+    model, kwargs, shown = hf_case(name)
+    row = TimmRow(name, shown + " + mask/labels" if "ids" in shown else shown + " + labels")
+    model.train()
+    reference = copy.deepcopy(model)
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = dpc_fx.compile(model, example_kwargs=kwargs)
+    except Exception as e:
+        row.note = f"compile: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        return row
+    row.compile_s = time.perf_counter() - start
+    cov = dpc_fx.coverage(gm)
+    metas = dpc_fx.layers(gm)
+    row.status = "whole" if cov.traced else "fallback"
+    row.quantised = f"{cov.quantised}/{cov.layers}"
+    row.attention = f"{cov.attention_quantised}/{cov.attention}" if cov.attention else "-"
+    if cov.macs and cov.quantised_macs is not None:
+        pinned = sum(m.macs or 0 for m in metas if m.pinned)
+        row.macs = f"{cov.quantised_macs / cov.macs:.1%}"
+        row.unpinned = f"{cov.quantised_macs / (cov.macs - pinned):.1%}"
+    row.leaves = str(len(cov.leaves)) if cov.leaves else "-"
+
+    def step(module: torch.nn.Module) -> Callable[[], None]:
+        def run_step() -> None:
+            module.zero_grad(set_to_none=True)
+            module(**kwargs).loss.backward()
+
+        return run_step
+
+    times: dict[str, list[float]] = {"fp32": [], "dpc": []}
+    ratios = []
+    fns = {"fp32": step(reference), "dpc": step(gm)}
+    for fn in fns.values():  # warm-up: compiled kernels, allocator
+        fn()
+        fn()
+    for i in range(reps):
+        order = ("fp32", "dpc") if i % 2 == 0 else ("dpc", "fp32")
+        pair = {}
+        for key in order:
+            t0 = time.perf_counter()
+            fns[key]()
+            pair[key] = time.perf_counter() - t0
+            times[key].append(pair[key])
+        ratios.append(pair["dpc"] / pair["fp32"])
+    row.step = (
+        f"{statistics.median(ratios):.2f}x ({statistics.median(times['dpc']) * 1e3:.0f} vs "
+        f"{statistics.median(times['fp32']) * 1e3:.0f} ms)"
+    )
+    return row
+
+
+def render_hf(rows: list[TimmRow], command: str, seconds: float) -> str:
+    """The Hugging Face section of docs/ZOO.md."""
+    import transformers
+
+    lines = [
+        HF_HEADING,
+        "",
+        f"Command: `{command}`  ",
+        f"transformers {transformers.__version__}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads on {_cpu()}; "
+        f"{datetime.date.today().isoformat()}, whole run {seconds / 60:.1f} min.",
+        "",
+        "Tiny random-weight models built from configs (2 layers, width 128; nothing "
+        "downloaded), compiled from the keyword inputs they train with "
+        "(`dpc_fx.compile(model, example_kwargs=...)`, the model's cache off), default "
+        "`DPCConfig()`. *status* whole: one graph, traced or captured through `torch.export`; "
+        "*quantised*, *attention*, *MACs*, *outside pinned* as in the timm table. *step*: "
+        "training step (forward with the loss, backward) of the compiled module over the "
+        "same step of the plain model, median of interleaved pairs in one process.",
+        "",
+        "| model | inputs | status | quantised | attention | MACs | outside pinned | leaves "
+        "| compile | step vs fp32 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        t = "-" if r.compile_s is None else f"{r.compile_s:.1f} s"
+        lines.append(
+            f"| {r.name} | {r.shown} | {r.status} | {r.quantised} | {r.attention} | {r.macs} "
+            f"| {r.unpinned} | {r.leaves} | {t} | {r.note or r.step} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main_hf(args: argparse.Namespace) -> int:
+    names = [n for n in HF_MODELS if not args.models or n in args.models]
+    rows = []
+    start = time.perf_counter()
+    for name in names:
+        try:
+            row = run_hf(name, args.reps)
+        except Exception as e:  # building the model failed
+            row = TimmRow(name, "-", note=f"{type(e).__name__}: {e}"[:160])
+            traceback.print_exc()
+        rows.append(row)
+        print(f"{name:12s} {row.status:9s} {row.quantised:9s} {row.unpinned:7s} {row.step}")
+        gc.collect()
+    command = "python tools/zoo.py --hf" + (
+        f" --models {' '.join(args.models)}" if args.models else ""
+    )
+    out = Path(args.out)
+    old = out.read_text() if out.exists() else ""
+    section = render_hf(rows, command, time.perf_counter() - start)
+    out.write_text(with_section(old, section, HF_HEADING))
+    print(f"Hugging Face section written to {out}")
     return 0
 
 
@@ -430,16 +603,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", help="model names (default: all)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=7, help="timed step pairs (--hf)")
     parser.add_argument(
         "--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "ZOO.md")
     )
     parser.add_argument(
         "--timm", action="store_true", help="the timm models; rewrites only the timm section"
     )
+    parser.add_argument(
+        "--hf",
+        action="store_true",
+        help="tiny Hugging Face transformers models; rewrites only their section",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.timm:
         return main_timm(args)
+    if args.hf:
+        return main_hf(args)
     todo = [(n, f) for f, mod in FAMILIES.items() for n in M.list_models(module=mod)]
     if args.models:
         todo = [(n, f) for n, f in todo if n in args.models]
@@ -458,7 +639,8 @@ def main() -> int:
         gc.collect()
     command = "python tools/zoo.py" + (f" --models {' '.join(args.models)}" if args.models else "")
     out = Path(args.out)
-    kept = timm_section(out.read_text()) if out.exists() else ""  # from a --timm run
+    old = out.read_text() if out.exists() else ""
+    kept = "".join(timm_section(old, h) for h in (TIMM_HEADING, HF_HEADING))  # --timm, --hf
     text = render(rows, command, time.perf_counter() - start)
     out.write_text(text + ("\n" + kept if kept else ""))
     print(f"written to {args.out}")
