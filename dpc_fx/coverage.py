@@ -42,14 +42,27 @@ def measure(tree: Tree, assigned: dict[str, fx.GraphModule]) -> Coverage:
         len(quantised_by_layer),
         sum(quantised_by_layer.values()),
     )
-    captured = tuple(p.path for p in tree.parts if p.captured)
-    kinds = (len(attention), sum(attention.values()), kept and bool(attention), captured)
+
+    def coverage(
+        traced: bool, total: int | None, q_total: int | None, leaves: tuple[Leaf, ...] = ()
+    ) -> Coverage:
+        return Coverage(
+            traced,
+            *counts,
+            total,
+            q_total,
+            leaves,
+            attention=len(attention),
+            attention_quantised=sum(attention.values()),
+            attention_kept=kept and bool(attention),
+            captured=tuple(p.path for p in tree.parts if p.captured),
+        )
 
     if tree.whole:
         gm = assigned[""]
         total = graph_info(gm).macs
         q_total = _quantised_macs(records(gm)) if total is not None else None
-        return Coverage(True, *counts, total, q_total, (), *kinds)
+        return coverage(True, total, q_total)
 
     macs = tree.macs
     total = macs.get("") if macs else None
@@ -74,7 +87,7 @@ def measure(tree: Tree, assigned: dict[str, fx.GraphModule]) -> Coverage:
             own = spent(part) - sum(spent(c) for c in part.children)
         share = None if own is None else own / total if total else 0.0
         leaves.append(Leaf(part.path, type(part.module).__name__, part.short_reason, own, share))
-    return Coverage(False, *counts, total, q_total, tuple(leaves), *kinds)
+    return coverage(False, total, q_total, tuple(leaves))
 
 
 def _weight_layers(model: nn.Module) -> set[str]:
