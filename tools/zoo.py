@@ -253,6 +253,19 @@ class TimmRow:
     note: str = ""
 
 
+def _fill(row: TimmRow, gm: torch.nn.Module, *, whole: str) -> None:
+    """``row``'s coverage cells from the compiled module ``gm``."""
+    cov = dpc_fx.coverage(gm)
+    row.status = whole if cov.traced else "fallback"
+    row.quantised = f"{cov.quantised}/{cov.layers}"
+    row.attention = f"{cov.attention_quantised}/{cov.attention}" if cov.attention else "-"
+    if cov.macs and cov.quantised_macs is not None:
+        pinned = sum(m.macs or 0 for m in dpc_fx.layers(gm) if m.pinned)
+        row.macs = f"{cov.quantised_macs / cov.macs:.1%}"
+        row.unpinned = f"{cov.quantised_macs / (cov.macs - pinned):.1%}"
+    row.leaves = str(len(cov.leaves)) if cov.leaves else "-"
+
+
 def run_timm(name: str) -> TimmRow:
     import timm
 
@@ -270,16 +283,7 @@ def run_timm(name: str) -> TimmRow:
         row.note = f"compile: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
         return row
     row.compile_s = time.perf_counter() - start
-    cov = dpc_fx.coverage(gm)
-    metas = dpc_fx.layers(gm)
-    row.status = "traced" if cov.traced else "fallback"
-    row.quantised = f"{cov.quantised}/{cov.layers}"
-    row.attention = f"{cov.attention_quantised}/{cov.attention}" if cov.attention else "-"
-    if cov.macs and cov.quantised_macs is not None:
-        pinned = sum(m.macs or 0 for m in metas if m.pinned)
-        row.macs = f"{cov.quantised_macs / cov.macs:.1%}"
-        row.unpinned = f"{cov.quantised_macs / (cov.macs - pinned):.1%}"
-    row.leaves = str(len(cov.leaves)) if cov.leaves else "-"
+    _fill(row, gm, whole="traced")
     row.step = _step(gm, Case({}, lambda: inputs, row.shown, _tensor_loss), inputs)
     return row
 
@@ -436,16 +440,7 @@ def run_hf(name: str, reps: int) -> TimmRow:
         row.note = f"compile: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
         return row
     row.compile_s = time.perf_counter() - start
-    cov = dpc_fx.coverage(gm)
-    metas = dpc_fx.layers(gm)
-    row.status = "whole" if cov.traced else "fallback"
-    row.quantised = f"{cov.quantised}/{cov.layers}"
-    row.attention = f"{cov.attention_quantised}/{cov.attention}" if cov.attention else "-"
-    if cov.macs and cov.quantised_macs is not None:
-        pinned = sum(m.macs or 0 for m in metas if m.pinned)
-        row.macs = f"{cov.quantised_macs / cov.macs:.1%}"
-        row.unpinned = f"{cov.quantised_macs / (cov.macs - pinned):.1%}"
-    row.leaves = str(len(cov.leaves)) if cov.leaves else "-"
+    _fill(row, gm, whole="whole")
 
     def step(module: torch.nn.Module) -> Callable[[], None]:
         def run_step() -> None:
