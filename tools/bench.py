@@ -72,6 +72,17 @@ def paired(
     return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
 
 
+def step_of(m: nn.Module, *inputs: Tensor) -> Callable[[], None]:
+    """One training step of ``m`` on ``inputs``: a loss on its (first) output, backward."""
+
+    def step() -> None:
+        m.zero_grad(set_to_none=True)
+        out = m(*inputs)
+        (out[0] if isinstance(out, tuple) else out).float().square().mean().backward()
+
+    return step
+
+
 def saved_bytes(step: Callable[[], object]) -> int:
     """Bytes of the distinct tensors autograd saves for backward during one step, parameters
     left out: the activation memory of training."""
@@ -181,19 +192,12 @@ def bench_step(quick: bool) -> list[list[str]]:
         except Exception as e:
             console.print(f"  torch.ao QAT failed on {label}: {type(e).__name__}")
 
-        def step_of(m: nn.Module, x: Tensor = x) -> Callable[[], None]:
-            def step() -> None:
-                m.zero_grad(set_to_none=True)
-                m(x).float().square().mean().backward()
-
-            return step
-
-        mem = {name: saved_bytes(step_of(m)) for name, m in contenders.items()}
-        fp32_step = step_of(base)
+        mem = {name: saved_bytes(step_of(m, x)) for name, m in contenders.items()}
+        fp32_step = step_of(base, x)
         for name, m in contenders.items():
             if name == "fp32":
                 continue
-            ta, tb, ratio = paired(fp32_step, step_of(m), reps)
+            ta, tb, ratio = paired(fp32_step, step_of(m, x), reps)
             target = {"ResNet-18": 1.15, "MobileNetV2": 1.3}.get(label.split(",")[0])
             rows.append(
                 [
@@ -246,14 +250,7 @@ def bench_memory() -> list[list[str]]:
             ),
         }
 
-        def step_of(m: nn.Module, x: Tensor = x) -> Callable[[], None]:
-            def step() -> None:
-                m.zero_grad(set_to_none=True)
-                m(x).float().square().mean().backward()
-
-            return step
-
-        mem = {name: saved_bytes(step_of(m)) for name, m in contenders.items()}
+        mem = {name: saved_bytes(step_of(m, x)) for name, m in contenders.items()}
         for name, held in mem.items():
             rows.append([label, name, f"{held / 2**20:.1f} MiB", f"{held / mem['fp32']:.2f}x"])
     return rows
@@ -467,15 +464,9 @@ def bench_targets(quick: bool) -> list[list[str]]:
         if compiled:
             base, dpc = torch.compile(base), torch.compile(dpc)
 
-        def step_of(m: nn.Module, x: tuple[Tensor, ...] = x) -> Callable[[], None]:
-            def step() -> None:
-                m.zero_grad(set_to_none=True)
-                out = m(*x)
-                (out[0] if isinstance(out, tuple) else out).float().square().mean().backward()
-
-            return step
-
-        ta, tb, ratio = paired(step_of(base), step_of(dpc), reps, warmup=3 if compiled else 2)
+        ta, tb, ratio = paired(
+            step_of(base, *x), step_of(dpc, *x), reps, warmup=3 if compiled else 2
+        )
         rows.append(
             [
                 label,
