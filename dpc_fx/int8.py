@@ -11,7 +11,10 @@ does the same for ``dx = g_hat @ w_hat`` and ``dw = g_hat.T @ x_hat`` with the s
 rounded output gradient ``g_hat``. Every quantised value equals what the simulated graph
 uses, so the two differ only by float rounding of the sums (see tests/test_lower.py).
 
-Saved for backward: the int8 codes of the input and weight, a quarter of fp32's memory.
+Saved for backward: the int8 codes of the input (a quarter of fp32's memory) and, for a weight
+that is an ``nn.Parameter`` (kept anyway), the parameter itself: backward quantises it again,
+with the same kernels and nearest rounding, so it gets the same codes. Any other weight is
+kept as its int8 codes.
 """
 
 from __future__ import annotations
@@ -69,6 +72,13 @@ def _codes(x: Tensor, lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, ...]:
     return kernels.quantize_int8(x, lo, hi, kernels.levels_tensor(bits, x))
 
 
+def _weight_codes(weight: Tensor, bits: int) -> tuple[Tensor, ...]:
+    """``(codes, scale, mid, bad rows)`` of ``weight`` over its own per-tensor range."""
+    w = weight.detach().float().contiguous()
+    lo, hi = kernels.tensor_range(w.view(-1))
+    return _codes(w, lo, hi, bits)
+
+
 def _codes_stochastic(x: Tensor, bits: int) -> tuple[Tensor, ...]:
     """``(codes, scale, mid, bad rows, bad columns)`` of the matrix ``x``."""
     levels = kernels.levels_tensor(bits, x)
@@ -105,19 +115,24 @@ class _Int8LinearFn(torch.autograd.Function):
     ) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
         qx, sx, mx, bad_x = _codes(x2, lo, hi, a_bits)
-        w = weight.float().contiguous()
-        wlo, whi = kernels.tensor_range(w.view(-1))
-        qw, sw, mw, bad_w = _codes(w, wlo, whi, w_bits)
+        w_codes = _weight_codes(weight, w_bits)
+        qw, sw, mw, bad_w = w_codes
         b = None if bias is None else bias.float()
         y = _product(qx, sx, mx, qw.t(), sw, mw, bad_x | bad_w.t(), b)
-        ctx.save_for_backward(qx, sx, mx, qw, sw, mw, bad_x, bad_w)
-        ctx.g_bits, ctx.x_shape, ctx.has_bias = g_bits, x.shape, bias is not None
+        # A parameter is kept anyway: backward quantises it again (nearest rounding is
+        # deterministic, so the same codes) rather than keep its codes beside it. Autograd's
+        # version check still catches a parameter changed in place before backward.
+        kept = (weight,) if isinstance(weight, nn.Parameter) else w_codes
+        ctx.save_for_backward(qx, sx, mx, bad_x, *kept)
+        ctx.g_bits, ctx.w_bits, ctx.x_shape = g_bits, w_bits, x.shape
+        ctx.has_bias = bias is not None
         ctx.dtypes = (x.dtype, weight.dtype)
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        qx, sx, mx, qw, sw, mw, bad_x, bad_w = ctx.saved_tensors
+        qx, sx, mx, bad_x, *kept = ctx.saved_tensors
+        qw, sw, mw, bad_w = _weight_codes(kept[0], ctx.w_bits) if len(kept) == 1 else kept
         g = grad.reshape(-1, grad.shape[-1]).float().contiguous()
         qg, sg, mg, g_rows, g_cols = _codes_stochastic(g, ctx.g_bits)
         # A bad input row spoils every column of dw, a bad weight row every column of dx.

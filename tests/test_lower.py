@@ -11,6 +11,7 @@ layer's incoming gradient across a rounding boundary, changing it by one gradien
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ import dpc_fx
 from dpc_fx import DPCConfig
 from dpc_fx.int8 import Int8Linear
 from dpc_fx.passes import capacity, lower, rewrite, trace
+from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer
 
 LOWER = DPCConfig(b_min=8, b_max=8, grad_bits=8, lower=True, pin_first_last=False)
 
@@ -154,3 +156,87 @@ def test_narrow_bit_widths_lower_exactly_too(bits: int) -> None:
     y_sim, _ = grads(model, sim, x)
     y_low, _ = grads(model, low, x)
     assert torch.allclose(y_low, y_sim, rtol=0, atol=1e-5 * float(y_sim.abs().max()))
+
+
+def int8_layer(bits: int = 8) -> Int8Linear:
+    return Int8Linear(ActQuantizer(bits), WeightQuantizer(bits, None), GradQuantizer(bits))
+
+
+def layer_step(
+    layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, seed: int = 3
+) -> list[torch.Tensor]:
+    """Output, dx, dw and db of one step of ``layer``, with seeded gradient rounding."""
+    x = x.detach().clone().requires_grad_()
+    torch.manual_seed(seed)
+    y = layer(x, weight, bias)
+    y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+    assert x.grad is not None and weight.grad is not None and bias.grad is not None
+    return [y.detach(), x.grad, weight.grad, bias.grad]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bad_weight", [False, True], ids=["finite", "inf-weight"])
+def test_a_parameter_weight_requantised_in_backward_gives_the_same_bits(
+    bits: int, bad_weight: bool
+) -> None:
+    """A parameter weight is quantised again in backward; a plain tensor keeps its codes
+    from forward. Both must give the same output and gradients, bit for bit (``nan`` where
+    an ``inf`` in the weight spoils them, in the same places)."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 5, 40), torch.randn(24, 40), torch.randn(24)
+    if bad_weight:
+        w[7, 3] = float("inf")
+    param = nn.Parameter(w.clone())
+    plain = w.clone().requires_grad_()
+    bias_a, bias_b = nn.Parameter(b.clone()), nn.Parameter(b.clone())
+    kept = layer_step(int8_layer(bits), x, plain, bias_a)
+    again = layer_step(int8_layer(bits), x, param, bias_b)
+    for name, a, r in zip(["y", "dx", "dw", "db"], kept, again, strict=True):
+        torch.testing.assert_close(r, a, rtol=0, atol=0, equal_nan=True, msg=name)
+    # The inf spoils its output column and all of dx, and nothing else.
+    assert kept[0][..., 7].isnan().all() == bad_weight and kept[1].isnan().all() == bad_weight
+    assert kept[0][..., :7].isfinite().all() and kept[2].isfinite().all()
+
+
+def kept_by(fn: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors autograd keeps for backward while ``fn`` runs."""
+    kept: list[torch.Tensor] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        fn()
+    return kept
+
+
+def test_a_lowered_layer_keeps_input_codes_and_the_parameter_not_weight_codes() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 40, requires_grad=True)
+    weight, bias = nn.Parameter(torch.randn(24, 40)), nn.Parameter(torch.randn(24))
+    layer = int8_layer()
+    kept = kept_by(lambda: layer(x, weight, bias))
+    int8 = [t for t in kept if t.dtype == torch.int8]
+    assert [t.shape for t in int8] == [x.shape]  # the input's codes, no weight codes
+    # Apart from the parameter itself (kept anyway), floats are only the 0-d scales and
+    # offsets: no float copy of the input or the weight.
+    floats = [t for t in kept if t.is_floating_point() and t is not weight]
+    assert all(t.dim() == 0 for t in floats), [(t.dtype, t.shape) for t in floats]
+    assert any(t is weight for t in kept)
+
+    # The check can fail: a weight that is not a parameter is kept as its int8 codes.
+    plain = weight.detach().clone().requires_grad_()
+    kept = kept_by(lambda: layer(x, plain, bias))
+    assert sorted(t.shape for t in kept if t.dtype == torch.int8) == [plain.shape, x.shape]
+
+
+def test_a_lowered_model_keeps_no_int8_copy_of_its_weights() -> None:
+    model = mlp()
+    x = torch.randn(16, 32)
+    _, low = simulated_and_lowered(model, x)
+    kept = kept_by(lambda: low(x))
+    weights = {p.shape for name, p in model.named_parameters() if name.endswith("weight")}
+    int8 = [t.shape for t in kept if t.dtype == torch.int8]
+    assert int8 == [torch.Size([16, 32]), torch.Size([16, 96]), torch.Size([16, 32])]
+    assert not weights & set(int8)
