@@ -17,7 +17,8 @@ Sections:
             the demo CNN, a 2-layer Llama-style decoder, and the demo CNN and ResNet-18 with
             both sides under torch.compile
   kernel    one activation quantiser against two memory passes over its tensor
-  lower     8-bit integer kernels (DPCConfig(lower=True)) vs fp32: an MLP block, a small GPT
+  lower     8-bit integer kernels (DPCConfig(lower=True)) vs fp32: an MLP block, a small GPT;
+            where torch._int_mm is slower than an fp32 matmul, both are cut to a time budget
 """
 
 from __future__ import annotations
@@ -334,49 +335,107 @@ def _text_batches(
     return out
 
 
+def _int8_slowdown(m: int, k: int, n: int, reps: int, budget_s: float) -> tuple[float, float, int]:
+    """Seconds of one ``torch._int_mm`` of (m, k) @ (k, n) and its median ratio to an fp32
+    ``mm`` of the same size, side by side; and the pairs run. Pairs stop once another would
+    take the int8 side past ``budget_s``: on a CPU without int8 dot-product instructions one
+    int8 product of the MLP's size can take tens of seconds."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    qa = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    qb = torch.randint(-128, 128, (k, n), dtype=torch.int8)
+    torch._int_mm(qa[:32], qb)  # first-call setup, off the clock
+    a.mm(b)
+    t_int: list[float] = []
+    ratios: list[float] = []
+    while len(ratios) < reps and (not t_int or sum(t_int) + max(t_int) <= budget_s):
+        if len(ratios) % 2:
+            tb, ta = timed(lambda: torch._int_mm(qa, qb)), timed(lambda: a.mm(b))
+        else:
+            ta, tb = timed(lambda: a.mm(b)), timed(lambda: torch._int_mm(qa, qb))
+        t_int.append(tb)
+        ratios.append(tb / ta)
+    return statistics.median(t_int), statistics.median(ratios), len(ratios)
+
+
+def _linear_macs(model: nn.Module) -> int:
+    """Multiply-adds per token of ``model``'s linear layers (the ones lowered)."""
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+
+
 def bench_lower(quick: bool) -> list[list[str]]:
+    """The lowered (int8) MLP block and small GPT against fp32. Where ``torch._int_mm`` is
+    slower than an fp32 matmul (as on an AVX2-only x86 CPU, without VNNI), the
+    workloads are cut to fit a time budget, each cut said in its row's notes."""
     rows = []
     lowered = DPCConfig(b_min=8, b_max=8, grad_bits=8, lower=True, pin_first_last=False)
     simulated = lowered.replace(lower=False)
 
-    console.print("lower: MLP block")
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 1024))
-    x = torch.randn(2048, 1024)
+    tokens = 2048
+    t_int, slowdown, pairs = _int8_slowdown(tokens, 1024, 4096, 3 if quick else 5, 45.0)
+    speed_note = f"one torch._int_mm {slowdown:.1f}x an fp32 mm ({tokens}x1024 @ 1024x4096)"
+    console.print(f"lower: {speed_note}, median of {pairs}")
+    int8_seconds_per_mac = t_int / (tokens * 1024 * 4096)
+
+    def step_s(model: nn.Module, n: int) -> float:
+        """A lower bound on a lowered step of ``model`` on ``n`` tokens: its int8 products
+        alone, three per linear (forward, dx, dw)."""
+        return 3 * _linear_macs(model) * n * int8_seconds_per_mac
+
+    slow = slowdown > 1
+    mlp_note = ""
+    if slow:
+        # Whole multiples of 64 tokens, about 10 s a lowered step at most.
+        fit = int(10 / step_s(mlp, 1)) // 64 * 64
+        if fit < tokens:
+            mlp_note = (
+                f"int8 matmul {slowdown:.0f}x slower than fp32 mm on this CPU; "
+                f"cut from {tokens} to {max(fit, 64)} tokens"
+            )
+            tokens = max(fit, 64)
+
+    console.print(f"lower: MLP block, {tokens} tokens")
+    x = torch.randn(tokens, 1024)
     low, sim = (
         dpc_fx.compile(copy.deepcopy(mlp), x, config=lowered),
         dpc_fx.compile(copy.deepcopy(mlp), x, config=simulated),
     )
-
-    def step_of(m: nn.Module) -> Callable[[], None]:
-        def step() -> None:
-            m.zero_grad(set_to_none=True)
-            m(x).square().mean().backward()
-
-        return step
-
-    reps = 5 if quick else 9
+    reps, warmup = (3, 1) if mlp_note else (5 if quick else 9, 2)
     for name, m in (("dpc_fx lowered (int8)", low), ("dpc_fx simulated", sim)):
-        ta, tb, ratio = paired(step_of(mlp), step_of(m), reps)
+        ta, tb, ratio = paired(step_of(mlp, x), step_of(m, x), reps, warmup)
         rows.append(
             [
-                "MLP 1024-4096-1024, 2048 tokens",
+                f"MLP 1024-4096-1024, {tokens} tokens",
                 name,
                 f"{ta * 1e3:.0f} ms",
                 f"{tb * 1e3:.0f} ms",
                 f"{1 / ratio:.2f}x",
                 _verdict(1 / ratio, 1.5, higher=True) if "lowered" in name else "",
-                "",
+                (f"{speed_note}, median of {pairs}; " if "lowered" in name else "") + mlp_note,
             ]
         )
 
-    console.print("lower: small GPT")
-    steps = 30 if quick else 120
-    batches = _text_batches(16, 128, 96, steps, seed=0)
-    losses: dict[str, list[float]] = {}
-    times: dict[str, list[float]] = {"fp32": [], "lowered": []}
     torch.manual_seed(0)
     gpt = TinyGPT()
+    full_steps = 30 if quick else 120
+    steps, batch = full_steps, 16
+    cuts = []
+    if slow:
+        budget = 60.0 if quick else 150.0
+        per_step = step_s(gpt, batch * 128)
+        steps = min(full_steps, max(3, int(budget / per_step)))
+        if steps < full_steps:
+            cuts.append(f"loss run cut to {steps} steps (of {full_steps})")
+        # Fewer sequences where even three full steps would not fit.
+        fit = max(1, int(batch * budget / (steps * per_step)))
+        if fit < batch:
+            cuts.append(f"batch cut from {batch} to {fit} sequences")
+            batch = fit
+    console.print(f"lower: small GPT, {steps} steps of {batch}x128 tokens")
+    batches = _text_batches(batch, 128, 96, steps, seed=0)
+    losses: dict[str, list[float]] = {}
+    times: dict[str, list[float]] = {"fp32": [], "lowered": []}
     # Attention's activation-by-activation matmuls stay in fp32 here: only linears are lowered.
     gpt_config = lowered.replace(overrides={"matmul": None})
     models = {
@@ -397,19 +456,29 @@ def bench_lower(quick: bool) -> list[list[str]]:
             opt.step()
             times[name].append(time.perf_counter() - start)
             losses[name].append(loss.item())
-    ratios = [a / b for a, b in zip(times["fp32"][2:], times["lowered"][2:], strict=True)]
+    # The first two steps compile kernels; a run cut to fewer steps times what it has.
+    skip = 2 if steps > 4 else 1
+    ratios = [a / b for a, b in zip(times["fp32"][skip:], times["lowered"][skip:], strict=True)]
     speed = statistics.median(ratios)
-    tail = max(5, steps // 10)
+    tail = min(steps, max(5, steps // 10))
     final = {k: statistics.fmean(v[-tail:]) for k, v in losses.items()}
+    loss_note = (
+        f"loss (mean of the last {tail} of {steps} steps): "
+        f"fp32 {final['fp32']:.3f}, lowered {final['lowered']:.3f}"
+    )
+    if cuts:
+        loss_note = f"int8 matmul {slowdown:.0f}x slower than fp32 mm on this CPU; " + (
+            "; ".join(cuts) + f"; {loss_note}"
+        )
     rows.append(
         [
-            "GPT 4x512, 16x128 tokens",
+            f"GPT 4x512, {batch}x128 tokens",
             "dpc_fx lowered (int8)",
-            f"{statistics.median(times['fp32']) * 1e3:.0f} ms",
-            f"{statistics.median(times['lowered']) * 1e3:.0f} ms",
+            f"{statistics.median(times['fp32'][skip:]) * 1e3:.0f} ms",
+            f"{statistics.median(times['lowered'][skip:]) * 1e3:.0f} ms",
             f"{speed:.2f}x",
             _verdict(speed, 1.2, higher=True),
-            f"loss after {steps} steps: fp32 {final['fp32']:.3f}, lowered {final['lowered']:.3f}",
+            loss_note,
         ]
     )
     return rows
