@@ -1,4 +1,5 @@
-"""A quantised conv/linear layer as one autograd node that keeps only integer codes.
+"""A quantised layer (conv, linear, or a product of two activations) as one autograd node
+that keeps only integer codes.
 
 The rewrite pass surrounds a layer with three quantisers: ``act_q`` and ``weight_q``
 fake-quantise its inputs, ``grad_q`` quantises its output gradient in backward. Run as they
@@ -15,7 +16,7 @@ saved     the uint8 codes of the activation (two to a byte at 4 bits or fewer) a
 backward  the output gradient quantised as ``grad_q`` does (stochastic, per tensor, the same
           seed stream), the saved codes dequantised, and the layer's own backward formula
           (``aten.convolution_backward``; for linear, the matmuls ``aten.linear``'s backward
-          runs).
+          runs; for a product of two activations, ``bmm``'s backward on the folded batch).
 
 Every quantised value equals the one the unfused chain computes (the same kernels; codes
 dequantise to exactly the fake-quantised floats), so outputs and gradients agree bit for bit
@@ -51,10 +52,13 @@ from dpc_fx.quant import (
 
 __all__ = ["FUSABLE", "FusedLayer", "pack", "packed_bytes", "unpack"]
 
-# The ops a fused layer runs, with their number of spatial dimensions.
-FUSABLE = {"linear": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3}
+# The ops a fused layer runs, with their number of spatial dimensions. ``matmul`` is a
+# product of two activations (attention's ``q @ k^T`` and ``p @ v``): batched, with equal
+# batch dimensions (no broadcasting), its second operand quantised per tensor.
+FUSABLE = {"linear": 0, "matmul": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3}
 _FUNCTIONAL: dict[str, Callable[..., Tensor]] = {
     "linear": F.linear,
+    "matmul": torch.matmul,
     "conv1d": F.conv1d,
     "conv2d": F.conv2d,
     "conv3d": F.conv3d,
@@ -213,6 +217,8 @@ class _FusedFn(torch.autograd.Function):
         want = ctx.needs_input_grad[:3]
         if layer.op == "linear":
             dx, dw, db = _linear_backward(grad, x_hat, w_hat, want)
+        elif layer.op == "matmul":
+            dx, dw, db = (*_matmul_backward(grad, x_hat, w_hat, want), None)
         else:
             n = FUSABLE[layer.op]
             dx, dw, db = torch.ops.aten.convolution_backward(
@@ -250,6 +256,18 @@ def _linear_backward(
     return dx, dw, db
 
 
+def _matmul_backward(
+    grad: Tensor, a_hat: Tensor, b_hat: Tensor, want: tuple[bool, ...]
+) -> tuple[Tensor | None, Tensor | None]:
+    # torch.matmul folds equal batch dimensions into one and runs bmm; autograd then runs
+    # bmm's backward (d(a) = g @ b^T, d(b) = a^T @ g) on the folded operands and unfolds.
+    n, k, m = a_hat.shape[-2], a_hat.shape[-1], b_hat.shape[-1]
+    a3, b3, g3 = a_hat.reshape(-1, n, k), b_hat.reshape(-1, k, m), grad.reshape(-1, n, m)
+    da = g3.bmm(b3.transpose(1, 2)).reshape(a_hat.shape) if want[0] else None
+    db = a3.transpose(1, 2).bmm(g3).reshape(b_hat.shape) if want[1] else None
+    return da, db
+
+
 def _tuple(value: int | tuple[int, ...], n: int) -> list[int]:
     return list(value) if isinstance(value, (tuple, list)) else [int(value)] * n
 
@@ -263,7 +281,9 @@ class FusedLayer(nn.Module):
     keep working); their ``bits`` are read on every call.
 
     Args:
-        op: ``"linear"``, ``"conv1d"``, ``"conv2d"`` or ``"conv3d"``.
+        op: ``"linear"``, ``"conv1d"``, ``"conv2d"``, ``"conv3d"``, or ``"matmul"`` for a
+            product of two activations (``weight`` is then the second activation, kept as
+            codes like the first).
         act_q, weight_q, grad_q: the layer's quantisers (``grad_q`` may be ``None``).
         stride, padding, dilation, groups: the convolution's, as ints or tuples.
     """
@@ -312,6 +332,8 @@ class FusedLayer(nn.Module):
         """The layer's op on (quantised) ``x`` and ``weight``."""
         if self.op == "linear":
             return F.linear(x, weight, bias)
+        if self.op == "matmul":
+            return torch.matmul(x, weight)
         fn = _FUNCTIONAL[self.op]
         return fn(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -320,7 +342,10 @@ class FusedLayer(nn.Module):
             return False  # nothing to keep, or a tracer that should see the quantisers
         if not any(t is not None and t.requires_grad for t in (x, weight, bias)):
             return False
-        if self.op == "linear":
+        if self.op == "matmul":
+            # Equal batch dimensions, no broadcasting: the folded product backward redoes.
+            batched = x.dim() == weight.dim() >= 3 and x.shape[:-2] == weight.shape[:-2]
+        elif self.op == "linear":
             # aten.matmul folds a strided input differently when it requires grad (as it
             # does unfused, never inside an autograd function): only dense inputs agree.
             batched = x.dim() == 2 or (x.dim() > 2 and x.is_contiguous())
@@ -353,7 +378,7 @@ class FusedLayer(nn.Module):
         roles = (("act_q", self.act_q), ("weight_q", self.weight_q), ("grad_q", self.grad_q))
         bits = ", ".join(f"{role}={getattr(q, 'bits', None) or 'fp'}" for role, q in roles)
         conv = ""
-        if self.op != "linear":
+        if self.op not in ("linear", "matmul"):
             conv = f", stride={tuple(self.stride)}, padding={tuple(self.padding)}"
             conv += f", groups={self.groups}" if self.groups != 1 else ""
         return f"{self.op}, {bits}{conv}"

@@ -1,14 +1,17 @@
-"""Pass 6, fuse: each quantised conv/linear layer as one node and one autograd step.
+"""Pass 6, fuse: each quantised conv/linear/matmul layer as one node and one autograd step.
 
 Reads: a rewritten (optionally lowered) GraphModule: quantisers in place, ``meta["dpc"]``
 with bits. Writes: a copy in which every ``linear``/``conv1d``/``conv2d``/``conv3d`` layer
-whose activation and weight are both quantised runs as one
+whose activation and weight are both quantised, and every product of two quantised
+activations (``matmul``/``bmm``, as attention computes ``q @ k^T``), runs as one
 :class:`~dpc_fx.fused.FusedLayer` call. That module holds the layer's quantiser modules as
 its children (``act_q``, ``weight_q``, ``grad_q``: the same objects, under the same paths),
 runs their kernels in one autograd function and keeps only integer codes for backward. The
-fused node keeps the layer's ``meta["dpc"]``. Everything else (lowered linears, transposed
-convolutions, products of two activations, layers with a full-precision input, convs with
-``padding="same"``) is copied as it is.
+fused node keeps the layer's ``meta["dpc"]``. Traced graphs (``F.linear``, ``F.conv2d``,
+``@``) and captured ones (``aten.linear``, ``aten.conv2d``, ``aten.matmul``) alike.
+Everything else (lowered linears, transposed convolutions, attention kernels, layers with a
+full-precision input, convs with ``padding="same"``) is copied as it is; so is a product
+whose operands broadcast, which the fused layer declines at run time.
 
 Invariant: the fused module computes what ``gm`` computes, forward and backward, bit for
 bit (the same kernels, the same stochastic-rounding stream).
@@ -28,19 +31,38 @@ After::
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import fx
 
-from dpc_fx.fused import FUSABLE, FusedLayer
+from dpc_fx.fused import FusedLayer
 from dpc_fx.meta import QUANTIZERS, DPCState, layer_meta
 from dpc_fx.passes._graph import copy_graph_module, layer_nodes
 from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer
 
 __all__ = ["fuse"]
 
-_TARGETS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
+aten = torch.ops.aten
+# The calls a fused layer replaces, by the op it runs: the functional forms the rewrite pass
+# writes for traced models, and the ATen forms of captured (torch.export) graphs.
+_TARGETS: dict[Any, str] = {
+    F.linear: "linear",
+    aten.linear.default: "linear",
+    F.conv1d: "conv1d",
+    aten.conv1d.default: "conv1d",
+    F.conv2d: "conv2d",
+    aten.conv2d.default: "conv2d",
+    F.conv3d: "conv3d",
+    aten.conv3d.default: "conv3d",
+    operator.matmul: "matmul",
+    torch.matmul: "matmul",
+    torch.bmm: "matmul",
+    aten.matmul.default: "matmul",
+    aten.bmm.default: "matmul",
+}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
@@ -56,9 +78,9 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
         state.add_module(name, child)
     graph = new.graph
     for node in layer_nodes(new):
-        meta = layer_meta(node, needed_by="fuse", bits=True)
+        layer_meta(node, needed_by="fuse", bits=True)
         chain = _chain(node, new)
-        if meta.op not in FUSABLE or chain is None or node.name not in state._modules:
+        if chain is None or node.name not in state._modules:
             continue
         call = _arguments(node)
         if call is None:
@@ -67,7 +89,7 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
         state.add_module(
             node.name,
             FusedLayer(
-                _TARGETS[node.target],  # type: ignore[index]
+                _TARGETS[node.target],
                 new.get_submodule(str(act_q.target)),  # type: ignore[arg-type]
                 new.get_submodule(str(weight_q.target)),  # type: ignore[arg-type]
                 None if grad_q is None else new.get_submodule(str(grad_q.target)),  # type: ignore[arg-type]
@@ -119,7 +141,10 @@ def _bias(node: fx.Node) -> Any:
 def _arguments(node: fx.Node) -> dict[str, Any] | None:
     """The convolution's stride, padding, dilation and groups, if they are plain values the
     fused layer can differentiate with (not graph values, not ``padding="same"``)."""
-    if node.target is F.linear:
+    op = _TARGETS[node.target]
+    if op == "matmul":
+        return {} if len(node.args) == 2 and not node.kwargs else None
+    if op == "linear":
         return {} if len(node.args) + len(node.kwargs) <= 3 else None
     values: dict[str, Any] = dict(_CONV_DEFAULTS)
     values.update(zip(_CONV_ARGS, node.args, strict=False))

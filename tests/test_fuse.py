@@ -32,7 +32,7 @@ CONFIG = DPCConfig(b_min=3, b_max=7, pin_first_last=False)
 
 
 class Mixed(nn.Module):
-    """Every kind of layer the fused path takes, and two it leaves alone."""
+    """Every kind of layer the fused path takes, and one it leaves alone."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -49,7 +49,7 @@ class Mixed(nn.Module):
         h = torch.relu(self.up(h)).flatten(2)  # (batch, 8, 64)
         h = self.seq(h).transpose(1, 2).contiguous()  # (batch, 60, 12)
         h = self.proj(h)
-        h = h @ h.transpose(1, 2) @ h  # products of activations: not fused
+        h = h @ h.transpose(1, 2) @ h  # products of two activations
         return self.head(torch.tanh(h))
 
 
@@ -83,7 +83,7 @@ def test_fused_layers_match_the_unfused_quantisers_bit_for_bit() -> None:
     model, x = _model()
     plain = compile_quiet(model, x, config=CONFIG.replace(fuse=False))
     fused = compile_quiet(copy.deepcopy(model), x, config=CONFIG)
-    assert sum(isinstance(m, FusedLayer) for m in fused.modules()) == 6
+    assert sum(isinstance(m, FusedLayer) for m in fused.modules()) == 8
     for mode, seed in (("train", 1), ("train", 2), ("eval", 3)):  # eval: the running range
         a = _step(getattr(plain, mode)(), x, seed)
         b = _step(getattr(fused, mode)(), x, seed)
@@ -110,8 +110,8 @@ def test_fuse_leaves_one_node_per_layer_that_names_its_quantisers() -> None:
     plain = compile_quiet(model, x, config=CONFIG.replace(fuse=False))
     gm = fuse(plain)
     assert len(quantizer_nodes(plain, "act_q")) == 9
-    # ConvTranspose and the two activation products keep their quantiser nodes.
-    assert [len(quantizer_nodes(gm, r)) for r in ("act_q", "weight_q", "grad_q")] == [3, 3, 3]
+    # ConvTranspose keeps its quantiser nodes.
+    assert [len(quantizer_nodes(gm, r)) for r in ("act_q", "weight_q", "grad_q")] == [1, 1, 1]
     fused = [
         n
         for n in gm.graph.nodes
@@ -123,6 +123,8 @@ def test_fuse_leaves_one_node_per_layer_that_names_its_quantisers() -> None:
         "point",
         "seq",
         "proj",
+        "matmul",
+        "matmul_1",
         "head",
     }
     assert all(n.target == f"dpc.{n.meta['dpc'].layer}" for n in fused)
@@ -333,3 +335,79 @@ def test_a_non_finite_value_reaches_the_fused_layers_gradients(where: str) -> No
     # The other operand's gradient is the one the bad value feeds.
     grad = model[0].weight.grad if where == "input" else x.grad
     assert grad is not None and not bool(torch.isfinite(grad).all())
+
+
+class Heads(nn.Module):
+    """Attention written out: per-head products of two activations on views of one
+    projection (strided operands), and a broadcast product the fused layer declines."""
+
+    def __init__(self, d: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mix = nn.Parameter(torch.randn(1, d, d))  # broadcast over the batch
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+        h = (att @ v).transpose(1, 2).reshape(b, t, d)
+        return self.out(torch.bmm(h.transpose(1, 2), h) @ self.mix.tanh())
+
+
+def test_products_of_two_activations_are_fused_and_match_bit_for_bit() -> None:
+    torch.manual_seed(0)
+    model, x = Heads(), torch.randn(3, 8, 16)
+    plain = compile_quiet(model, x, config=CONFIG.replace(fuse=False))
+    fused = compile_quiet(copy.deepcopy(model), x, config=CONFIG)
+    products = {
+        n.meta["dpc"].layer
+        for n in fused.graph.nodes
+        if n.op == "call_module"
+        and isinstance(m := fused.get_submodule(n.target), FusedLayer)
+        and m.op == "matmul"
+    }
+    # matmul_2 broadcasts its second operand: its fused layer runs the unfused chain.
+    assert products == {"matmul", "matmul_1", "bmm", "matmul_2"}
+    for mode, seed in (("train", 1), ("train", 2), ("eval", 3)):
+        a = _step(getattr(plain, mode)(), x, seed)
+        b = _step(getattr(fused, mode)(), x, seed)
+        for i, (u, v) in enumerate(zip(a, b, strict=True)):
+            assert torch.equal(u, v), (mode, i, (u - v).abs().max())
+
+
+def test_a_product_of_two_activations_keeps_both_as_codes() -> None:
+    torch.manual_seed(0)
+    layer = FusedLayer("matmul", ActQuantizer(4), WeightQuantizer(4, None), GradQuantizer(8))
+    a = torch.randn(2, 3, 16, 8, requires_grad=True)
+    b = torch.randn(2, 3, 8, 16, requires_grad=True).transpose(-2, -1).contiguous()
+    b = b.transpose(-2, -1)  # a strided operand, as k^T is
+    kept = _kept(layer, a, b)
+    assert not [t for t in kept if t.is_floating_point() and t.numel() > 1]
+    assert sum(t.numel() * t.element_size() for t in kept) == layer.saved_bytes()
+    assert layer.saved_bytes() == 2 * (a.numel() // 2 + 8 + 1)  # two codes a byte, each
+    # Broadcast batch dimensions are not folded the same way: the unfused chain runs.
+    assert not layer._fusable(a, b[:1], None)
+
+
+def test_captured_graphs_are_fused_too() -> None:
+    from test_capture import Unrolled, unrolled_inputs
+
+    torch.manual_seed(0)
+    model, kwargs = Unrolled(), unrolled_inputs()
+    plain = dpc_fx.compile(
+        copy.deepcopy(model), example_kwargs=kwargs, config=CONFIG.replace(fuse=False)
+    )
+    fused = dpc_fx.compile(copy.deepcopy(model), example_kwargs=kwargs, config=CONFIG)
+    layers = [m for m in fused.modules() if isinstance(m, FusedLayer)]
+    assert [m.op for m in layers] == ["conv2d", "linear", "linear", "linear", "linear", "linear"]
+    for seed in (1, 2):
+        outs = []
+        for gm in (plain, fused):
+            gm.zero_grad(set_to_none=True)
+            torch.manual_seed(seed)
+            out = gm(**kwargs)
+            out["loss"].backward()
+            outs.append([out["loss"].detach(), *(p.grad for p in gm.parameters())])
+        for u, v in zip(*outs, strict=True):
+            assert torch.equal(u, v)
