@@ -141,16 +141,25 @@ def _dequant(x: Tensor, q: Tensor, lo: Tensor, scale: Tensor, levels: Tensor, hi
 
 
 def _uniform(x: Tensor, seed: Tensor) -> Tensor:
-    """Uniform [0, 1) noise shaped like ``x``: a murmur3-style mix of (index, seed)."""
-    mask = 0xFFFFFFFF
+    """Uniform [0, 1) noise shaped like ``x``: a murmur3-style mix of (index, seed).
+
+    The mix is 32-bit arithmetic, and runs as such: int32 products wrap modulo 2**32 (one
+    vector multiply each; int64 products are emulated on CPUs without AVX-512), and a
+    right shift is made logical by masking the sign bits an arithmetic shift brings in.
+    The constants are the murmur3 ones written as signed int32.
+    """
     h = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
-    h = (h ^ seed) * 0x9E3779B1 & mask
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & mask
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & mask
-    h = h ^ (h >> 16)
-    return (h >> 8).to(x.dtype) * (1.0 / (1 << 24))
+    h = (h.to(torch.int32) ^ seed.to(torch.int32)) * _MIX[0]
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _MIX[1]
+    h = h ^ ((h >> 13) & 0x7FFFF)
+    h = h * _MIX[2]
+    h = h ^ ((h >> 16) & 0xFFFF)
+    return ((h >> 8) & 0xFFFFFF).to(x.dtype) * (1.0 / (1 << 24))
+
+
+# 0x9E3779B1, 0x85EBCA6B and 0xC2B2AE35 as int32 (each minus 2**32).
+_MIX = (0x9E3779B1 - (1 << 32), 0x85EBCA6B - (1 << 32), 0xC2B2AE35 - (1 << 32))
 
 
 @fused
