@@ -47,6 +47,7 @@ from dpc_fx.quant import (
     _quantize_grad,
     _rows,
     _working,
+    fake_quantize,
     is_active,
 )
 
@@ -163,6 +164,15 @@ def _weight(q: WeightQuantizer, w: Tensor) -> tuple[Tensor, _Codes]:
     return w_hat, _Codes(codes, lo, hi, bad, q.bits, w.dtype, restore)
 
 
+def _parameter(q: WeightQuantizer, w: Tensor) -> Tensor:
+    """``q(w)`` alone, for a parameter that backward quantises again rather than keep codes
+    of: the unfused weight quantiser's own kernel (no codes to write)."""
+    assert q.bits is not None
+    q._check(w)
+    channel_dim = q.channel_dim if w.dim() > 1 else None
+    return fake_quantize(w.detach(), q.bits, channel_dim=channel_dim)
+
+
 class _FusedFn(torch.autograd.Function):
     """Quantise, multiply, keep codes; in backward quantise the gradient and differentiate
     the product at the dequantised codes (straight through to ``x`` and ``weight``)."""
@@ -172,25 +182,28 @@ class _FusedFn(torch.autograd.Function):
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: FusedLayer
     ) -> Tensor:
         x_hat, act = _activation(layer.act_q, x)
-        w_hat, wgt = _weight(layer.weight_q, weight)
-        # A parameter is kept anyway: backward quantises it again (the same codes, nearest
+        # A parameter is kept anyway: backward quantises it again (the same values, nearest
         # rounding is deterministic) rather than keep its codes beside it.
+        wgt: _Codes | None = None
         if isinstance(weight, nn.Parameter):
-            wgt.tensors = (weight,)
+            w_hat = _parameter(layer.weight_q, weight)
+        else:
+            w_hat, wgt = _weight(layer.weight_q, weight)
         y = layer.product(x_hat, w_hat, bias)
         # Under autocast the product ran on copies cast to y's dtype; backward differentiates
         # at those copies and casts the gradients back, as autograd does unfused.
         ctx.dtypes = (y.dtype, x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.save_for_backward(*act.tensors, *wgt.tensors)
+        ctx.save_for_backward(*act.tensors, *(wgt.tensors if wgt is not None else (weight,)))
         # (input elements, weight elements and ranges kept as codes: none for a parameter)
-        coded = len(wgt.tensors) > 1
         layer.last_shapes = (
             x.numel(),
-            *((weight.numel(), wgt.tensors[1].numel()) if coded else (0, 0)),
+            *((weight.numel(), wgt.tensors[1].numel()) if wgt is not None else (0, 0)),
         )
         # Only save_for_backward holds them from here, so saved-tensor hooks (offloading,
         # checkpointing) see every tensor backward keeps.
-        act.tensors = wgt.tensors = ()
+        act.tensors = ()
+        if wgt is not None:
+            wgt.tensors = ()
         ctx.codes, ctx.layer = (act, wgt), layer
         ctx.has_bias = bias is not None
         grad_q = layer.grad_q
@@ -209,8 +222,8 @@ class _FusedFn(torch.autograd.Function):
             grad = _quantize_grad(grad, ctx.grad_bits)
         product, *dtypes = ctx.dtypes
         x_hat = act.floats(*saved[:4])
-        if len(saved) == 5:  # the parameter itself
-            w_hat = _weight(layer.weight_q, saved[4])[0]
+        if wgt is None:  # the parameter itself
+            w_hat = _parameter(layer.weight_q, saved[4])
         else:
             w_hat = wgt.floats(*saved[4:])
         x_hat, w_hat = x_hat.to(product), w_hat.to(product)
