@@ -46,7 +46,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 import dpc_fx
-from dpc_fx import DPCConfig
+from dpc_fx import DPCConfig, kernels
 
 console = Console(stderr=True)
 warnings.filterwarnings("ignore")
@@ -389,6 +389,32 @@ def bench_kernel(quick: bool) -> list[list[str]]:
             "weight quantiser 512x512x3x3, per channel",
             f"{ta * 1e3:.2f} ms",
             f"{tb * 1e3:.2f} ms",
+            f"{ratio:.2f}x",
+        ]
+    )
+    # A fused layer's backward turns its input's codes back into floats (eager ATen).
+    levels = kernels.levels_tensor(6, x)
+    codes, _, lo, hi, bad = kernels.quantize_codes_tensor(x.view(-1), levels)
+    ta, tb, ratio = paired(
+        memory_limit, lambda: kernels.dequantize_codes(codes, lo, hi, levels, bad), reps, 3
+    )
+    row = ["codes dequantised for backward", f"{ta * 1e3:.2f} ms", f"{tb * 1e3:.2f} ms"]
+    rows.append([*row, f"{ratio:.2f}x"])
+    # What a kernel call costs whatever its size (guards, dispatch, launch): the per-layer
+    # cost that small and depthwise models pay many times.
+    tiny = torch.randn(16)
+    levels = kernels.levels_tensor(6, tiny)
+    ta, tb, ratio = paired(
+        lambda: (torch.aminmax(tiny), tiny.clone()),
+        lambda: kernels.quantize_codes_tensor(tiny, levels),
+        reps * 20,
+        warmup=20,
+    )
+    rows.append(
+        [
+            "one kernel call on 16 elements",
+            f"{ta * 1e6:.0f} us",
+            f"{tb * 1e6:.0f} us",
             f"{ratio:.2f}x",
         ]
     )
