@@ -10,8 +10,8 @@ quantisers' kernels inside one :class:`torch.autograd.Function`:
 forward   the activation's range and codes (per tensor: the batch's range in training,
           updating ``act_q``'s running range, the running range in eval), the weight's
           codes (per output channel), the product on the dequantised values;
-saved     the uint8 codes of the activation (two to a byte at 4 bits or fewer) and its
-          range; the weight itself when it is a parameter (kept anyway; backward quantises
+saved     the uint8 codes of the activation (two to a byte at 4 bits or fewer, four in
+          three bytes at 5 or 6) and its range; the weight itself when it is a parameter (kept anyway; backward quantises
           it again), else its codes: never a float copy;
 backward  the output gradient quantised as ``grad_q`` does (stochastic, per tensor, the same
           seed stream), the saved codes dequantised, and the layer's own backward formula
@@ -67,33 +67,65 @@ _FUNCTIONAL: dict[str, Callable[..., Tensor]] = {
 _MAX_CODE_BITS = 8  # a code fits a byte
 
 
+def _grouping(bits: int) -> tuple[int, int]:
+    """(codes, bytes) of one packed group: 2 codes a byte at 4 bits or fewer, 4 codes in 3
+    bytes at 5 or 6 bits, a code a byte above."""
+    return (2, 1) if bits <= 4 else (4, 3) if bits <= 6 else (1, 1)
+
+
 def packed_bytes(numel: int, bits: int) -> int:
-    """Bytes :func:`pack` keeps for ``numel`` codes of ``bits`` bits: two codes a byte at 4
-    bits or fewer, one above."""
-    return -(-numel // 2) if bits <= 4 else numel
+    """Bytes :func:`pack` keeps for ``numel`` codes of ``bits`` bits."""
+    codes, nbytes = _grouping(bits)
+    groups, rest = divmod(numel, codes)
+    return groups * nbytes + rest
 
 
 def pack(q: Tensor, bits: int) -> Tensor:
-    """The ``bits``-bit codes ``q`` (a uint8 vector), two to a byte at 4 bits or fewer (low
-    nibble first); above 4 bits ``q`` itself, one code a byte.
+    """The ``bits``-bit codes ``q`` (a uint8 vector) packed to their width: two to a byte
+    at 4 bits or fewer, four in three bytes at 5 or 6 bits, one a byte at 7 or 8 (``q``
+    itself).
 
-    Two nibbles a byte is one shift and one or over the codes: cheap enough for every step.
-    Packing 5-7-bit codes tighter (bit planes) saved up to 37% more memory but cost more
-    time than the whole layer's product.
+    Codes are packed by planes, not neighbours: the vector is cut into equal contiguous
+    parts (two, or four) and the parts' codes at the same place share bytes, so every op
+    runs over contiguous bytes, vectorised. (Packing neighbours, through strided views,
+    took 6.3 ms to pack and unpack a 64x64x32x32 activation's 4-bit codes, against 0.34 ms
+    by planes; bit planes, which would fit 5 and 7 bits exactly, cost more than the layer's
+    own product.) A remainder that fills no group stays a byte a code.
     """
-    if bits > 4:
+    codes, nbytes = _grouping(bits)
+    if codes == 1:
         return q
-    if q.numel() % 2:
-        q = torch.cat([q, q.new_zeros(1)])
-    pairs = q.view(-1, 2)
-    return pairs[:, 0] | (pairs[:, 1] << 4)
+    m, _ = divmod(q.numel(), codes)
+    out = q.new_empty(packed_bytes(q.numel(), bits))
+    parts, planes = q[: m * codes].view(codes, m), out[: m * nbytes].view(nbytes, m)
+    if codes == 2:
+        torch.bitwise_left_shift(parts[1], 4, out=planes[0]).bitwise_or_(parts[0])
+    else:  # three codes in the low 6 bits of three bytes; the fourth's 2-bit pieces on top
+        for i in range(3):
+            piece = torch.bitwise_right_shift(parts[3], 2 * i, out=planes[i])
+            piece.bitwise_and_(3).bitwise_left_shift_(6).bitwise_or_(parts[i])
+    out[m * nbytes :] = q[m * codes :]
+    return out
 
 
 def unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
     """The ``numel`` codes :func:`pack` packed, as a uint8 vector."""
-    if bits > 4:
+    codes, nbytes = _grouping(bits)
+    if codes == 1:
         return packed
-    return torch.stack((packed & 15, packed >> 4), 1).view(-1)[:numel]
+    m, _ = divmod(numel, codes)
+    out = packed.new_empty(numel)
+    parts, planes = out[: m * codes].view(codes, m), packed[: m * nbytes].view(nbytes, m)
+    if codes == 2:
+        torch.bitwise_and(planes[0], 15, out=parts[0])
+        torch.bitwise_right_shift(planes[0], 4, out=parts[1])
+    else:
+        torch.bitwise_and(planes, 63, out=parts[:3])
+        torch.bitwise_right_shift(planes[0], 6, out=parts[3])
+        for i in (1, 2):
+            parts[3].bitwise_or_(planes[i].bitwise_right_shift(6).bitwise_left_shift_(2 * i))
+    out[m * codes :] = packed[m * nbytes :]
+    return out
 
 
 class _Codes:
