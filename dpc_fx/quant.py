@@ -141,7 +141,12 @@ def fake_quantize(
             raise ValueError(
                 "fake_quantize: stochastic rounding measures its own range; drop lo/hi"
             )
-        out = kernels.fake_quant_stochastic(flat, levels, kernels.new_seed())
+        seed = kernels.new_seed()
+        measured = kernels.finite_range(flat)
+        if measured is None:
+            out = kernels.fake_quant_stochastic(flat, levels, seed)
+        else:
+            out = kernels.fake_quant_stochastic_in_range(flat, *measured, levels, seed)
     else:
         assert lo is not None and hi is not None  # measured above when either is missing
         out = kernels.fake_quant(
@@ -155,7 +160,13 @@ def _measured_fake_quantize(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tenso
     hi)``; ``x`` must not be empty."""
     work = _working(x.detach())
     flat, back = _flat(work)
-    out, lo, hi = kernels.fake_quant_tensor(flat, kernels.levels_tensor(bits, work))
+    levels = kernels.levels_tensor(bits, work)
+    measured = kernels.finite_range(flat)
+    if measured is None:
+        out, lo, hi = kernels.fake_quant_tensor(flat, levels)
+    else:
+        lo, hi = measured
+        out = kernels.fake_quant_in_range(flat, lo, hi, levels)
     return back(out).to(x.dtype), lo, hi
 
 
