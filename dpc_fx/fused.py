@@ -101,20 +101,13 @@ def pack(q: Tensor, bits: int) -> Tensor:
     if codes == 2:
         torch.bitwise_left_shift(parts[1], 4, out=planes[0]).bitwise_or_(parts[0])
     else:  # three codes in the low 6 bits of three bytes; the fourth's 2-bit pieces on top
-        torch.bitwise_right_shift(parts[3], _pieces(q.device), out=planes)
-        planes.bitwise_and_(3).bitwise_left_shift_(6).bitwise_or_(parts[:3])
+        # (a uint8 shift drops what passes bit 7: the first piece needs no mask)
+        torch.bitwise_left_shift(parts[3], 6, out=planes[0])
+        for i, shift in ((1, 4), (2, 2)):
+            torch.bitwise_left_shift(parts[3], shift, out=planes[i]).bitwise_and_(0xC0)
+        planes.bitwise_or_(parts[:3])
     out[m * nbytes :] = q[m * codes :]
     return out
-
-
-_PIECES: dict[torch.device, Tensor] = {}
-
-
-def _pieces(device: torch.device) -> Tensor:
-    """Where the fourth 6-bit code's three 2-bit pieces sit in it: shifts 0, 2 and 4."""
-    if device not in _PIECES:
-        _PIECES[device] = torch.tensor([[0], [2], [4]], dtype=torch.uint8, device=device)
-    return _PIECES[device]
 
 
 def unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
@@ -130,8 +123,9 @@ def unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
         torch.bitwise_right_shift(planes[0], 4, out=parts[1])
     else:
         torch.bitwise_and(planes, 63, out=parts[:3])
-        pieces = planes.bitwise_right_shift(6).bitwise_left_shift_(_pieces(packed.device))
-        torch.sum(pieces, 0, dtype=torch.uint8, out=parts[3])  # disjoint bits: sum is or
+        torch.bitwise_right_shift(planes[0], 6, out=parts[3])
+        for i, shift, mask in ((1, 4, 0x0C), (2, 2, 0x30)):
+            parts[3].bitwise_or_(planes[i].bitwise_right_shift(shift).bitwise_and_(mask))
     out[m * codes :] = packed[m * nbytes :]
     return out
 
