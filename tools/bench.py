@@ -814,21 +814,39 @@ def main() -> int:
     ]
     notes = [
         "",
-        "### Where the time goes",
+        "### Where the time and memory go",
         "",
-        "- *Simulated step*: each quantised layer adds an activation quantiser (a range "
-        "reduction and a quantise pass over its input), a per-channel weight quantiser and, in "
-        "backward, a stochastic gradient quantiser whose noise comes from an integer hash per "
-        "element. The kernel table shows each near or above two memory passes; the gradient "
-        "quantiser is the dearest (hash arithmetic). The rest is Python dispatch per layer.",
-        "- *Saved-for-backward memory*: unfused, a convolution keeps its quantised input for "
-        "backward, a tensor beside the float activation the rest of the network keeps; a fused "
-        "layer (the default) keeps its input's and weight's integer codes packed to their "
-        "bit-widths instead, and lowered linears keep int8 codes.",
-        "- *Compile*: linear layers and convolutions are sized by arithmetic; the rest of "
-        "the shape propagation runs on fake tensors (attention, reshapes), and FX generates "
-        "code once per pass; the rewrite pass (one quantiser module per tensor) is about a "
-        "third.",
+        "- *A fused layer's step* (`DPCConfig(fuse=True)`, the default): forward measures the "
+        "input's range (ATen's `aminmax`) and writes its codes and quantised floats in one "
+        "compiled kernel, and quantises the weight per output channel; backward quantises the "
+        "output gradient stochastically (a range pass and a pass that draws an integer hash per "
+        "element), turns the saved codes back into floats, quantises the weight again and runs "
+        "the same ATen backward as fp32. The kernel table puts each quantiser against its floor, "
+        "a range pass and a copy of the same tensor; the gradient quantiser, with its hash, is "
+        "the dearest.",
+        "- *Per layer, whatever its size*: each compiled kernel call costs tens of microseconds "
+        "(dynamo's guards, dispatch, launch; the last kernel row), four calls a layer, and the "
+        "layer's own Python and eager ops (packing, dequantising) add a few hundred "
+        "microseconds. Models of many small layers (MobileNet, EfficientNet, batch 2, the demo "
+        "CNN) pay this most; large convolutions hide it.",
+        "- *Saved for backward*: a fused layer keeps its input's integer codes packed to the "
+        "bits (two a byte at 4 bits or fewer, four in three bytes at 5 or 6, one a byte at 7 or "
+        "8) and its range; a weight that is a parameter is quantised again in backward, any "
+        "other operand (attention's second matrix) is kept as codes too. What stays in float is "
+        "what fp32 keeps for other ops (batch norm's and GELU's inputs, the loss's). Unfused, a "
+        "quantised layer keeps its quantised input in float beside the original.",
+        "- *The lowered MLP's floor*: GELU keeps its 4096-wide input and the loss its output, "
+        "in float, as fp32 does: 0.50x of fp32's saved memory before any code is kept; the two "
+        "layers' 8-bit input codes add 0.125x, so 0.63x is that floor.",
+        "- *Step peak* is the resident-set high-water mark of one step over the resident set "
+        "before it, in a process whose allocator returns freed blocks of 64 KiB or more to the "
+        "system; parameters' gradients are part of it on both sides.",
+        "- *Integer kernels*: `torch._int_mm` is fast only where the CPU has int8 dot-product "
+        "instructions (AVX-512 VNNI, AMX) or on a GPU; the row's notes give its speed against "
+        "an fp32 matmul on the machine that made this file.",
+        "- *Compile*: linear layers and convolutions are sized by arithmetic; the rest of the "
+        "shape propagation runs on fake tensors (attention, reshapes), and FX generates code "
+        "once per pass.",
         "",
     ]
     Path(args.out).write_text("\n".join(header) + "\n".join(parts) + "\n".join(notes))
