@@ -167,13 +167,7 @@ def _activation(q: ActQuantizer, x: Tensor) -> tuple[Tensor, _Codes]:
     flat, back = _flat(work)
     levels = kernels.levels_tensor(q.bits, work)
     if q.training:
-        measured = kernels.finite_range(flat)
-        if measured is None:
-            codes, out, lo, hi, bad = kernels.quantize_codes_tensor(flat, levels)
-        else:  # every value finite: no mask, no flag to compute
-            lo, hi = measured
-            codes, out = kernels.quantize_codes_in_range(flat, lo, hi, levels)
-            bad = torch.zeros((), dtype=torch.bool)
+        codes, out, lo, hi, bad = kernels.measured_codes(flat, levels)
         q._observe(lo, hi)
     else:
         lo, hi = q.range_for(x)

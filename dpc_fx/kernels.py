@@ -48,6 +48,9 @@ __all__ = [
     "fake_quant_tensor",
     "finite_range",
     "fused",
+    "measured_codes",
+    "measured_fake_quant",
+    "measured_stochastic",
     "quantize_codes",
     "quantize_codes_channels",
     "quantize_codes_in_range",
@@ -261,6 +264,34 @@ def fake_quant_stochastic_in_range(
     q = torch.floor((x - lo) / scale + _uniform(x, seed))
     q = q - (q > torch.where(hi > lo, levels, 0.0)).to(q.dtype)
     return q * scale + lo
+
+
+def measured_fake_quant(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`fake_quant_tensor`, by :func:`finite_range` and the unmasked kernel where it
+    can: ``(x_hat, lo, hi)``."""
+    measured = finite_range(x)
+    if measured is None:
+        return fake_quant_tensor(x, levels)
+    return fake_quant_in_range(x, *measured, levels), *measured
+
+
+def measured_codes(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`quantize_codes_tensor`, by :func:`finite_range` and the unmasked kernel where
+    it can: ``(codes, x_hat, lo, hi, bad)``."""
+    measured = finite_range(x)
+    if measured is None:
+        return quantize_codes_tensor(x, levels)
+    codes, out = quantize_codes_in_range(x, *measured, levels)
+    return codes, out, *measured, torch.zeros((), dtype=torch.bool)
+
+
+def measured_stochastic(x: Tensor, levels: Tensor, seed: Tensor) -> Tensor:
+    """:func:`fake_quant_stochastic`, by :func:`finite_range` and the unmasked kernel where
+    it can."""
+    measured = finite_range(x)
+    if measured is None:
+        return fake_quant_stochastic(x, levels, seed)
+    return fake_quant_stochastic_in_range(x, *measured, levels, seed)
 
 
 def _uint8_codes(

@@ -141,12 +141,7 @@ def fake_quantize(
             raise ValueError(
                 "fake_quantize: stochastic rounding measures its own range; drop lo/hi"
             )
-        seed = kernels.new_seed()
-        measured = kernels.finite_range(flat)
-        if measured is None:
-            out = kernels.fake_quant_stochastic(flat, levels, seed)
-        else:
-            out = kernels.fake_quant_stochastic_in_range(flat, *measured, levels, seed)
+        out = kernels.measured_stochastic(flat, levels, kernels.new_seed())
     else:
         assert lo is not None and hi is not None  # measured above when either is missing
         out = kernels.fake_quant(
@@ -160,13 +155,7 @@ def _measured_fake_quantize(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tenso
     hi)``; ``x`` must not be empty."""
     work = _working(x.detach())
     flat, back = _flat(work)
-    levels = kernels.levels_tensor(bits, work)
-    measured = kernels.finite_range(flat)
-    if measured is None:
-        out, lo, hi = kernels.fake_quant_tensor(flat, levels)
-    else:
-        lo, hi = measured
-        out = kernels.fake_quant_in_range(flat, lo, hi, levels)
+    out, lo, hi = kernels.measured_fake_quant(flat, kernels.levels_tensor(bits, work))
     return back(out).to(x.dtype), lo, hi
 
 

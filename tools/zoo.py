@@ -308,8 +308,15 @@ def render_timm(rows: list[TimmRow], command: str, seconds: float) -> str:
         "included, spent in quantised layers; *outside pinned*: the same share of the MACs "
         "outside the pinned layers. *step*: forward in train mode, a loss, backward.",
         "",
-        "| model | input | status | quantised | attention | MACs | outside pinned | leaves "
-        "| compile | step |",
+    ]
+    return "\n".join(lines + _row_table(rows, "input", "step")) + "\n"
+
+
+def _row_table(rows: list[TimmRow], inputs: str, step: str) -> list[str]:
+    """The table of the timm and Hugging Face sections, one line per row."""
+    lines = [
+        f"| model | {inputs} | status | quantised | attention | MACs | outside pinned | leaves "
+        f"| compile | {step} |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -318,7 +325,7 @@ def render_timm(rows: list[TimmRow], command: str, seconds: float) -> str:
             f"| {r.name} | {r.shown} | {r.status} | {r.quantised} | {r.attention} | {r.macs} "
             f"| {r.unpinned} | {r.leaves} | {t} | {r.note or r.step} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 TIMM_HEADING = "## timm"
@@ -491,17 +498,8 @@ def render_hf(rows: list[TimmRow], command: str, seconds: float) -> str:
         "training step (forward with the loss, backward) of the compiled module over the "
         "same step of the plain model, median of interleaved pairs in one process.",
         "",
-        "| model | inputs | status | quantised | attention | MACs | outside pinned | leaves "
-        "| compile | step vs fp32 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in rows:
-        t = "-" if r.compile_s is None else f"{r.compile_s:.1f} s"
-        lines.append(
-            f"| {r.name} | {r.shown} | {r.status} | {r.quantised} | {r.attention} | {r.macs} "
-            f"| {r.unpinned} | {r.leaves} | {t} | {r.note or r.step} |"
-        )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _row_table(rows, "inputs", "step vs fp32")) + "\n"
 
 
 def main_hf(args: argparse.Namespace) -> int:
