@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpc_fx import kernels
+from dpc_fx import kernels, native
+from dpc_fx.kernels import _grouping, packed_bytes
 from dpc_fx.quant import (
     ActQuantizer,
     GradQuantizer,
@@ -65,19 +66,6 @@ _FUNCTIONAL: dict[str, Callable[..., Tensor]] = {
     "conv3d": F.conv3d,
 }
 _MAX_CODE_BITS = 8  # a code fits a byte
-
-
-def _grouping(bits: int) -> tuple[int, int]:
-    """(codes, bytes) of one packed group: 2 codes a byte at 4 bits or fewer, 4 codes in 3
-    bytes at 5 or 6 bits, a code a byte above."""
-    return (2, 1) if bits <= 4 else (4, 3) if bits <= 6 else (1, 1)
-
-
-def packed_bytes(numel: int, bits: int) -> int:
-    """Bytes :func:`pack` keeps for ``numel`` codes of ``bits`` bits."""
-    codes, nbytes = _grouping(bits)
-    groups, rest = divmod(numel, codes)
-    return groups * nbytes + rest
 
 
 def pack(q: Tensor, bits: int) -> Tensor:
@@ -133,7 +121,10 @@ def unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
 class _Codes:
     """One quantised tensor as backward needs it: packed codes and range (tensors, saved
     through ``save_for_backward``) and how to turn them back into the fake-quantised floats
-    (plain values: nothing here may hold the float tensor)."""
+    (plain values: nothing here may hold the float tensor).
+
+    ``q`` is the codes one a byte, packed here; or, with ``packed``, already packed (by
+    :func:`dpc_fx.native.quantize`)."""
 
     def __init__(
         self,
@@ -144,12 +135,18 @@ class _Codes:
         bits: int,
         dtype: torch.dtype,
         restore: Callable[[Tensor], Tensor],
+        *,
+        shape: torch.Size,
+        packed: bool = False,
     ) -> None:
-        self.tensors: tuple[Tensor, ...] = (pack(q.reshape(-1), bits), lo, hi, bad)
-        self.bits, self.numel, self.shape = bits, q.numel(), q.shape
+        self.tensors: tuple[Tensor, ...] = (q if packed else pack(q.reshape(-1), bits), lo, hi, bad)
+        self.bits, self.numel, self.shape = bits, shape.numel(), shape
         self.dtype, self.restore = dtype, restore
 
     def floats(self, packed: Tensor, lo: Tensor, hi: Tensor, bad: Tensor) -> Tensor:
+        if lo.dim() == 0 and native.usable(packed, lo):  # one range: the native loop
+            flat = native.dequantize(packed, self.numel, self.bits, float(lo), float(hi), bool(bad))
+            return self.restore(flat.view(self.shape)).to(self.dtype)
         q = unpack(packed, self.bits, self.numel).view(self.shape)
         levels = kernels.levels_tensor(self.bits, lo)
         return self.restore(kernels.dequantize_codes(q, lo, hi, levels, bad)).to(self.dtype)
@@ -159,24 +156,42 @@ def _strided(size: torch.Size, stride: tuple[int, ...]) -> Callable[[Tensor], Te
     return lambda flat: flat.as_strided(size, stride)
 
 
+_FLAG = (torch.zeros((), dtype=torch.bool), torch.ones((), dtype=torch.bool))
+
+
 def _activation(q: ActQuantizer, x: Tensor) -> tuple[Tensor, _Codes]:
     """``q(x)`` (nearest rounding over the batch's or the running range) and its codes."""
     assert q.bits is not None
     q._check(x)
     work = _working(x.detach())
     flat, back = _flat(work)
-    levels = kernels.levels_tensor(q.bits, work)
-    if q.training:
-        codes, out, lo, hi, bad = kernels.measured_codes(flat, levels)
-        q._observe(lo, hi)
+    fast = native.usable(flat)
+    if fast:  # range, codes and packing in two passes over x
+        if q.training:
+            span, nonfinite = native.range_of(flat)
+            lo, hi = span[0], span[1]
+            q._observe(lo, hi)
+        else:
+            lo, hi = (r.reshape(()).to(work.dtype) for r in q.range_for(x))
+            nonfinite = native.range_of(flat)[1]
+        out, codes = native.quantize(flat, float(lo), float(hi), q.bits, packed=True)
+        assert codes is not None
+        bad = _FLAG[nonfinite]
     else:
-        lo, hi = q.range_for(x)
-        lo, hi = lo.reshape(()).to(work.dtype), hi.reshape(()).to(work.dtype)
-        codes, out, bad = kernels.quantize_codes(flat, lo, hi, levels)
+        levels = kernels.levels_tensor(q.bits, work)
+        if q.training:
+            codes, out, lo, hi, bad = kernels.measured_codes(flat, levels)
+            q._observe(lo, hi)
+        else:
+            lo, hi = q.range_for(x)
+            lo, hi = lo.reshape(()).to(work.dtype), hi.reshape(()).to(work.dtype)
+            codes, out, bad = kernels.quantize_codes(flat, lo, hi, levels)
     x_hat = back(out).to(x.dtype)
     # _flat's way back holds x itself; backward rebuilds the layout from sizes and strides.
     restore = _strided(x_hat.size(), x_hat.stride())
-    return x_hat, _Codes(codes, lo, hi, bad, q.bits, x.dtype, restore)
+    return x_hat, _Codes(
+        codes, lo, hi, bad, q.bits, x.dtype, restore, shape=flat.shape, packed=fast
+    )
 
 
 def _weight(q: WeightQuantizer, w: Tensor) -> tuple[Tensor, _Codes]:
@@ -195,7 +210,7 @@ def _weight(q: WeightQuantizer, w: Tensor) -> tuple[Tensor, _Codes]:
         rows, restore = _rows(work, channel_dim)
         codes, out, lo, hi, bad = kernels.quantize_codes_channels(rows, levels)
         w_hat = restore(out).to(w.dtype)
-    return w_hat, _Codes(codes, lo, hi, bad, q.bits, w.dtype, restore)
+    return w_hat, _Codes(codes, lo, hi, bad, q.bits, w.dtype, restore, shape=codes.shape)
 
 
 def _parameter(q: WeightQuantizer, w: Tensor) -> Tensor:

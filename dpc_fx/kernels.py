@@ -8,8 +8,12 @@ range is one fused reduction and the quantise-dequantise one fused pointwise loo
 The kernels are compiled lazily on first use, once per dtype (shapes are dynamic; callers
 pass per-tensor inputs as 1-D views and per-channel ones as matrices, so ranks do not
 multiply the variants).
-Set ``DPC_FX_KERNELS=eager`` to run them uncompiled (same results, slower; useful where no C
-compiler is available). Inside a ``torch.compile`` of the user's own model they are traced
+On float32 CPU tensors the quantisers mostly run the same arithmetic as native loops
+instead (:mod:`dpc_fx.native`), which cost a few microseconds a call where a compiled kernel
+costs about thirty. ``DPC_FX_KERNELS`` chooses: ``native`` (the default: native loops where
+they apply, these kernels compiled for the rest), ``fused`` (these kernels, compiled),
+``eager`` (these kernels, uncompiled: slower, and needs no C compiler), or ``native+eager``.
+Every choice gives the same results. Inside a ``torch.compile`` of the user's own model they are traced
 as plain ops, so the model's compiler can fuse them further.
 
 Ranges ignore ``inf``/``nan``; an empty or all-non-finite slice gets the range [0, 0];
@@ -51,6 +55,7 @@ __all__ = [
     "measured_codes",
     "measured_fake_quant",
     "measured_stochastic",
+    "packed_bytes",
     "quantize_codes",
     "quantize_codes_channels",
     "quantize_codes_in_range",
@@ -62,14 +67,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _mode() -> str:
-    mode = os.environ.get("DPC_FX_KERNELS", "fused")
-    return mode if mode in ("fused", "eager") else "fused"
+    """``"eager"`` or ``"fused"``: how these kernels run (see the module's docstring)."""
+    return "eager" if "eager" in os.environ.get("DPC_FX_KERNELS", "native").split("+") else "fused"
 
 
 def fused(fn: F) -> F:
     """``fn`` compiled with ``torch.compile(dynamic=True)`` on first call.
 
-    Runs ``fn`` itself when ``DPC_FX_KERNELS=eager``, while another ``torch.compile`` is
+    Runs ``fn`` itself when ``DPC_FX_KERNELS`` names ``eager``, while another ``torch.compile`` is
     tracing (so the outer compiler sees plain ops), and, with a warning, from then on if
     compiling fails (no C compiler, say): the results are the same, only slower.
     """
@@ -353,6 +358,19 @@ def dequantize_codes(q: Tensor, lo: Tensor, hi: Tensor, levels: Tensor, bad: Ten
     if out.device.type == "cpu":  # reading the flag costs no device sync: skip the pass
         return out.fill_(float("nan")) if bool(bad) else out
     return out.masked_fill_(bad, float("nan"))
+
+
+def _grouping(bits: int) -> tuple[int, int]:
+    """(codes, bytes) of one packed group: 2 codes a byte at 4 bits or fewer, 4 codes in 3
+    bytes at 5 or 6 bits, a code a byte above."""
+    return (2, 1) if bits <= 4 else (4, 3) if bits <= 6 else (1, 1)
+
+
+def packed_bytes(numel: int, bits: int) -> int:
+    """Bytes :func:`pack` keeps for ``numel`` codes of ``bits`` bits."""
+    codes, nbytes = _grouping(bits)
+    groups, rest = divmod(numel, codes)
+    return groups * nbytes + rest
 
 
 _LEVELS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}

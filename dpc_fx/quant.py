@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dpc_fx import kernels
+from dpc_fx import kernels, native
 from dpc_fx.errors import NonFiniteError
 
 __all__ = [
@@ -130,6 +130,8 @@ def fake_quantize(
         if stochastic:
             raise ValueError("fake_quantize: stochastic rounding is per tensor; drop channel_dim")
         rows, back = _rows(work, channel_dim)
+        if native.usable(rows):
+            return back(native.fake_quant_rows(rows, bits)).to(x.dtype)
         return back(kernels.fake_quant_channels(rows, levels)).to(x.dtype)
     if lo is not None and hi is not None and (lo.numel() > 1 or hi.numel() > 1):
         return kernels.fake_quant(work, lo.to(work.dtype), hi.to(work.dtype), levels).to(x.dtype)
@@ -141,9 +143,16 @@ def fake_quantize(
             raise ValueError(
                 "fake_quantize: stochastic rounding measures its own range; drop lo/hi"
             )
-        out = kernels.measured_stochastic(flat, levels, kernels.new_seed())
-    else:
+        seed = kernels.new_seed()
+        if native.usable(flat):
+            out = native.stochastic(flat, bits, int(seed))
+        else:
+            out = kernels.measured_stochastic(flat, levels, seed)
+    elif native.usable(flat):
         assert lo is not None and hi is not None  # measured above when either is missing
+        out, _ = native.quantize(flat, float(lo), float(hi), bits, packed=False)
+    else:
+        assert lo is not None and hi is not None
         out = kernels.fake_quant(
             flat, lo.reshape(()).to(work.dtype), hi.reshape(()).to(work.dtype), levels
         )
@@ -155,6 +164,10 @@ def _measured_fake_quantize(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tenso
     hi)``; ``x`` must not be empty."""
     work = _working(x.detach())
     flat, back = _flat(work)
+    if native.usable(flat):
+        span, _ = native.range_of(flat)
+        out, _ = native.quantize(flat, *span.tolist(), bits, packed=False)
+        return back(out).to(x.dtype), span[0], span[1]
     out, lo, hi = kernels.measured_fake_quant(flat, kernels.levels_tensor(bits, work))
     return back(out).to(x.dtype), lo, hi
 

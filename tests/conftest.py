@@ -3,10 +3,12 @@
 Profiles: ``default`` (the suite's budget: a few minutes on two CPU cores) and ``thorough``
 (select with ``pytest --hypothesis-profile=thorough``) for a longer hunt.
 
-The quantisers' kernels run eagerly here (``DPC_FX_KERNELS=eager``, unless the caller set
-it): the suite feeds them hundreds of shapes, ranks and dtypes, and compiling each variant
-would cost far more than the tensors themselves. ``test_quant.py`` checks the fused kernels
-against the eager ones on their own (fixture ``fused_kernels``).
+The quantisers run on the native loops here, as they do for users, and the torch kernels
+for what those loops do not take run eagerly, not compiled (``DPC_FX_KERNELS=native+eager``
+unless the caller set it): the suite feeds them hundreds of shapes, ranks and dtypes, and
+compiling each variant would cost far more than the tensors themselves.
+``test_quant.py`` checks the compiled kernels against the eager ones on their own (fixture
+``fused_kernels``), and ``test_native.py`` the native loops against the eager kernels.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ settings.load_profile("default")
 
 # The tensors are tiny: more threads only add contention on a shared two-core machine.
 torch.set_num_threads(1)
-os.environ.setdefault("DPC_FX_KERNELS", "eager")
+os.environ.setdefault("DPC_FX_KERNELS", "native+eager")
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import functools
@@ -36,7 +37,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 import dpc_fx
-from dpc_fx import DPCConfig, kernels
+from dpc_fx import DPCConfig
 
 console = Console(stderr=True)
 warnings.filterwarnings("ignore")
@@ -357,67 +358,60 @@ def bench_memory() -> list[list[str]]:
 # ----------------------------------------------------------------------------- kernel
 
 
+@contextlib.contextmanager
+def kernel_mode(mode: str) -> Iterator[None]:
+    """``DPC_FX_KERNELS=mode`` for the block (read on every quantiser call)."""
+    before = os.environ.get("DPC_FX_KERNELS")
+    os.environ["DPC_FX_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["DPC_FX_KERNELS"]
+        else:
+            os.environ["DPC_FX_KERNELS"] = before
+
+
 def bench_kernel(quick: bool) -> list[list[str]]:
-    from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer
+    """Each part of a fused layer's quantisation, on the native loops (the default) and on
+    the compiled torch kernels, against a range pass plus a copy of the same tensor."""
+    from dpc_fx import fused, native
+    from dpc_fx.quant import ActQuantizer, WeightQuantizer, _quantize_grad
 
-    x = torch.randn(64, 64, 32, 32)
+    x, g, w = torch.randn(64, 64, 32, 32), torch.randn(64, 64, 32, 32), torch.randn(512, 512, 3, 3)
+    tiny = torch.randn(16)
     act, weight = ActQuantizer(6).train(), WeightQuantizer(6, 0)
-    grad = GradQuantizer(8)
-    xg = x.clone().requires_grad_()
-    g = torch.randn_like(x)
 
-    def memory_limit() -> None:  # one read to measure the range, one read and write to quantise
-        torch.aminmax(x)
-        x.clone()
+    def limit(t: Tensor) -> Callable[[], object]:  # read to measure the range, read and write
+        return lambda: (torch.aminmax(t), t.clone())
 
+    def floats(mode: str) -> Callable[[], object]:  # the codes the layer keeps, made in mode
+        with kernel_mode(mode):
+            _, codes = fused._activation(act, x)
+        return lambda: codes.floats(*codes.tensors)
+
+    parts: list[tuple[str, Tensor, Callable[[str], Callable[[], object]]]] = [
+        ("activation: range, codes, packing (6 bits)", x, lambda m: lambda: fused._activation(act, x)),
+        ("gradient: range, stochastic rounding (8 bits)", g, lambda m: lambda: _quantize_grad(g, 8)),
+        ("codes unpacked and dequantised", x, floats),
+        ("weight 512x512x3x3 per channel (6 bits)", w, lambda m: lambda: fused._parameter(weight, w)),
+        ("one activation call on 16 elements", tiny, lambda m: lambda: fused._activation(act, tiny)),
+    ]  # fmt: skip
+    modes = (["native"] if native.library() is not None else []) + ["fused"]
     rows = []
     reps = 9 if quick else 21
-    for label, fn in [
-        ("activation quantiser, forward", lambda: act(x)),
-        ("gradient quantiser, backward (stochastic)", lambda: torch.autograd.grad(grad(xg), xg, g)),
-        (
-            "eager torch.fake_quantize_per_tensor_affine",
-            lambda: torch.fake_quantize_per_tensor_affine(x, 0.05, 0, -128, 127),
-        ),
-    ]:
-        ta, tb, ratio = paired(memory_limit, fn, reps, warmup=3)
-        rows.append([label, f"{ta * 1e3:.2f} ms", f"{tb * 1e3:.2f} ms", f"{ratio:.2f}x"])
-    w = torch.randn(512, 512, 3, 3)
-    ta, tb, ratio = paired(lambda: (torch.aminmax(w), w.clone()), lambda: weight(w), reps, warmup=3)
-    rows.append(
-        [
-            "weight quantiser 512x512x3x3, per channel",
-            f"{ta * 1e3:.2f} ms",
-            f"{tb * 1e3:.2f} ms",
-            f"{ratio:.2f}x",
-        ]
-    )
-    # A fused layer's backward turns its input's codes back into floats (eager ATen).
-    levels = kernels.levels_tensor(6, x)
-    codes, _, lo, hi, bad = kernels.quantize_codes_tensor(x.view(-1), levels)
-    ta, tb, ratio = paired(
-        memory_limit, lambda: kernels.dequantize_codes(codes, lo, hi, levels, bad), reps, 3
-    )
-    row = ["codes dequantised for backward", f"{ta * 1e3:.2f} ms", f"{tb * 1e3:.2f} ms"]
-    rows.append([*row, f"{ratio:.2f}x"])
-    # What a kernel call costs whatever its size (guards, dispatch, launch): the per-layer
-    # cost that small and depthwise models pay many times.
-    tiny = torch.randn(16)
-    levels = kernels.levels_tensor(6, tiny)
-    ta, tb, ratio = paired(
-        lambda: (torch.aminmax(tiny), tiny.clone()),
-        lambda: kernels.quantize_codes_tensor(tiny, levels),
-        reps * 20,
-        warmup=20,
-    )
-    rows.append(
-        [
-            "one kernel call on 16 elements",
-            f"{ta * 1e6:.0f} us",
-            f"{tb * 1e6:.0f} us",
-            f"{ratio:.2f}x",
-        ]
-    )
+    for label, t, make in parts:
+        n = reps * 20 if t.numel() < 100 else reps
+        row = [label]
+        for mode in modes:
+            fn = make(mode)
+            with kernel_mode(mode):
+                ta, tb, ratio = paired(limit(t), fn, n, warmup=5)
+            unit, scale = ("us", 1e6) if t.numel() < 100 else ("ms", 1e3)
+            if len(row) == 1:
+                row.append(f"{ta * scale:.2f} {unit}")
+            row += [f"{tb * scale:.2f} {unit}", f"{ratio:.2f}x"]
+        rows.append(row)
     return rows
 
 
@@ -790,8 +784,15 @@ def main() -> int:
     if "kernel" in chosen:
         parts.append(
             table(
-                "One quantiser vs the memory limit (aminmax + clone of the same tensor)",
-                ["kernel on 64x64x32x32", "memory limit", "kernel", "ratio"],
+                "A fused layer's quantisation, part by part, vs the memory limit (aminmax + clone of the same tensor)",
+                [
+                    "part (on 64x64x32x32)",
+                    "memory limit",
+                    "native loops",
+                    "ratio",
+                    "compiled torch kernels",
+                    "ratio",
+                ],
                 bench_kernel(args.quick),
             )
         )
@@ -808,7 +809,7 @@ def main() -> int:
         "",
         f"Made by `python tools/bench.py{' --quick' if args.quick else ''}` on {datetime.date.today()}: "
         f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, kernels `{os.environ.get('DPC_FX_KERNELS', 'fused')}`. "
+        f"{torch.get_num_threads()} threads, kernels `{os.environ.get('DPC_FX_KERNELS', 'native')}`. "
         "Each figure is the median of per-pair ratios from interleaved repetitions in one process.",
         "",
     ]

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench's helpers
 from bench import _demo_cnn, step_of
 
 import dpc_fx
-from dpc_fx import fused, kernels
+from dpc_fx import fused, native
 
 console = Console(stderr=True)
 warnings.filterwarnings("ignore")
@@ -45,8 +45,7 @@ PARTS = [
     ("activation quantised (range, codes, packing)", fused, "_activation"),
     ("weight quantised (forward, and again in backward)", fused, "_parameter"),
     ("gradient quantised (stochastic)", fused, "_quantize_grad"),
-    ("codes unpacked", fused, "unpack"),
-    ("codes dequantised", kernels, "dequantize_codes"),
+    ("codes unpacked and dequantised", fused._Codes, "floats"),
 ]
 
 
@@ -144,7 +143,9 @@ def main() -> int:
         "# Where a DPC step's time goes",
         "",
         f"Made by `python tools/profile_step.py` on {datetime.date.today()}: {platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads. "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"kernels `{os.environ.get('DPC_FX_KERNELS', 'native')}`"
+        f"{'' if native.library() is not None else ' (native loops unavailable)'}. "
         "fp32 and DPC steps interleaved in one process, medians; each part is the wall time "
         "spent in it per DPC step, summed over the fused layers. The convolutions' own forward "
         "and backward are the same ATen calls as fp32's. *Rest of the difference*: the DPC step "

@@ -1,0 +1,322 @@
+// The quantisers' hot loops for float32 on the CPU: one pass over a tensor each, no
+// temporaries, called through ctypes (a few microseconds a call, where a compiled torch
+// kernel costs about thirty). dpc_fx/native.py builds this file on first use and falls
+// back to the torch kernels (dpc_fx/kernels.py) where it cannot.
+//
+// The arithmetic is the torch kernels' own, op for op and in the same order, in IEEE
+// float32 (built without -ffast-math and with -ffp-contract=off: no fused multiply-adds),
+// so every value is the same bit for bit; tests/test_native.py checks it.
+//
+// Codes are packed by planes as dpc_fx.fused.pack does: the n codes are cut into `parts`
+// contiguous parts of m = n / parts codes; codes at the same place in each part share
+// bytes, and a remainder that fills no group follows, a byte a code.
+
+#include <cmath>
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include <omp.h>
+
+namespace {
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+// Below this many elements a loop runs on the calling thread: waking the pool costs more.
+constexpr int64_t kGrain = 1 << 15;
+
+inline int threads_for(int64_t n, int nthreads) {
+  int64_t most = n / kGrain;
+  return most < 1 ? 1 : (most < nthreads ? static_cast<int>(most) : nthreads);
+}
+
+inline v8f splat(float v) { return v8f{v, v, v, v, v, v, v, v}; }
+
+inline bool finite(float v) { return std::fabs(v) < kInf; }
+
+// The finite values' min and max of x[0, n) folded into lo/hi; `bad` set if any value is
+// not finite. Two accumulators of eight lanes; `v < lo ? v : lo` skips a nan by itself, and
+// an infinity found on the way sends the block to the masked loop, which skips it too.
+void range_block(const float* x, int64_t n, float& lo, float& hi, bool& bad) {
+  const v8f inf = splat(kInf);
+  v8f lo0 = splat(kInf), hi0 = splat(-kInf), lo1 = lo0, hi1 = hi0;
+  v8i odd = {0, 0, 0, 0, 0, 0, 0, 0};  // lanes that saw a nan or an infinity
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    v8f a, b;
+    std::memcpy(&a, x + i, sizeof a);
+    std::memcpy(&b, x + i + 8, sizeof b);
+    lo0 = a < lo0 ? a : lo0;
+    hi0 = a > hi0 ? a : hi0;
+    lo1 = b < lo1 ? b : lo1;
+    hi1 = b > hi1 ? b : hi1;
+    // |v| < inf is false for inf and nan alike: the lanes' sign bits drop out by `abs`.
+    odd |= ~((a < inf) & (a > -inf)) | ~((b < inf) & (b > -inf));
+  }
+  bool clean = true;
+  for (int k = 0; k < 8; ++k) clean = clean && odd[k] == 0;
+  if (!clean) {  // rare: measure the finite values again, masking the rest
+    bad = true;
+    lo0 = splat(kInf), hi0 = splat(-kInf), lo1 = lo0, hi1 = hi0;
+    for (int64_t j = 0; j < i; ++j) {
+      float v = x[j];
+      if (finite(v)) {
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+      }
+    }
+  }
+  for (int k = 0; k < 8; ++k) {
+    float l = lo0[k] < lo1[k] ? lo0[k] : lo1[k], h = hi0[k] > hi1[k] ? hi0[k] : hi1[k];
+    lo = l < lo ? l : lo;
+    hi = h > hi ? h : hi;
+  }
+  for (; i < n; ++i) {
+    float v = x[i];
+    if (finite(v)) {
+      lo = v < lo ? v : lo;
+      hi = v > hi ? v : hi;
+    } else {
+      bad = true;
+    }
+  }
+}
+
+// torch: span = hi - lo; where(span > 0, span / levels, 1)
+inline float scale_of(float lo, float hi, float levels) {
+  float span = hi - lo;
+  return span > 0.0f ? span / levels : 1.0f;
+}
+
+// The nearest-rounding code of v over [lo, lo + top * scale], as kernels._uint8_codes
+// computes it: round((v - lo) / scale) clamped into [0, top]; 0 for a non-finite v.
+// (Branch-free, so that gcc vectorises the loops that call it.)
+inline float code_of(float v, float lo, float scale, float top) {
+  float q = std::nearbyint((v - lo) / scale);
+  q = q > 0.0f ? q : 0.0f;
+  q = q > top ? top : q;
+  return finite(v) ? q : 0.0f;
+}
+
+// The float code q stands for; a non-finite v passes through.
+inline float value_of(float v, float q, float lo, float scale) {
+  return finite(v) ? q * scale + lo : v;
+}
+
+inline uint8_t byte(float q) { return static_cast<uint8_t>(static_cast<int32_t>(q)); }
+
+inline int parts_of(int bits) { return bits <= 4 ? 2 : (bits <= 6 ? 4 : 1); }
+
+// f(begin, end) over [0, n), split evenly over t threads (on this one if t is 1).
+template <class F>
+void split(int64_t n, int t, F f) {
+  if (t <= 1) {
+    f(int64_t{0}, n);
+    return;
+  }
+#pragma omp parallel num_threads(t)
+  {
+    int64_t k = omp_get_thread_num(), parts = omp_get_num_threads();
+    f(n * k / parts, n * (k + 1) / parts);
+  }
+}
+
+// The loops, over [begin, end) of the plane index i; pointers restrict-qualified so that
+// gcc vectorises them (a uint8 store may otherwise alias every other operand).
+void quantize_planes(const float* __restrict__ x, float* __restrict__ xhat,
+                     uint8_t* __restrict__ packed, int64_t m, int parts, float lo, float scale,
+                     float top, int64_t begin, int64_t end) {
+  if (parts == 1) {
+    for (int64_t i = begin; i < end; ++i) {
+      float q = code_of(x[i], lo, scale, top);
+      xhat[i] = value_of(x[i], q, lo, scale);
+      packed[i] = byte(q);
+    }
+  } else if (parts == 2) {
+    const float* __restrict__ x1 = x + m;
+    float* __restrict__ y1 = xhat + m;
+    for (int64_t i = begin; i < end; ++i) {
+      float a = code_of(x[i], lo, scale, top), b = code_of(x1[i], lo, scale, top);
+      xhat[i] = value_of(x[i], a, lo, scale);
+      y1[i] = value_of(x1[i], b, lo, scale);
+      packed[i] = static_cast<uint8_t>(byte(a) | (byte(b) << 4));
+    }
+  } else {  // three codes in the low 6 bits of three bytes, the fourth's 2-bit pieces on top
+    const float* __restrict__ x1 = x + m;
+    const float* __restrict__ x2 = x + 2 * m;
+    const float* __restrict__ x3 = x + 3 * m;
+    float* __restrict__ y1 = xhat + m;
+    float* __restrict__ y2 = xhat + 2 * m;
+    float* __restrict__ y3 = xhat + 3 * m;
+    uint8_t* __restrict__ p1 = packed + m;
+    uint8_t* __restrict__ p2 = packed + 2 * m;
+    for (int64_t i = begin; i < end; ++i) {
+      float q0 = code_of(x[i], lo, scale, top), q1 = code_of(x1[i], lo, scale, top);
+      float q2 = code_of(x2[i], lo, scale, top), q3 = code_of(x3[i], lo, scale, top);
+      xhat[i] = value_of(x[i], q0, lo, scale);
+      y1[i] = value_of(x1[i], q1, lo, scale);
+      y2[i] = value_of(x2[i], q2, lo, scale);
+      y3[i] = value_of(x3[i], q3, lo, scale);
+      uint8_t c3 = byte(q3);
+      packed[i] = static_cast<uint8_t>(byte(q0) | (c3 << 6));
+      p1[i] = static_cast<uint8_t>(byte(q1) | ((c3 << 4) & 0xC0));
+      p2[i] = static_cast<uint8_t>(byte(q2) | ((c3 << 2) & 0xC0));
+    }
+  }
+}
+
+void dequantize_planes(const uint8_t* __restrict__ packed, float* __restrict__ out, int64_t m,
+                       int parts, float lo, float scale, int64_t begin, int64_t end) {
+  if (parts == 1) {
+    for (int64_t i = begin; i < end; ++i) out[i] = static_cast<float>(packed[i]) * scale + lo;
+  } else if (parts == 2) {
+    float* __restrict__ o1 = out + m;
+    for (int64_t i = begin; i < end; ++i) {
+      uint8_t b = packed[i];
+      out[i] = static_cast<float>(b & 15) * scale + lo;
+      o1[i] = static_cast<float>(b >> 4) * scale + lo;
+    }
+  } else {
+    const uint8_t* __restrict__ p1 = packed + m;
+    const uint8_t* __restrict__ p2 = packed + 2 * m;
+    float* __restrict__ o1 = out + m;
+    float* __restrict__ o2 = out + 2 * m;
+    float* __restrict__ o3 = out + 3 * m;
+    for (int64_t i = begin; i < end; ++i) {
+      uint8_t b0 = packed[i], b1 = p1[i], b2 = p2[i];
+      uint8_t q3 = static_cast<uint8_t>((b0 >> 6) | ((b1 >> 4) & 0x0C) | ((b2 >> 2) & 0x30));
+      out[i] = static_cast<float>(b0 & 63) * scale + lo;
+      o1[i] = static_cast<float>(b1 & 63) * scale + lo;
+      o2[i] = static_cast<float>(b2 & 63) * scale + lo;
+      o3[i] = static_cast<float>(q3) * scale + lo;
+    }
+  }
+}
+
+void fake_quant_span(const float* __restrict__ x, float* __restrict__ xhat, float lo,
+                     float scale, float top, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i)
+    xhat[i] = value_of(x[i], code_of(x[i], lo, scale, top), lo, scale);
+}
+
+void stochastic_span(const float* __restrict__ x, float* __restrict__ out, float lo,
+                     float scale, float top, uint32_t seed, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    uint32_t h = (static_cast<uint32_t>(i) ^ seed) * 0x9E3779B1u;
+    h ^= h >> 16;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    h *= 0xC2B2AE35u;
+    h ^= h >> 16;
+    float u = static_cast<float>(static_cast<int32_t>(h >> 8)) * (1.0f / 16777216.0f);
+    float q = std::floor((x[i] - lo) / scale + u);
+    q = q - (q > top ? 1.0f : 0.0f);
+    out[i] = q * scale + lo;
+  }
+}
+
+void rows_span(const float* __restrict__ x, float* __restrict__ out, int64_t cols, float levels,
+               int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* __restrict__ row = x + r * cols;
+    float* __restrict__ dst = out + r * cols;
+    float lo = kInf, hi = -kInf;
+    bool bad = false;
+    range_block(row, cols, lo, hi, bad);
+    if (lo > hi) lo = hi = 0.0f;
+    const float scale = scale_of(lo, hi, levels);
+    for (int64_t i = 0; i < cols; ++i) dst[i] = std::nearbyint((row[i] - lo) / scale) * scale + lo;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Finite min and max of x[0, n) into out[0], out[1] ([0, 0] if none is finite); returns 1
+// if x holds an inf or a nan.
+int dpc_range(const float* x, int64_t n, float* out, int nthreads) {
+  float lo = kInf, hi = -kInf;
+  bool bad = false;
+  int t = threads_for(n, nthreads);
+#pragma omp parallel num_threads(t) if (t > 1) reduction(min : lo) reduction(max : hi) \
+    reduction(|| : bad)
+  {
+    int64_t k = omp_get_thread_num(), parts = omp_get_num_threads();
+    int64_t begin = n * k / parts, end = n * (k + 1) / parts;
+    range_block(x + begin, end - begin, lo, hi, bad);
+  }
+  if (lo > hi) lo = hi = 0.0f;
+  out[0] = lo;
+  out[1] = hi;
+  return bad ? 1 : 0;
+}
+
+// Nearest-rounding quantise of x[0, n) over [lo, hi] onto levels + 1 steps: the floats
+// into xhat (inf/nan passed through), and, if packed is not null, the codes packed to
+// `bits` bits by planes. kernels.quantize_codes / quantize_codes_in_range / fake_quant.
+void dpc_quantize(const float* x, int64_t n, float lo, float hi, float levels, int bits,
+                  float* xhat, uint8_t* packed, int nthreads) {
+  const float scale = scale_of(lo, hi, levels);
+  const float top = hi > lo ? levels : 0.0f;
+  const int t = threads_for(n, nthreads);
+  if (!packed) {
+    split(n, t, [=](int64_t b, int64_t e) { fake_quant_span(x, xhat, lo, scale, top, b, e); });
+    return;
+  }
+  const int parts = parts_of(bits);
+  const int64_t m = n / parts;
+  split(m, t, [=](int64_t b, int64_t e) {
+    quantize_planes(x, xhat, packed, m, parts, lo, scale, top, b, e);
+  });
+  const int64_t bytes = parts == 1 ? m : (parts == 2 ? m : 3 * m);
+  for (int64_t j = parts * m; j < n; ++j) {  // the remainder, a byte a code
+    float q = code_of(x[j], lo, scale, top);
+    xhat[j] = value_of(x[j], q, lo, scale);
+    packed[bytes + j - parts * m] = byte(q);
+  }
+}
+
+// The n floats that codes packed by dpc_quantize stand for, into out; all nan if `bad`
+// (the quantised tensor held a non-finite value). kernels.dequantize_codes after unpack.
+void dpc_dequantize(const uint8_t* packed, int64_t n, int bits, float lo, float hi,
+                    float levels, int bad, float* out, int nthreads) {
+  if (bad) {
+    std::fill(out, out + n, std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
+  const float scale = scale_of(lo, hi, levels);
+  const int parts = parts_of(bits);
+  const int64_t m = n / parts;
+  split(m, threads_for(n, nthreads),
+        [=](int64_t b, int64_t e) { dequantize_planes(packed, out, m, parts, lo, scale, b, e); });
+  const int64_t bytes = parts == 1 ? m : (parts == 2 ? m : 3 * m);
+  for (int64_t j = parts * m; j < n; ++j)
+    out[j] = static_cast<float>(packed[bytes + j - parts * m]) * scale + lo;
+}
+
+// Stochastic-rounding quantise of x[0, n) over its finite range [lo, hi], with the noise
+// of kernels._uniform (a murmur3-style mix of the element's index and the seed, in 32-bit
+// arithmetic). kernels.fake_quant_stochastic / fake_quant_stochastic_in_range.
+void dpc_stochastic(const float* x, int64_t n, float lo, float hi, float levels, int64_t seed,
+                    float* out, int nthreads) {
+  const float scale = scale_of(lo, hi, levels);
+  const float top = hi > lo ? levels : 0.0f;
+  const uint32_t s = static_cast<uint32_t>(seed);
+  split(n, threads_for(n, nthreads),
+        [=](int64_t b, int64_t e) { stochastic_span(x, out, lo, scale, top, s, b, e); });
+}
+
+// Per-row range and nearest-rounding quantise of the (rows, cols) matrix x into out, each
+// row over its own finite range. kernels.fake_quant_channels.
+void dpc_fake_quant_rows(const float* x, int64_t rows, int64_t cols, float levels, float* out,
+                         int nthreads) {
+  int t = threads_for(rows * cols, nthreads);
+  t = rows < t ? static_cast<int>(rows) : t;
+  split(rows, t, [=](int64_t b, int64_t e) { rows_span(x, out, cols, levels, b, e); });
+}
+
+}  // extern "C"

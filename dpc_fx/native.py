@@ -1,0 +1,257 @@
+"""The quantisers' hot loops as native code: ``csrc/quant.cpp``, built on first use.
+
+A compiled torch kernel costs about 30 us a call before it touches a byte (dynamo's guards,
+the wrappers, the output allocation), and a fused layer makes several calls a step in
+forward and as many in backward: on a small model, that fixed cost is most of what DPC
+adds to a step. These loops do the same arithmetic, op for op, in one pass each and a few
+microseconds a call through :mod:`ctypes`; the activation's codes are packed in the same
+pass that quantises it, and unpacked in the pass that dequantises them.
+
+The library is built with the C++ compiler (``$CXX``, else ``g++``) into
+``$DPC_FX_CACHE`` (default ``~/.cache/dpc_fx``), once per source, compiler and CPU, in
+about a second. It uses the OpenMP runtime torch has loaded, so its threads are torch's
+(``torch.set_num_threads`` applies). Where it cannot be built or loaded (no compiler, not
+Linux, ``DPC_FX_KERNELS`` set to ``fused`` or ``eager``, see :mod:`dpc_fx.kernels`) :func:`library` returns ``None``
+and the callers run the torch kernels of :mod:`dpc_fx.kernels`, with the same results.
+
+The arithmetic is IEEE float32 without fused multiply-adds (``-ffp-contract=off``), so
+every value equals the torch kernels' bit for bit (``tests/test_native.py``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dpc_fx.kernels import packed_bytes
+
+__all__ = [
+    "dequantize",
+    "fake_quant_rows",
+    "library",
+    "quantize",
+    "range_of",
+    "stochastic",
+    "usable",
+]
+
+_SOURCE = Path(__file__).with_name("csrc") / "quant.cpp"
+_FLAGS = (
+    "-O3",
+    "-march=native",
+    "-std=c++17",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+    # IEEE arithmetic as torch's kernels do it: no contraction into fused multiply-adds, no
+    # fast-math. (errno and FP traps are never read; dropping them lets loops vectorise.)
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+)
+
+_f, _i64, _i32 = ctypes.c_float, ctypes.c_int64, ctypes.c_int
+_p = ctypes.c_void_p
+_SIGNATURES = {
+    "dpc_range": (_i32, [_p, _i64, _p, _i32]),
+    "dpc_quantize": (None, [_p, _i64, _f, _f, _f, _i32, _p, _p, _i32]),
+    "dpc_dequantize": (None, [_p, _i64, _i32, _f, _f, _f, _i32, _p, _i32]),
+    "dpc_stochastic": (None, [_p, _i64, _f, _f, _f, _i64, _p, _i32]),
+    "dpc_fake_quant_rows": (None, [_p, _i64, _i64, _f, _p, _i32]),
+}
+
+_state: dict[str, object] = {}  # "lib": the loaded library, or "error": why there is none
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DPC_FX_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "dpc_fx"
+
+
+def _cpu() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(keep))
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    key = hashlib.sha256(
+        "\0".join((_SOURCE.read_text(), " ".join(_FLAGS), version, _cpu())).encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"quant-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: processes building at once never see half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *_FLAGS, str(_SOURCE), "-o", tmp],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> ctypes.CDLL:
+    if not sys.platform.startswith("linux"):
+        raise OSError(f"native kernels are built on Linux only (this is {sys.platform})")
+    compiler = os.environ.get("CXX") or shutil.which("g++")
+    if not compiler:
+        raise OSError("no C++ compiler (set CXX, or install g++)")
+    lib = ctypes.CDLL(str(_build(compiler)))
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded native library, built on first call; ``None`` where there is none (the
+    reason is warned about once, and kept in :func:`unavailable`)."""
+    if "native" not in os.environ.get("DPC_FX_KERNELS", "native").split("+"):
+        return None
+    if "lib" in _state:
+        return _state["lib"]  # type: ignore[return-value]
+    if "error" in _state:
+        return None
+    try:
+        _state["lib"] = _load()
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = e.stderr if isinstance(e, subprocess.CalledProcessError) else str(e)
+        _state["error"] = f"{type(e).__name__}: {str(detail).strip()[:300]}"
+        warnings.warn(
+            f"dpc_fx: the native quantisation kernels are unavailable ({_state['error']}); "
+            "running the torch kernels instead, with the same results "
+            "(DPC_FX_KERNELS=fused silences this).",
+            stacklevel=3,
+        )
+        return None
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def unavailable() -> str | None:
+    """Why :func:`library` returned ``None`` (``None`` if it did not, or was not asked)."""
+    return _state.get("error")  # type: ignore[return-value]
+
+
+_DTYPES = (torch.float32, torch.uint8)
+
+
+def usable(*tensors: Tensor) -> bool:
+    """Whether the native loops can take these tensors: float32 (or uint8 codes), dense, on
+    the CPU, outside a ``torch.compile`` trace (which must see torch ops), and the library
+    built."""
+    if torch.compiler.is_compiling():  # first: a trace must not see the stride checks
+        return False
+    for t in tensors:
+        if t.dtype not in _DTYPES or t.device.type != "cpu" or not t.is_contiguous():
+            return False
+    return library() is not None
+
+
+def _lib() -> ctypes.CDLL:
+    lib = _state.get("lib")
+    assert lib is not None, "call native.usable() first"
+    return lib  # type: ignore[return-value]
+
+
+def range_of(x: Tensor) -> tuple[Tensor, bool]:
+    """``([lo, hi], bad)``: the finite min and max of ``x`` ([0, 0] if none is finite) as
+    a float32 pair, and whether ``x`` holds an ``inf`` or ``nan``."""
+    out = torch.empty(2)
+    bad = _lib().dpc_range(x.data_ptr(), x.numel(), out.data_ptr(), torch.get_num_threads())
+    return out, bool(bad)
+
+
+def quantize(
+    x: Tensor, lo: float, hi: float, bits: int, *, packed: bool
+) -> tuple[Tensor, Tensor | None]:
+    """``(x_hat, codes)``: nearest rounding of ``x`` onto ``2**bits`` levels of ``[lo, hi]``
+    (clamped into it; ``inf``/``nan`` passed through) and, if ``packed``, its codes packed as
+    :func:`dpc_fx.fused.pack` packs them (to :func:`~dpc_fx.kernels.packed_bytes` bytes) (a non-finite value's code is 0)."""
+    x_hat = torch.empty_like(x)
+    codes = torch.empty(packed_bytes(x.numel(), bits), dtype=torch.uint8) if packed else None
+    _lib().dpc_quantize(
+        x.data_ptr(),
+        x.numel(),
+        lo,
+        hi,
+        float(2**bits - 1),
+        bits,
+        x_hat.data_ptr(),
+        codes.data_ptr() if codes is not None else None,
+        torch.get_num_threads(),
+    )
+    return x_hat, codes
+
+
+def dequantize(codes: Tensor, numel: int, bits: int, lo: float, hi: float, bad: bool) -> Tensor:
+    """The ``numel`` floats that ``codes`` (from :func:`quantize`) stand for, as a vector;
+    all ``nan`` if ``bad``."""
+    out = torch.empty(numel)
+    _lib().dpc_dequantize(
+        codes.data_ptr(),
+        numel,
+        bits,
+        lo,
+        hi,
+        float(2**bits - 1),
+        int(bad),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def stochastic(x: Tensor, bits: int, seed: int) -> Tensor:
+    """:func:`dpc_fx.kernels.fake_quant_stochastic` of ``x``: its finite range measured,
+    then stochastic rounding with the same noise stream."""
+    lib = _lib()
+    span = torch.empty(2)
+    threads = torch.get_num_threads()
+    lib.dpc_range(x.data_ptr(), x.numel(), span.data_ptr(), threads)
+    lo, hi = span.tolist()
+    out = torch.empty_like(x)
+    lib.dpc_stochastic(
+        x.data_ptr(), x.numel(), lo, hi, float(2**bits - 1), seed, out.data_ptr(), threads
+    )
+    return out
+
+
+def fake_quant_rows(x: Tensor, bits: int) -> Tensor:
+    """:func:`dpc_fx.kernels.fake_quant_channels` of the matrix ``x``: each row quantised
+    over its own finite range."""
+    out = torch.empty_like(x)
+    rows, cols = x.shape
+    _lib().dpc_fake_quant_rows(
+        x.data_ptr(), rows, cols, float(2**bits - 1), out.data_ptr(), torch.get_num_threads()
+    )
+    return out

@@ -1,0 +1,204 @@
+"""The native loops (``dpc_fx/csrc/quant.cpp``) against the torch kernels they stand in for:
+the same values bit for bit, on random, constant, empty-range and
+non-finite tensors, at every code width; and a model trained through them against the same
+model on the eager kernels."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from dpc_fx import fused, kernels, native
+
+pytestmark = pytest.mark.skipif(
+    native.library() is None, reason=f"native kernels unavailable: {native.unavailable()}"
+)
+
+eager = lambda f: f.__wrapped__  # noqa: E731  (the torch kernel, uncompiled)
+
+
+def identical(a: Tensor, b: Tensor) -> bool:
+    """Equal values and ``nan`` in the same places. (Not the sign of a zero: torch's own
+    ``clamp_min(-0.0, 0.0)`` gives +0 in its vector loop and -0 in its scalar one, which
+    shows where a given range starts at -0.0.)"""
+    na, nb = torch.isnan(a), torch.isnan(b)
+    return torch.equal(na, nb) and torch.equal(a[~na], b[~nb])
+
+
+@st.composite
+def vectors(draw: st.DrawFn) -> Tensor:
+    n = draw(st.integers(1, 3000))
+    kind = draw(st.sampled_from(["randn", "relu", "constant", "zeros", "inf", "nan", "all-inf"]))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    x = torch.randn(n) * draw(st.sampled_from([1e-3, 1.0, 50.0]))
+    if kind == "relu":
+        x = x.relu()
+    elif kind == "constant":
+        x = torch.full((n,), -1.25)
+    elif kind == "zeros":
+        x = torch.zeros(n)
+    elif kind == "inf":
+        x[draw(st.integers(0, n - 1))] = draw(st.sampled_from([float("inf"), float("-inf")]))
+    elif kind == "nan":
+        x[draw(st.integers(0, n - 1))] = float("nan")
+    elif kind == "all-inf":
+        x = torch.full((n,), float("inf"))
+    return x
+
+
+bits = st.integers(1, 8)
+
+
+@given(vectors(), bits)
+def test_range_codes_and_packing_match_the_torch_kernels(x: Tensor, b: int) -> None:
+    levels = kernels.levels_tensor(b, x)
+    codes, x_hat, lo, hi, bad = eager(kernels.quantize_codes_tensor)(x, levels)
+    span, nonfinite = native.range_of(x)
+    assert span.tolist() == [lo.item(), hi.item()] and nonfinite == bool(bad)
+    out, packed = native.quantize(x, lo.item(), hi.item(), b, packed=True)
+    assert identical(out, x_hat)
+    assert packed is not None and torch.equal(packed, fused.pack(codes, b))
+
+
+@given(vectors(), bits, st.floats(-2, 0.5), st.floats(0, 3))
+def test_a_given_range_clamps_as_the_torch_kernel_does(
+    x: Tensor, b: int, lo: float, width: float
+) -> None:
+    lo_t, hi_t = torch.tensor(lo), torch.tensor(lo + width)
+    levels = kernels.levels_tensor(b, x)
+    codes, x_hat, _ = eager(kernels.quantize_codes)(x, lo_t, hi_t, levels)
+    out, packed = native.quantize(x, lo_t.item(), hi_t.item(), b, packed=True)
+    assert identical(out, x_hat) and torch.equal(packed, fused.pack(codes, b))  # type: ignore[arg-type]
+    plain, none = native.quantize(x, lo_t.item(), hi_t.item(), b, packed=False)
+    assert none is None and identical(plain, eager(kernels.fake_quant)(x, lo_t, hi_t, levels))
+
+
+@given(vectors(), bits)
+def test_dequantised_codes_match_the_torch_kernels(x: Tensor, b: int) -> None:
+    levels = kernels.levels_tensor(b, x)
+    codes, _, lo, hi, bad = eager(kernels.quantize_codes_tensor)(x, levels)
+    want = kernels.dequantize_codes(codes, lo, hi, levels, bad)
+    got = native.dequantize(fused.pack(codes, b), x.numel(), b, lo.item(), hi.item(), bool(bad))
+    assert identical(got, want)
+
+
+@given(vectors(), bits, st.integers(0, 2**31 - 2))
+def test_stochastic_rounding_is_the_same_stream(x: Tensor, b: int, seed: int) -> None:
+    levels = kernels.levels_tensor(b, x)
+    want = eager(kernels.fake_quant_stochastic)(x, levels, torch.tensor(seed))
+    assert identical(native.stochastic(x, b, seed), want)
+
+
+@given(vectors(), bits, st.integers(1, 9))
+def test_per_row_weights_match_the_torch_kernel(x: Tensor, b: int, rows: int) -> None:
+    x = x[: x.numel() // rows * rows].view(rows, -1) if x.numel() >= rows else x.view(1, -1)
+    levels = kernels.levels_tensor(b, x)
+    assert identical(native.fake_quant_rows(x, b), eager(kernels.fake_quant_channels)(x, levels))
+
+
+def test_large_tensors_split_over_threads_agree() -> None:
+    """Above the grain the loops run on several threads; the plane packing's remainder and
+    every thread's share must still come out as one pass would."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(300_007)
+        x[123_456] = float("nan")
+        for b in (3, 6, 8):
+            levels = kernels.levels_tensor(b, x)
+            codes, x_hat, lo, hi, bad = eager(kernels.quantize_codes_tensor)(x, levels)
+            span, nonfinite = native.range_of(x)
+            assert span.tolist() == [lo.item(), hi.item()] and nonfinite and bool(bad)
+            out, packed = native.quantize(x, lo.item(), hi.item(), b, packed=True)
+            assert identical(out, x_hat) and torch.equal(packed, fused.pack(codes, b))  # type: ignore[arg-type]
+            seed = torch.tensor(99)
+            want = eager(kernels.fake_quant_stochastic)(x, levels, seed)
+            assert identical(native.stochastic(x, b, 99), want)
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.fc = nn.Linear(8 * 6 * 6, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.conv2(self.conv(x).relu()).relu().flatten(1))
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_training_through_native_loops_equals_the_eager_kernels(
+    monkeypatch: pytest.MonkeyPatch, fuse: bool
+) -> None:
+    """Outputs, every gradient and the running ranges, bit for bit, over two steps (the
+    second quantises against the first's running range in eval)."""
+    import dpc_fx
+    from dpc_fx import DPCConfig
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 6, 6)
+    config = DPCConfig(pin_first_last=False, fuse=fuse)
+    base = dpc_fx.compile(_Net(), x, config=config)
+    results = []
+    for mode in ("native+eager", "eager"):
+        monkeypatch.setenv("DPC_FX_KERNELS", mode)
+        model = copy.deepcopy(base).train()
+        torch.manual_seed(1)
+        outs = []
+        for _ in range(2):
+            model.zero_grad()
+            y = model(x)
+            y.square().sum().backward()
+            outs += [y.detach(), *(p.grad.clone() for p in model.parameters())]
+        model.eval()
+        with torch.no_grad():
+            outs.append(model(x))
+        outs += [b.clone() for b in model.buffers()]
+        results.append(outs)
+    for a, b in zip(*results, strict=True):
+        assert identical(a.float(), b.float())
+
+
+def test_without_a_compiler_the_torch_kernels_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """A failed build is reported once, and ``usable`` then sends every caller to the torch
+    kernels."""
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("DPC_FX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(UserWarning, match="native quantisation kernels are unavailable"):
+        assert native.library() is None
+    assert "no-such-compiler" in (native.unavailable() or "")
+    assert not native.usable(torch.zeros(3))
+    from dpc_fx.quant import fake_quantize
+
+    assert torch.equal(
+        fake_quantize(torch.tensor([0.0, 1.0, 2.0]), 1), torch.tensor([0.0, 0.0, 2.0])
+    )
+
+
+def test_the_library_is_built_once_per_source(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("DPC_FX_CACHE", str(tmp_path))
+    assert native.library() is not None
+    built = list(tmp_path.glob("quant-*.so"))
+    assert len(built) == 1
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is not None
+    assert list(tmp_path.glob("*")) == built  # loaded, not built again; no temporary left
+
+
+def test_fused_and_eager_kernel_modes_skip_the_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    for mode in ("fused", "eager"):
+        monkeypatch.setenv("DPC_FX_KERNELS", mode)
+        assert native.library() is None and not native.usable(torch.zeros(2))
