@@ -142,10 +142,12 @@ class _Codes:
         self.tensors: tuple[Tensor, ...] = (q if packed else pack(q.reshape(-1), bits), lo, hi, bad)
         self.bits, self.numel, self.shape = bits, shape.numel(), shape
         self.dtype, self.restore = dtype, restore
+        # (lo, hi, non-finite) as Python values, where the native loops made the codes
+        self.scalars: tuple[float, float, bool] | None = None
 
     def floats(self, packed: Tensor, lo: Tensor, hi: Tensor, bad: Tensor) -> Tensor:
-        if lo.dim() == 0 and native.usable(packed, lo):  # one range: the native loop
-            flat = native.dequantize(packed, self.numel, self.bits, float(lo), float(hi), bool(bad))
+        if self.scalars is not None and native.usable(packed):
+            flat = native.dequantize(packed, self.numel, self.bits, *self.scalars)
             return self.restore(flat.view(self.shape)).to(self.dtype)
         q = unpack(packed, self.bits, self.numel).view(self.shape)
         levels = kernels.levels_tensor(self.bits, lo)
@@ -169,12 +171,14 @@ def _activation(q: ActQuantizer, x: Tensor) -> tuple[Tensor, _Codes]:
     if fast:  # range, codes and packing in two passes over x
         if q.training:
             span, nonfinite = native.range_of(flat)
-            lo, hi = span[0], span[1]
+            lo, hi = span.unbind()
             q._observe(lo, hi)
+            scalars = span.tolist()
         else:
             lo, hi = (r.reshape(()).to(work.dtype) for r in q.range_for(x))
             nonfinite = native.range_of(flat)[1]
-        out, codes = native.quantize(flat, float(lo), float(hi), q.bits, packed=True)
+            scalars = [lo.item(), hi.item()]
+        out, codes = native.quantize(flat, *scalars, q.bits, packed=True)
         assert codes is not None
         bad = _FLAG[nonfinite]
     else:
@@ -189,9 +193,10 @@ def _activation(q: ActQuantizer, x: Tensor) -> tuple[Tensor, _Codes]:
     x_hat = back(out).to(x.dtype)
     # _flat's way back holds x itself; backward rebuilds the layout from sizes and strides.
     restore = _strided(x_hat.size(), x_hat.stride())
-    return x_hat, _Codes(
-        codes, lo, hi, bad, q.bits, x.dtype, restore, shape=flat.shape, packed=fast
-    )
+    packed = _Codes(codes, lo, hi, bad, q.bits, x.dtype, restore, shape=flat.shape, packed=fast)
+    if fast:
+        packed.scalars = (*scalars, nonfinite)
+    return x_hat, packed
 
 
 def _weight(q: WeightQuantizer, w: Tensor) -> tuple[Tensor, _Codes]:
@@ -219,6 +224,9 @@ def _parameter(q: WeightQuantizer, w: Tensor) -> Tensor:
     assert q.bits is not None
     q._check(w)
     channel_dim = q.channel_dim if w.dim() > 1 else None
+    if channel_dim == 0 and native.usable(w):  # the common case, without the dispatch
+        rows = w.detach().view(w.shape[0], -1)
+        return native.fake_quant_rows(rows, q.bits).view(w.shape)
     return fake_quantize(w.detach(), q.bits, channel_dim=channel_dim)
 
 

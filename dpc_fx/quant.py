@@ -125,7 +125,7 @@ def fake_quantize(
     if x.numel() == 0:
         return x.clone()
     work = _working(x.detach())
-    levels = kernels.levels_tensor(bits, work)
+    levels = kernels.levels_tensor(bits, work)  # (a cached tensor)
     if channel_dim is not None and x.dim() > 0 and lo is None:
         if stochastic:
             raise ValueError("fake_quantize: stochastic rounding is per tensor; drop channel_dim")
@@ -210,7 +210,12 @@ class _MeasuredFakeQuantSTE(torch.autograd.Function):
 
 
 def _quantize_grad(grad: Tensor, bits: int) -> Tensor:
-    return grad if grad.numel() == 0 else fake_quantize(grad, bits, stochastic=True)
+    if grad.numel() == 0:
+        return grad
+    if native.usable(grad):  # the common case, without fake_quantize's dispatch
+        seed = int(kernels.new_seed())
+        return native.stochastic(grad.detach().view(-1), bits, seed).view(grad.shape)
+    return fake_quantize(grad, bits, stochastic=True)
 
 
 def _grad_hook(bits: int, check: Callable[[Tensor], None] | None) -> Callable[[Tensor], Tensor]:
@@ -366,8 +371,10 @@ class ActQuantizer(Quantizer):
             return self.running_min, self.running_max
         return tensor_range(x)
 
-    @torch.no_grad()
     def _observe(self, lo: Tensor, hi: Tensor) -> None:
+        if torch.is_grad_enabled():  # (a fused layer's forward runs without: no context)
+            with torch.no_grad():
+                return self._observe(lo, hi)
         lo, hi = lo.to(self.running_min.dtype), hi.to(self.running_max.dtype)
         if torch.compiler.is_compiling():
             weight = torch.where(self.seen, 1.0 - self.momentum, 1.0)
