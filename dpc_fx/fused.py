@@ -123,8 +123,8 @@ class _Codes:
     through ``save_for_backward``) and how to turn them back into the fake-quantised floats
     (plain values: nothing here may hold the float tensor).
 
-    ``q`` is the codes one a byte, packed here; or, with ``packed``, already packed (by
-    :func:`dpc_fx.native.quantize`)."""
+    ``q`` is the codes one a byte, packed here; or, where the native loops made them and
+    ``scalars`` holds their ``(lo, hi, non-finite)`` as Python values, packed already."""
 
     def __init__(
         self,
@@ -137,13 +137,12 @@ class _Codes:
         restore: Callable[[Tensor], Tensor],
         *,
         shape: torch.Size,
-        packed: bool = False,
+        scalars: tuple[float, float, bool] | None = None,
     ) -> None:
-        self.tensors: tuple[Tensor, ...] = (q if packed else pack(q.reshape(-1), bits), lo, hi, bad)
+        packed = q if scalars is not None else pack(q.reshape(-1), bits)
+        self.tensors: tuple[Tensor, ...] = (packed, lo, hi, bad)
         self.bits, self.numel, self.shape = bits, shape.numel(), shape
-        self.dtype, self.restore = dtype, restore
-        # (lo, hi, non-finite) as Python values, where the native loops made the codes
-        self.scalars: tuple[float, float, bool] | None = None
+        self.dtype, self.restore, self.scalars = dtype, restore, scalars
 
     def floats(self, packed: Tensor, lo: Tensor, hi: Tensor, bad: Tensor) -> Tensor:
         if self.scalars is not None and native.usable(packed):
@@ -161,42 +160,51 @@ def _strided(size: torch.Size, stride: tuple[int, ...]) -> Callable[[Tensor], Te
 _FLAG = (torch.zeros((), dtype=torch.bool), torch.ones((), dtype=torch.bool))
 
 
+def _tensor_codes(
+    flat: Tensor, bits: int, given: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, tuple[float, float, bool] | None]:
+    """``(out, codes, lo, hi, bad, scalars)`` of a vector quantised per tensor, over its own
+    finite range or over ``given``: the native loops where they apply (the codes packed, and
+    ``scalars`` the range and non-finite flag as Python values), else the torch kernels
+    (the codes one a byte, ``scalars`` None)."""
+    if native.usable(flat):  # range, codes and packing in two passes
+        span, nonfinite = native.range_of(flat)
+        if given is None:
+            lo, hi = span.unbind()
+            scalars = span.tolist()
+        else:
+            lo, hi = given
+            scalars = [lo.item(), hi.item()]
+        out, codes = native.quantize(flat, *scalars, bits, packed=True)
+        assert codes is not None
+        return out, codes, lo, hi, _FLAG[nonfinite], (scalars[0], scalars[1], nonfinite)
+    levels = kernels.levels_tensor(bits, flat)
+    if given is None:
+        codes, out, lo, hi, bad = kernels.measured_codes(flat, levels)
+    else:
+        lo, hi = given
+        codes, out, bad = kernels.quantize_codes(flat, lo, hi, levels)
+    return out, codes, lo, hi, bad, None
+
+
 def _activation(q: ActQuantizer, x: Tensor) -> tuple[Tensor, _Codes]:
     """``q(x)`` (nearest rounding over the batch's or the running range) and its codes."""
     assert q.bits is not None
     q._check(x)
     work = _working(x.detach())
     flat, back = _flat(work)
-    fast = native.usable(flat)
-    if fast:  # range, codes and packing in two passes over x
-        if q.training:
-            span, nonfinite = native.range_of(flat)
-            lo, hi = span.unbind()
-            q._observe(lo, hi)
-            scalars = span.tolist()
-        else:
-            lo, hi = (r.reshape(()).to(work.dtype) for r in q.range_for(x))
-            nonfinite = native.range_of(flat)[1]
-            scalars = [lo.item(), hi.item()]
-        out, codes = native.quantize(flat, *scalars, q.bits, packed=True)
-        assert codes is not None
-        bad = _FLAG[nonfinite]
-    else:
-        levels = kernels.levels_tensor(q.bits, work)
-        if q.training:
-            codes, out, lo, hi, bad = kernels.measured_codes(flat, levels)
-            q._observe(lo, hi)
-        else:
-            lo, hi = q.range_for(x)
-            lo, hi = lo.reshape(()).to(work.dtype), hi.reshape(()).to(work.dtype)
-            codes, out, bad = kernels.quantize_codes(flat, lo, hi, levels)
+    given = None
+    if not q.training:
+        lo, hi = q.range_for(x)
+        given = (lo.reshape(()).to(work.dtype), hi.reshape(()).to(work.dtype))
+    out, codes, lo, hi, bad, scalars = _tensor_codes(flat, q.bits, given)
+    if q.training:
+        q._observe(lo, hi)
     x_hat = back(out).to(x.dtype)
     # _flat's way back holds x itself; backward rebuilds the layout from sizes and strides.
     restore = _strided(x_hat.size(), x_hat.stride())
-    packed = _Codes(codes, lo, hi, bad, q.bits, x.dtype, restore, shape=flat.shape, packed=fast)
-    if fast:
-        packed.scalars = (*scalars, nonfinite)
-    return x_hat, packed
+    codes_ = _Codes(codes, lo, hi, bad, q.bits, x.dtype, restore, shape=flat.shape, scalars=scalars)
+    return x_hat, codes_
 
 
 def _weight(q: WeightQuantizer, w: Tensor) -> tuple[Tensor, _Codes]:
@@ -204,17 +212,19 @@ def _weight(q: WeightQuantizer, w: Tensor) -> tuple[Tensor, _Codes]:
     assert q.bits is not None
     q._check(w)
     work = _working(w.detach())
-    levels = kernels.levels_tensor(q.bits, work)
     channel_dim = q.channel_dim if w.dim() > 1 else None
     if channel_dim is None:
         flat, back = _flat(work)
-        codes, out, lo, hi, bad = kernels.quantize_codes_tensor(flat, levels)
+        out, codes, lo, hi, bad, scalars = _tensor_codes(flat, q.bits)
         w_hat = back(out).to(w.dtype)
         restore = _strided(w_hat.size(), w_hat.stride())
-    else:
-        rows, restore = _rows(work, channel_dim)
-        codes, out, lo, hi, bad = kernels.quantize_codes_channels(rows, levels)
-        w_hat = restore(out).to(w.dtype)
+        return w_hat, _Codes(
+            codes, lo, hi, bad, q.bits, w.dtype, restore, shape=flat.shape, scalars=scalars
+        )
+    rows, restore = _rows(work, channel_dim)
+    levels = kernels.levels_tensor(q.bits, work)
+    codes, out, lo, hi, bad = kernels.quantize_codes_channels(rows, levels)
+    w_hat = restore(out).to(w.dtype)
     return w_hat, _Codes(codes, lo, hi, bad, q.bits, w.dtype, restore, shape=codes.shape)
 
 

@@ -124,46 +124,43 @@ void split(int64_t n, int t, F f) {
   }
 }
 
-// The loops, over [begin, end) of the plane index i; pointers restrict-qualified so that
-// gcc vectorises them (a uint8 store may otherwise alias every other operand).
-void quantize_planes(const float* __restrict__ x, float* __restrict__ xhat,
-                     uint8_t* __restrict__ packed, int64_t m, int parts, float lo, float scale,
-                     float top, int64_t begin, int64_t end) {
+// Codes and floats of x[begin, end) over one range: codes one a byte into q.
+void codes_span(const float* __restrict__ x, float* __restrict__ xhat, uint8_t* __restrict__ q,
+                float lo, float scale, float top, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    float c = code_of(x[i], lo, scale, top);
+    xhat[i] = value_of(x[i], c, lo, scale);
+    q[i - begin] = byte(c);
+  }
+}
+
+// The loops, over [begin, end) of the plane index i. Each part's codes go, a block at a
+// time, through codes_span (one stream in, one out: the loop gcc vectorises best) into a
+// buffer on the stack, and the planes are then combined bytewise.
+void quantize_planes(const float* x, float* xhat, uint8_t* __restrict__ packed, int64_t m,
+                     int parts, float lo, float scale, float top, int64_t begin, int64_t end) {
   if (parts == 1) {
-    for (int64_t i = begin; i < end; ++i) {
-      float q = code_of(x[i], lo, scale, top);
-      xhat[i] = value_of(x[i], q, lo, scale);
-      packed[i] = byte(q);
-    }
-  } else if (parts == 2) {
-    const float* __restrict__ x1 = x + m;
-    float* __restrict__ y1 = xhat + m;
-    for (int64_t i = begin; i < end; ++i) {
-      float a = code_of(x[i], lo, scale, top), b = code_of(x1[i], lo, scale, top);
-      xhat[i] = value_of(x[i], a, lo, scale);
-      y1[i] = value_of(x1[i], b, lo, scale);
-      packed[i] = static_cast<uint8_t>(byte(a) | (byte(b) << 4));
-    }
-  } else {  // three codes in the low 6 bits of three bytes, the fourth's 2-bit pieces on top
-    const float* __restrict__ x1 = x + m;
-    const float* __restrict__ x2 = x + 2 * m;
-    const float* __restrict__ x3 = x + 3 * m;
-    float* __restrict__ y1 = xhat + m;
-    float* __restrict__ y2 = xhat + 2 * m;
-    float* __restrict__ y3 = xhat + 3 * m;
-    uint8_t* __restrict__ p1 = packed + m;
-    uint8_t* __restrict__ p2 = packed + 2 * m;
-    for (int64_t i = begin; i < end; ++i) {
-      float q0 = code_of(x[i], lo, scale, top), q1 = code_of(x1[i], lo, scale, top);
-      float q2 = code_of(x2[i], lo, scale, top), q3 = code_of(x3[i], lo, scale, top);
-      xhat[i] = value_of(x[i], q0, lo, scale);
-      y1[i] = value_of(x1[i], q1, lo, scale);
-      y2[i] = value_of(x2[i], q2, lo, scale);
-      y3[i] = value_of(x3[i], q3, lo, scale);
-      uint8_t c3 = byte(q3);
-      packed[i] = static_cast<uint8_t>(byte(q0) | (c3 << 6));
-      p1[i] = static_cast<uint8_t>(byte(q1) | ((c3 << 4) & 0xC0));
-      p2[i] = static_cast<uint8_t>(byte(q2) | ((c3 << 2) & 0xC0));
+    codes_span(x, xhat, packed + begin, lo, scale, top, begin, end);
+    return;
+  }
+  constexpr int64_t kBlock = 1024;
+  alignas(64) uint8_t q[4][kBlock];
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t e = b + kBlock < end ? b + kBlock : end, len = e - b;
+    for (int p = 0; p < parts; ++p)
+      codes_span(x + p * m, xhat + p * m, q[p], lo, scale, top, b, e);
+    uint8_t* __restrict__ p0 = packed + b;
+    if (parts == 2) {
+      for (int64_t i = 0; i < len; ++i) p0[i] = static_cast<uint8_t>(q[0][i] | (q[1][i] << 4));
+    } else {  // three codes in the low 6 bits of three bytes, the fourth's 2-bit pieces on top
+      uint8_t* __restrict__ p1 = p0 + m;
+      uint8_t* __restrict__ p2 = p0 + 2 * m;
+      for (int64_t i = 0; i < len; ++i) {
+        const uint8_t c3 = q[3][i];
+        p0[i] = static_cast<uint8_t>(q[0][i] | (c3 << 6));
+        p1[i] = static_cast<uint8_t>(q[1][i] | ((c3 << 4) & 0xC0));
+        p2[i] = static_cast<uint8_t>(q[2][i] | ((c3 << 2) & 0xC0));
+      }
     }
   }
 }
