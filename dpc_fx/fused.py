@@ -145,8 +145,12 @@ class _Codes:
         self.dtype, self.restore, self.scalars = dtype, restore, scalars
 
     def floats(self, packed: Tensor, lo: Tensor, hi: Tensor, bad: Tensor) -> Tensor:
+        """The floats the codes stand for, in the quantised tensor's layout and dtype; where
+        the native loops run, in a buffer of :data:`dpc_fx.native.pool` that the caller
+        hands back (:meth:`~dpc_fx.native._Pool.give`) when done with them."""
         if self.scalars is not None and native.usable(packed):
-            flat = native.dequantize(packed, self.numel, self.bits, *self.scalars)
+            out = native.pool.take(self.numel)
+            flat = native.dequantize(packed, self.numel, self.bits, *self.scalars, out=out)
             return self.restore(flat.view(self.shape)).to(self.dtype)
         q = unpack(packed, self.bits, self.numel).view(self.shape)
         levels = kernels.levels_tensor(self.bits, lo)
@@ -175,7 +179,9 @@ def _tensor_codes(
         else:
             lo, hi = given
             scalars = [lo.item(), hi.item()]
-        out, codes = native.quantize(flat, *scalars, bits, packed=True)
+        out, codes = native.quantize(
+            flat, *scalars, bits, packed=True, out=native.pool.take(flat.numel())
+        )
         assert codes is not None
         return out, codes, lo, hi, _FLAG[nonfinite], (scalars[0], scalars[1], nonfinite)
     levels = kernels.levels_tensor(bits, flat)
@@ -248,6 +254,7 @@ class _FusedFn(torch.autograd.Function):
     def forward(
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: FusedLayer
     ) -> Tensor:
+        native.pool.enter("forward")
         x_hat, act = _activation(layer.act_q, x)
         # A parameter is kept anyway: backward quantises it again (the same values, nearest
         # rounding is deterministic) rather than keep its codes beside it.
@@ -257,6 +264,9 @@ class _FusedFn(torch.autograd.Function):
         else:
             w_hat, wgt = _weight(layer.weight_q, weight)
         y = layer.product(x_hat, w_hat, bias)
+        # The quantised operands' floats are read: their buffers serve the next layer.
+        native.pool.give(_buffer(x_hat), _buffer(w_hat) if wgt is not None else None)
+        del x_hat, w_hat
         # Under autocast the product ran on copies cast to y's dtype; backward differentiates
         # at those copies and casts the gradients back, as autograd does unfused.
         ctx.dtypes = (y.dtype, x.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -273,6 +283,7 @@ class _FusedFn(torch.autograd.Function):
             wgt.tensors = ()
         ctx.codes, ctx.layer = (act, wgt), layer
         ctx.has_bias = bias is not None
+        ctx.grad_shape = y.shape
         grad_q = layer.grad_q
         ctx.grad_bits = grad_q.bits if grad_q is not None and grad_q.active else None
         return y
@@ -282,11 +293,19 @@ class _FusedFn(torch.autograd.Function):
         saved = ctx.saved_tensors
         act, wgt = ctx.codes
         layer: FusedLayer = ctx.layer
+        native.pool.enter("backward")
+        incoming = grad  # autograd's: never handed to the pool
         if ctx.grad_bits is not None:
             assert layer.grad_q is not None
             if layer.grad_q.check_finite:
                 layer.grad_q._check(grad)
-            grad = _quantize_grad(grad, ctx.grad_bits)
+            if native.usable(grad):  # into a pooled buffer: it is this layer's alone
+                out = native.pool.take(grad.numel())
+                seed = int(kernels.new_seed())
+                grad = native.stochastic(grad.view(-1), ctx.grad_bits, seed, out=out)
+                grad = grad.view(ctx.grad_shape)
+            else:
+                grad = _quantize_grad(grad, ctx.grad_bits)
         product, *dtypes = ctx.dtypes
         x_hat = act.floats(*saved[:4])
         if wgt is None:  # the parameter itself
@@ -314,6 +333,11 @@ class _FusedFn(torch.autograd.Function):
                 layer.groups,
                 [want[0], want[1], want[2] and ctx.has_bias],
             )
+        native.pool.give(
+            _buffer(grad) if grad is not incoming else None,
+            _buffer(x_hat),
+            _buffer(w_hat) if wgt is not None else None,
+        )
         grads = (dx, dw, db if ctx.has_bias else None)
         return (
             *(
@@ -322,6 +346,15 @@ class _FusedFn(torch.autograd.Function):
             ),
             None,
         )
+
+
+def _buffer(t: Tensor) -> Tensor | None:
+    """The float32 vector ``t`` views, if it is one of this layer's own temporaries a pool
+    may take back (not a parameter, not a tensor the caller holds)."""
+    base = t if t._base is None else t._base
+    if base.dtype != torch.float32 or base.dim() != 1 or isinstance(base, nn.Parameter):
+        return None
+    return base
 
 
 def _linear_backward(

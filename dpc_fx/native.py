@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -40,6 +41,7 @@ __all__ = [
     "dequantize",
     "fake_quant_rows",
     "library",
+    "pool",
     "quantize",
     "range_of",
     "stochastic",
@@ -192,12 +194,13 @@ def range_of(x: Tensor) -> tuple[Tensor, bool]:
 
 
 def quantize(
-    x: Tensor, lo: float, hi: float, bits: int, *, packed: bool
+    x: Tensor, lo: float, hi: float, bits: int, *, packed: bool, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None]:
     """``(x_hat, codes)``: nearest rounding of ``x`` onto ``2**bits`` levels of ``[lo, hi]``
     (clamped into it; ``inf``/``nan`` passed through) and, if ``packed``, its codes packed as
-    :func:`dpc_fx.fused.pack` packs them (to :func:`~dpc_fx.kernels.packed_bytes` bytes) (a non-finite value's code is 0)."""
-    x_hat = torch.empty_like(x)
+    :func:`dpc_fx.fused.pack` packs them (to :func:`~dpc_fx.kernels.packed_bytes` bytes; a
+    non-finite value's code is 0). ``out``: where to write ``x_hat`` (a float32 vector)."""
+    x_hat = torch.empty_like(x) if out is None else out
     codes = torch.empty(packed_bytes(x.numel(), bits), dtype=torch.uint8) if packed else None
     _lib().dpc_quantize(
         x.data_ptr(),
@@ -213,10 +216,18 @@ def quantize(
     return x_hat, codes
 
 
-def dequantize(codes: Tensor, numel: int, bits: int, lo: float, hi: float, bad: bool) -> Tensor:
-    """The ``numel`` floats that ``codes`` (from :func:`quantize`) stand for, as a vector;
-    all ``nan`` if ``bad``."""
-    out = torch.empty(numel)
+def dequantize(
+    codes: Tensor,
+    numel: int,
+    bits: int,
+    lo: float,
+    hi: float,
+    bad: bool,
+    out: Tensor | None = None,
+) -> Tensor:
+    """The ``numel`` floats that ``codes`` (from :func:`quantize`) stand for, as a vector
+    (into ``out`` if given); all ``nan`` if ``bad``."""
+    out = torch.empty(numel) if out is None else out
     _lib().dpc_dequantize(
         codes.data_ptr(),
         numel,
@@ -231,15 +242,15 @@ def dequantize(codes: Tensor, numel: int, bits: int, lo: float, hi: float, bad: 
     return out
 
 
-def stochastic(x: Tensor, bits: int, seed: int) -> Tensor:
-    """:func:`dpc_fx.kernels.fake_quant_stochastic` of ``x``: its finite range measured,
-    then stochastic rounding with the same noise stream."""
+def stochastic(x: Tensor, bits: int, seed: int, out: Tensor | None = None) -> Tensor:
+    """:func:`dpc_fx.kernels.fake_quant_stochastic` of ``x`` (into ``out`` if given): its
+    finite range measured, then stochastic rounding with the same noise stream."""
     lib = _lib()
     span = torch.empty(2)
     threads = torch.get_num_threads()
     lib.dpc_range(x.data_ptr(), x.numel(), span.data_ptr(), threads)
     lo, hi = span.tolist()
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
     lib.dpc_stochastic(
         x.data_ptr(), x.numel(), lo, hi, float(2**bits - 1), seed, out.data_ptr(), threads
     )
@@ -255,3 +266,42 @@ def fake_quant_rows(x: Tensor, bits: int) -> Tensor:
         x.data_ptr(), rows, cols, float(2**bits - 1), out.data_ptr(), torch.get_num_threads()
     )
     return out
+
+
+class _Pool(threading.local):
+    """Float32 buffers for a fused layer's temporaries (its quantised input in forward; the
+    quantised gradient and the dequantised input in backward), handed back once the layer's
+    product has read them, and handed out again to the next layer that needs one of the
+    same size: fresh memory of a few megabytes costs page faults on every use, and on a
+    two-core machine those made up a tenth of a Transformer block's step.
+
+    At most :attr:`KEEP` buffers are kept, and those of one pass are let go when the other
+    pass starts (forward's when backward does, and backward's at the next forward), so the
+    pool never holds memory through the pass where the activations peak. Per thread."""
+
+    KEEP = 4
+    SMALLEST = 1 << 16  # elements; smaller blocks come from the allocator's heap anyway
+
+    def __init__(self) -> None:
+        self.free: list[Tensor] = []
+        self.pass_: str | None = None
+
+    def enter(self, pass_: str) -> None:
+        if pass_ != self.pass_:
+            self.free.clear()
+            self.pass_ = pass_
+
+    def take(self, numel: int) -> Tensor:
+        for i, t in enumerate(self.free):
+            if t.numel() == numel:
+                return self.free.pop(i)
+        return torch.empty(numel)
+
+    def give(self, *tensors: Tensor | None) -> None:
+        for t in tensors:
+            if t is not None and t.numel() >= self.SMALLEST and t._base is None:
+                self.free.append(t)
+        del self.free[: -self.KEEP]
+
+
+pool = _Pool()
