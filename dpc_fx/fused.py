@@ -172,16 +172,16 @@ def _tensor_codes(
     ``scalars`` the range and non-finite flag as Python values), else the torch kernels
     (the codes one a byte, ``scalars`` None)."""
     if native.usable(flat):  # range, codes and packing in two passes
-        span, nonfinite = native.range_of(flat)
+        buffer = native.pool.take(flat.numel())
         if given is None:
+            out, codes, span, nonfinite = native.quantize_measured(flat, bits, out=buffer)
             lo, hi = span.unbind()
             scalars = span.tolist()
         else:
             lo, hi = given
             scalars = [lo.item(), hi.item()]
-        out, codes = native.quantize(
-            flat, *scalars, bits, packed=True, out=native.pool.take(flat.numel())
-        )
+            nonfinite = native.range_of(flat)[1]
+            out, codes = native.quantize(flat, *scalars, bits, packed=True, out=buffer)
         assert codes is not None
         return out, codes, lo, hi, _FLAG[nonfinite], (scalars[0], scalars[1], nonfinite)
     levels = kernels.levels_tensor(bits, flat)

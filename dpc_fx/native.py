@@ -43,6 +43,7 @@ __all__ = [
     "library",
     "pool",
     "quantize",
+    "quantize_measured",
     "range_of",
     "stochastic",
     "usable",
@@ -71,6 +72,8 @@ _SIGNATURES = {
     "dpc_dequantize": (None, [_p, _i64, _i32, _f, _f, _f, _i32, _p, _i32]),
     "dpc_stochastic": (None, [_p, _i64, _f, _f, _f, _i64, _p, _i32]),
     "dpc_fake_quant_rows": (None, [_p, _i64, _i64, _f, _p, _i32]),
+    "dpc_quantize_measured": (_i32, [_p, _i64, _f, _i32, _p, _p, _p, _i32]),
+    "dpc_stochastic_measured": (None, [_p, _i64, _f, _i64, _p, _i32]),
 }
 
 _state: dict[str, object] = {}  # "lib": the loaded library, or "error": why there is none
@@ -245,16 +248,32 @@ def dequantize(
 def stochastic(x: Tensor, bits: int, seed: int, out: Tensor | None = None) -> Tensor:
     """:func:`dpc_fx.kernels.fake_quant_stochastic` of ``x`` (into ``out`` if given): its
     finite range measured, then stochastic rounding with the same noise stream."""
-    lib = _lib()
-    span = torch.empty(2)
-    threads = torch.get_num_threads()
-    lib.dpc_range(x.data_ptr(), x.numel(), span.data_ptr(), threads)
-    lo, hi = span.tolist()
     out = torch.empty_like(x) if out is None else out
-    lib.dpc_stochastic(
-        x.data_ptr(), x.numel(), lo, hi, float(2**bits - 1), seed, out.data_ptr(), threads
+    _lib().dpc_stochastic_measured(
+        x.data_ptr(), x.numel(), float(2**bits - 1), seed, out.data_ptr(), torch.get_num_threads()
     )
     return out
+
+
+def quantize_measured(
+    x: Tensor, bits: int, out: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """:func:`range_of` and :func:`quantize` (``packed=True``) over that range in one call:
+    ``(x_hat, codes, [lo, hi], bad)``."""
+    x_hat = torch.empty_like(x) if out is None else out
+    codes = torch.empty(packed_bytes(x.numel(), bits), dtype=torch.uint8)
+    span = torch.empty(2)
+    bad = _lib().dpc_quantize_measured(
+        x.data_ptr(),
+        x.numel(),
+        float(2**bits - 1),
+        bits,
+        x_hat.data_ptr(),
+        codes.data_ptr(),
+        span.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return x_hat, codes, span, bool(bad)
 
 
 def fake_quant_rows(x: Tensor, bits: int) -> Tensor:

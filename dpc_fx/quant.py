@@ -375,14 +375,15 @@ class ActQuantizer(Quantizer):
         if torch.is_grad_enabled():  # (a fused layer's forward runs without: no context)
             with torch.no_grad():
                 return self._observe(lo, hi)
-        lo, hi = lo.to(self.running_min.dtype), hi.to(self.running_max.dtype)
+        if lo.dtype != self.running_min.dtype:
+            lo, hi = lo.to(self.running_min.dtype), hi.to(self.running_max.dtype)
         if torch.compiler.is_compiling():
             weight = torch.where(self.seen, 1.0 - self.momentum, 1.0)
             self.running_min.lerp_(lo, weight)
             self.running_max.lerp_(hi, weight)
-        elif self.observed:
-            self.running_min.lerp_(lo, 1.0 - self.momentum)
-            self.running_max.lerp_(hi, 1.0 - self.momentum)
+        elif self.observed:  # (one dispatch for both, the same lerp)
+            running = [self.running_min, self.running_max]
+            torch._foreach_lerp_(running, [lo, hi], 1.0 - self.momentum)
         else:
             self.running_min.copy_(lo)
             self.running_max.copy_(hi)

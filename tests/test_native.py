@@ -63,6 +63,9 @@ def test_range_codes_and_packing_match_the_torch_kernels(x: Tensor, b: int) -> N
     out, packed = native.quantize(x, lo.item(), hi.item(), b, packed=True)
     assert identical(out, x_hat)
     assert packed is not None and torch.equal(packed, fused.pack(codes, b))
+    out, packed, span, nonfinite = native.quantize_measured(x, b)  # both in one call
+    assert span.tolist() == [lo.item(), hi.item()] and nonfinite == bool(bad)
+    assert identical(out, x_hat) and torch.equal(packed, fused.pack(codes, b))
 
 
 @given(vectors(), bits, st.floats(-2, 0.5), st.floats(0, 3))

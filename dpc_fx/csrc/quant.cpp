@@ -316,4 +316,21 @@ void dpc_fake_quant_rows(const float* x, int64_t rows, int64_t cols, float level
   split(rows, t, [=](int64_t b, int64_t e) { rows_span(x, out, cols, levels, b, e); });
 }
 
+// dpc_range, then dpc_quantize over the range found (written to range[0], range[1]), in
+// one call; returns dpc_range's flag.
+int dpc_quantize_measured(const float* x, int64_t n, float levels, int bits, float* xhat,
+                          uint8_t* packed, float* range, int nthreads) {
+  int bad = dpc_range(x, n, range, nthreads);
+  dpc_quantize(x, n, range[0], range[1], levels, bits, xhat, packed, nthreads);
+  return bad;
+}
+
+// dpc_range, then dpc_stochastic over the range found, in one call.
+void dpc_stochastic_measured(const float* x, int64_t n, float levels, int64_t seed, float* out,
+                             int nthreads) {
+  float range[2];
+  dpc_range(x, n, range, nthreads);
+  dpc_stochastic(x, n, range[0], range[1], levels, seed, out, nthreads);
+}
+
 }  // extern "C"
