@@ -817,19 +817,23 @@ def main() -> int:
         "",
         "### Where the time and memory go",
         "",
-        "- *A fused layer's step* (`DPCConfig(fuse=True)`, the default): forward measures the "
-        "input's range (ATen's `aminmax`) and writes its codes and quantised floats in one "
-        "compiled kernel, and quantises the weight per output channel; backward quantises the "
-        "output gradient stochastically (a range pass and a pass that draws an integer hash per "
-        "element), turns the saved codes back into floats, quantises the weight again and runs "
-        "the same ATen backward as fp32. The kernel table puts each quantiser against its floor, "
-        "a range pass and a copy of the same tensor; the gradient quantiser, with its hash, is "
+        "- *A fused layer's step* (`DPCConfig(fuse=True)`, the default), on the native loops "
+        "(`DPC_FX_KERNELS=native`, the default; `dpc_fx/csrc/quant.cpp`): forward measures the "
+        "input's range and writes its codes, packed, and its quantised floats in two passes, "
+        "and quantises the weight per output channel in one; backward quantises the output "
+        "gradient stochastically (a range pass and a pass that draws an integer hash per "
+        "element), unpacks and dequantises the saved codes in one pass, quantises the weight "
+        "again and runs the same ATen backward as fp32. The temporaries (quantised input, "
+        "quantised gradient, dequantised input) come from a pool of buffers that the next layer "
+        "of the same size reuses within a pass. The kernel table puts each part against its "
+        "floor, a range pass and a copy of the same tensor, on the native loops and on the "
+        "compiled torch kernels (`DPC_FX_KERNELS=fused`); the gradient's, with its hash, is "
         "the dearest.",
-        "- *Per layer, whatever its size*: each compiled kernel call costs tens of microseconds "
-        "(dynamo's guards, dispatch, launch; the last kernel row), four calls a layer, and the "
-        "layer's own Python and eager ops (packing, dequantising) add a few hundred "
-        "microseconds. Models of many small layers (MobileNet, EfficientNet, batch 2, the demo "
-        "CNN) pay this most; large convolutions hide it.",
+        "- *Per layer, whatever its size*: a native call costs a few microseconds, a compiled "
+        "torch kernel's tens (dynamo's guards, the wrappers; the last kernel row); what is left "
+        "per layer is the autograd node and its Python, some two to four hundred microseconds "
+        "a layer on this machine. Models of many small layers (MobileNet, EfficientNet, batch "
+        "2, the demo CNN) pay this most; large convolutions hide it.",
         "- *Saved for backward*: a fused layer keeps its input's integer codes packed to the "
         "bits (two a byte at 4 bits or fewer, four in three bytes at 5 or 6, one a byte at 7 or "
         "8) and its range; a weight that is a parameter is quantised again in backward, any "

@@ -1,6 +1,7 @@
 """Where a fused DPC training step's extra time goes: write docs/PROFILE.md.
 
-    python tools/profile_step.py            # ResNet-18, MobileNetV2, the demo CNN (2-3 min)
+    python tools/profile_step.py    # ResNet-18, MobileNetV2, EfficientNet-B0 at batch 2, a
+                                    # Transformer block, the demo CNN (3-4 min)
 
 For each model, fp32 and dpc_fx (default config) steps run interleaved in one process; the
 table gives both medians and, per DPC step, the wall time spent in each part of the fused
@@ -32,10 +33,10 @@ from rich.table import Table
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench's helpers
-from bench import _demo_cnn, step_of
+from bench import BLOCK_CONFIG, EncoderBlock, _demo_cnn, step_of
 
 import dpc_fx
-from dpc_fx import fused, native
+from dpc_fx import DPCConfig, fused, native
 
 console = Console(stderr=True)
 warnings.filterwarnings("ignore")
@@ -72,9 +73,12 @@ def _timed(spent: dict[str, float]) -> Callable[[], None]:
     return undo
 
 
-def profile(model: nn.Module, x: Tensor, reps: int) -> tuple[float, float, dict[str, float]]:
-    """(fp32 step median, DPC step median, seconds per DPC step in each part)."""
-    dpc = dpc_fx.compile(copy.deepcopy(model), x)
+def profile(
+    model: nn.Module, x: Tensor, reps: int, config: DPCConfig | None = None
+) -> tuple[float, float, dict[str, float], int]:
+    """(fp32 step median, DPC step median, seconds per DPC step in each part, fused layers)."""
+    dpc = dpc_fx.compile(copy.deepcopy(model), x, config=config)
+    layers = sum(isinstance(m, fused.FusedLayer) for m in dpc.modules())
     a, b = step_of(model, x), step_of(dpc, x)
     for _ in range(3):
         a()
@@ -93,7 +97,7 @@ def profile(model: nn.Module, x: Tensor, reps: int) -> tuple[float, float, dict[
     finally:
         undo()
     per_step = {label: spent.get(label, 0.0) / reps for label, _, _ in PARTS}
-    return statistics.median(ta), statistics.median(tb), per_step
+    return statistics.median(ta), statistics.median(tb), per_step, layers
 
 
 def _ms(seconds: float) -> str:
@@ -106,10 +110,12 @@ def main() -> int:
         "--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "PROFILE.md")
     )
     args = parser.parse_args()
-    cases: list[tuple[str, Callable[[], nn.Module], Tensor, int]] = [
-        ("ResNet-18, 64x3x32x32", lambda: torchvision.models.resnet18(num_classes=10), torch.randn(64, 3, 32, 32), 11),
-        ("MobileNetV2, 64x3x32x32", lambda: torchvision.models.mobilenet_v2(num_classes=10), torch.randn(64, 3, 32, 32), 11),
-        ("demo CNN (MNIST-1D), 100x1x40", _demo_cnn, torch.randn(100, 1, 40), 201),
+    cases: list[tuple[str, Callable[[], nn.Module], Tensor, int, DPCConfig | None]] = [
+        ("ResNet-18, 64x3x32x32", lambda: torchvision.models.resnet18(num_classes=10), torch.randn(64, 3, 32, 32), 11, None),
+        ("MobileNetV2, 64x3x32x32", lambda: torchvision.models.mobilenet_v2(num_classes=10), torch.randn(64, 3, 32, 32), 11, None),
+        ("EfficientNet-B0, 2x3x96x96", lambda: torchvision.models.efficientnet_b0(num_classes=10), torch.randn(2, 3, 96, 96), 21, None),
+        ("Transformer block, 64x64x256", EncoderBlock, torch.randn(64, 64, 256), 11, BLOCK_CONFIG),
+        ("demo CNN (MNIST-1D), 100x1x40", _demo_cnn, torch.randn(100, 1, 40), 201, None),
     ]  # fmt: skip
     header = [
         "model",
@@ -117,12 +123,14 @@ def main() -> int:
         "DPC step",
         *(label for label, _, _ in PARTS),
         "rest of the difference",
+        "fused layers",
+        "rest per layer",
     ]
     rows = []
-    for label, build, x, reps in cases:
+    for label, build, x, reps, config in cases:
         console.print(f"profile: {label}")
         torch.manual_seed(0)
-        fp32, dpc, parts = profile(build().train(), x, reps)
+        fp32, dpc, parts, layers = profile(build().train(), x, reps, config)
         rest = dpc - fp32 - sum(parts.values())
         rows.append(
             [
@@ -131,6 +139,8 @@ def main() -> int:
                 f"{_ms(dpc)} ({dpc / fp32:.2f}x)",
                 *map(_ms, parts.values()),
                 _ms(rest),
+                str(layers),
+                f"{rest / layers * 1e6:.0f} us",
             ]
         )
     table = Table(title="Where a DPC step's extra time goes (per step)")
@@ -150,7 +160,8 @@ def main() -> int:
         "spent in it per DPC step, summed over the fused layers. The convolutions' own forward "
         "and backward are the same ATen calls as fp32's. *Rest of the difference*: the DPC step "
         "less fp32's less the parts: the fused layers' Python and autograd, the kernel calls' "
-        "fixed costs outside the parts, and noise.",
+        "fixed costs outside the parts, and noise; *rest per layer* divides it by the fused "
+        "layers.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
