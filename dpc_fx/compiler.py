@@ -22,7 +22,7 @@ from typing import Any
 from torch import fx, nn
 
 from dpc_fx import coverage as coverage_
-from dpc_fx import parts
+from dpc_fx import native, parts
 from dpc_fx.assemble import assemble
 from dpc_fx.config import DPCConfig
 from dpc_fx.errors import ConfigError
@@ -123,6 +123,8 @@ def compile(
         ),
     )
     _warn(model, result)
+    if final:  # the quantisers' native loops, built (once per machine) before training starts
+        native.library()
     return result
 
 

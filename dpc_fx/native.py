@@ -126,8 +126,6 @@ def _build(compiler: str) -> Path:
 
 
 def _load() -> ctypes.CDLL:
-    if not sys.platform.startswith("linux"):
-        raise OSError(f"native kernels are built on Linux only (this is {sys.platform})")
     compiler = os.environ.get("CXX") or shutil.which("g++")
     if not compiler:
         raise OSError("no C++ compiler (set CXX, or install g++)")
@@ -140,12 +138,15 @@ def _load() -> ctypes.CDLL:
 
 def library() -> ctypes.CDLL | None:
     """The loaded native library, built on first call; ``None`` where there is none (the
-    reason is warned about once, and kept in :func:`unavailable`)."""
+    reason is kept in :func:`unavailable`, and warned about once where a build failed)."""
     if "native" not in os.environ.get("DPC_FX_KERNELS", "native").split("+"):
         return None
     if "lib" in _state:
         return _state["lib"]  # type: ignore[return-value]
     if "error" in _state:
+        return None
+    if not sys.platform.startswith("linux"):  # by design, not a fault: no warning
+        _state["error"] = f"the native loops are built on Linux only (this is {sys.platform})"
         return None
     try:
         _state["lib"] = _load()

@@ -6,6 +6,7 @@ model on the eager kernels."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -205,3 +206,14 @@ def test_fused_and_eager_kernel_modes_skip_the_library(monkeypatch: pytest.Monke
     for mode in ("fused", "eager"):
         monkeypatch.setenv("DPC_FX_KERNELS", mode)
         assert native.library() is None and not native.usable(torch.zeros(2))
+
+
+def test_off_linux_the_torch_kernels_run_without_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native.sys, "platform", "darwin")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.library() is None
+    assert "Linux only" in (native.unavailable() or "")
