@@ -283,7 +283,6 @@ class _FusedFn(torch.autograd.Function):
             wgt.tensors = ()
         ctx.codes, ctx.layer = (act, wgt), layer
         ctx.has_bias = bias is not None
-        ctx.grad_shape = y.shape
         grad_q = layer.grad_q
         ctx.grad_bits = grad_q.bits if grad_q is not None and grad_q.active else None
         return y
@@ -299,13 +298,7 @@ class _FusedFn(torch.autograd.Function):
             assert layer.grad_q is not None
             if layer.grad_q.check_finite:
                 layer.grad_q._check(grad)
-            if native.usable(grad):  # into a pooled buffer: it is this layer's alone
-                out = native.pool.take(grad.numel())
-                seed = int(kernels.new_seed())
-                grad = native.stochastic(grad.view(-1), ctx.grad_bits, seed, out=out)
-                grad = grad.view(ctx.grad_shape)
-            else:
-                grad = _quantize_grad(grad, ctx.grad_bits)
+            grad = _gradient(grad, ctx.grad_bits)
         product, *dtypes = ctx.dtypes
         x_hat = act.floats(*saved[:4])
         if wgt is None:  # the parameter itself
@@ -346,6 +339,16 @@ class _FusedFn(torch.autograd.Function):
             ),
             None,
         )
+
+
+def _gradient(grad: Tensor, bits: int) -> Tensor:
+    """``grad_q``'s stochastic rounding of the output gradient, as the unfused hook does it;
+    on the native loops into a pooled buffer, which the layer hands back."""
+    if not native.usable(grad):
+        return _quantize_grad(grad, bits)
+    out = native.pool.take(grad.numel())
+    seed = int(kernels.new_seed())
+    return native.stochastic(grad.view(-1), bits, seed, out=out).view(grad.shape)
 
 
 def _buffer(t: Tensor) -> Tensor | None:
