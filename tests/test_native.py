@@ -217,3 +217,65 @@ def test_off_linux_the_torch_kernels_run_without_a_warning(
         warnings.simplefilter("error")
         assert native.library() is None
     assert "Linux only" in (native.unavailable() or "")
+
+
+class _Wide(nn.Module):
+    """Three convolutions whose inputs and outputs are all 16x64x64 per sample: every
+    temporary is large enough for the pool, and each layer can reuse the last one's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(16, 16, 3, padding=1) for _ in range(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv in self.convs:
+            x = conv(x).relu()
+        return x
+
+
+def test_pooled_buffers_never_change_a_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused layers' temporaries come from the pool and go back to it; a buffer handed
+    out twice, or taken back while in use, would change an output or a gradient."""
+    import dpc_fx
+    from dpc_fx import DPCConfig
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 64, 64)
+    base = dpc_fx.compile(_Wide(), x, config=DPCConfig(pin_first_last=False))
+    results = []
+    for mode in ("native+eager", "eager"):
+        monkeypatch.setenv("DPC_FX_KERNELS", mode)
+        model = copy.deepcopy(base).train()
+        torch.manual_seed(1)
+        outs = []
+        for _ in range(3):
+            model.zero_grad()
+            y = model(x)
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            outs += [y.detach(), *(p.grad.clone() for p in model.parameters())]
+        results.append(outs)
+    for a, b in zip(*results, strict=True):
+        assert identical(a, b)
+
+
+def test_the_pool_keeps_few_buffers_and_lets_a_pass_go_when_the_other_starts() -> None:
+    import dpc_fx
+    from dpc_fx import DPCConfig
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 64, 64)
+    model = dpc_fx.compile(_Wide(), x, config=DPCConfig(pin_first_last=False)).train()
+    seen: list[tuple[str | None, int]] = []
+    hook = lambda *_: seen.append((native.pool.pass_, len(native.pool.free)))  # noqa: E731
+    for conv in model.dpc.children():
+        conv.register_forward_hook(hook)
+    y = model(x)
+    forward = list(seen)
+    y.sum().backward()
+    assert native.pool.pass_ == "backward"
+    assert all(p == "forward" for p, _ in forward)
+    assert all(0 < n <= native.pool.KEEP for _, n in forward)  # reused: never more than one
+    assert max(n for _, n in forward) == 1
+    assert 0 < len(native.pool.free) <= native.pool.KEEP
+    model(x)  # the next forward lets backward's buffers go
+    assert native.pool.pass_ == "forward" and len(native.pool.free) <= 1

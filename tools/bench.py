@@ -53,29 +53,45 @@ console = Console(stderr=True)
 warnings.filterwarnings("ignore")
 
 
-def timed(fn: Callable[[], object]) -> float:
+def timed(fn: Callable[[], object], times: int = 1) -> float:
+    """Mean seconds of ``times`` calls of ``fn`` in a row."""
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    for _ in range(times):
+        fn()
+    return (time.perf_counter() - start) / times
 
 
 def paired(
-    a: Callable[[], object], b: Callable[[], object], reps: int, warmup: int = 2
+    a: Callable[[], object],
+    b: Callable[[], object],
+    reps: int,
+    warmup: int = 2,
+    sample_s: float = 0.0,
 ) -> tuple[float, float, float]:
-    """(median seconds of a, median seconds of b, median of the per-pair ratios b/a)."""
+    """(median seconds of a, median seconds of b, median of the per-pair ratios b/a).
+
+    With ``sample_s``, each sample runs a function as many times in a row as take about
+    that long (the same count for both), and counts the mean: a step of a few milliseconds
+    timed alone measures mostly the scheduler's jitter.
+    """
     for _ in range(warmup):
         a()
         b()
+    times = max(1, round(sample_s / max(timed(a), 1e-6))) if sample_s else 1
     ta, tb, ratios = [], [], []
     for i in range(reps):
         if i % 2:
-            y, x = timed(b), timed(a)
+            y, x = timed(b, times), timed(a, times)
         else:
-            x, y = timed(a), timed(b)
+            x, y = timed(a, times), timed(b, times)
         ta.append(x)
         tb.append(y)
         ratios.append(y / x)
     return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
+
+
+# The step and target sections time samples of at least this long (see paired).
+STEP_SAMPLE_S = 0.1
 
 
 def step_of(m: nn.Module, *inputs: Tensor) -> Callable[[], None]:
@@ -212,7 +228,7 @@ def bench_step(quick: bool) -> list[list[str]]:
         for name, m in contenders.items():
             if name == "fp32":
                 continue
-            ta, tb, ratio = paired(fp32_step, step_of(m, x), reps)
+            ta, tb, ratio = paired(fp32_step, step_of(m, x), reps, sample_s=STEP_SAMPLE_S)
             target = {"ResNet-18": 1.15, "MobileNetV2": 1.2, "Transformer block": 1.15}.get(
                 label.split(",")[0]
             )
@@ -665,7 +681,11 @@ def bench_targets(quick: bool) -> list[list[str]]:
             base, dpc = torch.compile(base), torch.compile(dpc)
 
         ta, tb, ratio = paired(
-            step_of(base, *x), step_of(dpc, *x), reps, warmup=3 if compiled else 2
+            step_of(base, *x),
+            step_of(dpc, *x),
+            reps,
+            warmup=3 if compiled else 2,
+            sample_s=STEP_SAMPLE_S,
         )
         rows.append(
             [
@@ -691,7 +711,7 @@ def bench_targets(quick: bool) -> list[list[str]]:
 
         return step
 
-    ta, tb, ratio = paired(llama_step(model), llama_step(dpc), reps)
+    ta, tb, ratio = paired(llama_step(model), llama_step(dpc), reps, sample_s=STEP_SAMPLE_S)
     rows.append(["Llama-style decoder, 2 layers, 16x128 tokens", f"{ta * 1e3:.0f} ms", f"{tb * 1e3:.0f} ms", f"{ratio:.2f}x", _verdict(ratio, 1.2)])  # fmt: skip
     return rows
 
@@ -810,7 +830,9 @@ def main() -> int:
         f"Made by `python tools/bench.py{' --quick' if args.quick else ''}` on {datetime.date.today()}: "
         f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, kernels `{os.environ.get('DPC_FX_KERNELS', 'native')}`. "
-        "Each figure is the median of per-pair ratios from interleaved repetitions in one process.",
+        "Each figure is the median of per-pair ratios from interleaved repetitions in one process; "
+        f"in the step and target tables a repetition that would take under {STEP_SAMPLE_S} s runs "
+        "the step as many times in a row as take that long, on both sides alike.",
         "",
     ]
     notes = [
