@@ -181,8 +181,11 @@ def _tensor_codes(
             lo, hi = given
             scalars = [lo.item(), hi.item()]
             nonfinite = native.range_of(flat)[1]
-            out, codes = native.quantize(flat, *scalars, bits, packed=True, out=buffer)
-        assert codes is not None
+            out, packed = native.quantize(
+                flat, scalars[0], scalars[1], bits, packed=True, out=buffer
+            )
+            assert packed is not None
+            codes = packed
         return out, codes, lo, hi, _FLAG[nonfinite], (scalars[0], scalars[1], nonfinite)
     levels = kernels.levels_tensor(bits, flat)
     if given is None:

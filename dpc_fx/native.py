@@ -3,16 +3,17 @@
 A compiled torch kernel costs about 30 us a call before it touches a byte (dynamo's guards,
 the wrappers, the output allocation), and a fused layer makes several calls a step in
 forward and as many in backward: on a small model, that fixed cost is most of what DPC
-adds to a step. These loops do the same arithmetic, op for op, in one pass each and a few
-microseconds a call through :mod:`ctypes`; the activation's codes are packed in the same
+adds to a step. These loops do the same arithmetic, op for op, in a pass or two each and a
+few microseconds a call through :mod:`ctypes`; the activation's codes are packed in the
 pass that quantises it, and unpacked in the pass that dequantises them.
 
 The library is built with the C++ compiler (``$CXX``, else ``g++``) into
 ``$DPC_FX_CACHE`` (default ``~/.cache/dpc_fx``), once per source, compiler and CPU, in
 about a second. It uses the OpenMP runtime torch has loaded, so its threads are torch's
 (``torch.set_num_threads`` applies). Where it cannot be built or loaded (no compiler, not
-Linux, ``DPC_FX_KERNELS`` set to ``fused`` or ``eager``, see :mod:`dpc_fx.kernels`) :func:`library` returns ``None``
-and the callers run the torch kernels of :mod:`dpc_fx.kernels`, with the same results.
+Linux, or ``DPC_FX_KERNELS`` set to ``fused`` or ``eager``: see :mod:`dpc_fx.kernels`),
+:func:`library` returns ``None`` and the callers run the torch kernels of
+:mod:`dpc_fx.kernels`, with the same results.
 
 The arithmetic is IEEE float32 without fused multiply-adds (``-ffp-contract=off``), so
 every value equals the torch kernels' bit for bit (``tests/test_native.py``).
@@ -46,6 +47,7 @@ __all__ = [
     "quantize_measured",
     "range_of",
     "stochastic",
+    "unavailable",
     "usable",
 ]
 

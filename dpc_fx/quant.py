@@ -166,7 +166,8 @@ def _measured_fake_quantize(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tenso
     flat, back = _flat(work)
     if native.usable(flat):
         span, _ = native.range_of(flat)
-        out, _ = native.quantize(flat, *span.tolist(), bits, packed=False)
+        lo_f, hi_f = span.tolist()
+        out, _ = native.quantize(flat, lo_f, hi_f, bits, packed=False)
         return back(out).to(x.dtype), span[0], span[1]
     out, lo, hi = kernels.measured_fake_quant(flat, kernels.levels_tensor(bits, work))
     return back(out).to(x.dtype), lo, hi
