@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -150,26 +151,39 @@ def test_training_through_native_loops_equals_the_eager_kernels(
 
     torch.manual_seed(0)
     x = torch.randn(4, 3, 6, 6)
-    config = DPCConfig(pin_first_last=False, fuse=fuse)
-    base = dpc_fx.compile(_Net(), x, config=config)
+    base = dpc_fx.compile(_Net(), x, config=DPCConfig(pin_first_last=False, fuse=fuse))
+    native_run, eager_run = _train_in_both_modes(monkeypatch, base, x, 2, Tensor.square)
+    for a, b in zip(native_run, eager_run, strict=True):
+        assert identical(a.float(), b.float())
+
+
+def _train_in_both_modes(
+    monkeypatch: pytest.MonkeyPatch,
+    base: nn.Module,
+    x: Tensor,
+    steps: int,
+    weigh: Callable[[Tensor], Tensor],
+) -> list[list[Tensor]]:
+    """A copy of ``base`` trained ``steps`` steps (loss ``weigh(y).sum()``) on the native
+    loops and on the eager kernels, from the same seed: per mode, every step's output and
+    gradients, then the eval output and the buffers (the running ranges)."""
     results = []
     for mode in ("native+eager", "eager"):
         monkeypatch.setenv("DPC_FX_KERNELS", mode)
         model = copy.deepcopy(base).train()
         torch.manual_seed(1)
         outs = []
-        for _ in range(2):
+        for _ in range(steps):
             model.zero_grad()
             y = model(x)
-            y.square().sum().backward()
+            weigh(y).sum().backward()
             outs += [y.detach(), *(p.grad.clone() for p in model.parameters())]
         model.eval()
         with torch.no_grad():
             outs.append(model(x))
         outs += [b.clone() for b in model.buffers()]
         results.append(outs)
-    for a, b in zip(*results, strict=True):
-        assert identical(a.float(), b.float())
+    return results
 
 
 def test_without_a_compiler_the_torch_kernels_run(
@@ -242,19 +256,9 @@ def test_pooled_buffers_never_change_a_result(monkeypatch: pytest.MonkeyPatch) -
     torch.manual_seed(0)
     x = torch.randn(2, 16, 64, 64)
     base = dpc_fx.compile(_Wide(), x, config=DPCConfig(pin_first_last=False))
-    results = []
-    for mode in ("native+eager", "eager"):
-        monkeypatch.setenv("DPC_FX_KERNELS", mode)
-        model = copy.deepcopy(base).train()
-        torch.manual_seed(1)
-        outs = []
-        for _ in range(3):
-            model.zero_grad()
-            y = model(x)
-            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-            outs += [y.detach(), *(p.grad.clone() for p in model.parameters())]
-        results.append(outs)
-    for a, b in zip(*results, strict=True):
+    weigh = lambda y: y * torch.linspace(-1, 1, y.numel()).view_as(y)  # noqa: E731
+    native_run, eager_run = _train_in_both_modes(monkeypatch, base, x, 3, weigh)
+    for a, b in zip(native_run, eager_run, strict=True):
         assert identical(a, b)
 
 
