@@ -13,8 +13,8 @@ instead (:mod:`dpc_fx.native`), which cost a few microseconds a call where a com
 costs about thirty. ``DPC_FX_KERNELS`` chooses: ``native`` (the default: native loops where
 they apply, these kernels compiled for the rest), ``fused`` (these kernels, compiled),
 ``eager`` (these kernels, uncompiled: slower, and needs no C compiler), or ``native+eager``.
-Every choice gives the same results. Inside a ``torch.compile`` of the user's own model they are traced
-as plain ops, so the model's compiler can fuse them further.
+Every choice gives the same results. Inside a ``torch.compile`` of the user's own model
+these kernels are traced as plain ops, so the model's compiler can fuse them further.
 
 Ranges ignore ``inf``/``nan``; an empty or all-non-finite slice gets the range [0, 0];
 a constant slice (``hi == lo``) comes back unchanged. Non-finite values themselves pass
@@ -74,9 +74,10 @@ def _mode() -> str:
 def fused(fn: F) -> F:
     """``fn`` compiled with ``torch.compile(dynamic=True)`` on first call.
 
-    Runs ``fn`` itself when ``DPC_FX_KERNELS`` names ``eager``, while another ``torch.compile`` is
-    tracing (so the outer compiler sees plain ops), and, with a warning, from then on if
-    compiling fails (no C compiler, say): the results are the same, only slower.
+    Runs ``fn`` itself when ``DPC_FX_KERNELS`` names ``eager``, while another
+    ``torch.compile`` is tracing (so the outer compiler sees plain ops), and, with a warning,
+    from then on if compiling fails (no C compiler, say): the results are the same, only
+    slower.
     """
     compiled: list[Callable[..., Any]] = []
 
@@ -367,7 +368,7 @@ def _grouping(bits: int) -> tuple[int, int]:
 
 
 def packed_bytes(numel: int, bits: int) -> int:
-    """Bytes :func:`pack` keeps for ``numel`` codes of ``bits`` bits."""
+    """Bytes :func:`dpc_fx.fused.pack` keeps for ``numel`` codes of ``bits`` bits."""
     codes, nbytes = _grouping(bits)
     groups, rest = divmod(numel, codes)
     return groups * nbytes + rest

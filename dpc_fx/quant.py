@@ -125,7 +125,7 @@ def fake_quantize(
     if x.numel() == 0:
         return x.clone()
     work = _working(x.detach())
-    levels = kernels.levels_tensor(bits, work)  # (a cached tensor)
+    levels = kernels.levels_tensor(bits, work)
     if channel_dim is not None and x.dim() > 0 and lo is None:
         if stochastic:
             raise ValueError("fake_quantize: stochastic rounding is per tensor; drop channel_dim")
