@@ -8,11 +8,12 @@ backward, and each quantiser is a node of its own. :class:`FusedLayer` runs the 
 quantisers' kernels inside one :class:`torch.autograd.Function`:
 
 forward   the activation's range and codes (per tensor: the batch's range in training,
-          updating ``act_q``'s running range, the running range in eval), the weight's
-          codes (per output channel), the product on the dequantised values;
-saved     the uint8 codes of the activation (two to a byte at 4 bits or fewer, four in
-          three bytes at 5 or 6) and its range; the weight itself when it is a parameter (kept anyway; backward quantises
-          it again), else its codes: never a float copy;
+          updating ``act_q``'s running range, the running range in eval), the weight
+          quantised (per output channel), the product on the quantised values;
+saved     the codes of the activation (two to a byte at 4 bits or fewer, four in three
+          bytes at 5 or 6, one a byte above) and its range; the weight itself when it is a
+          parameter (kept anyway; backward quantises it again), else its codes: never a
+          float copy;
 backward  the output gradient quantised as ``grad_q`` does (stochastic, per tensor, the same
           seed stream), the saved codes dequantised, and the layer's own backward formula
           (``aten.convolution_backward``; for linear, the matmuls ``aten.linear``'s backward
@@ -23,6 +24,11 @@ dequantise to exactly the fake-quantised floats), so outputs and gradients agree
 (``tests/test_fuse.py``). Where the codes cannot stand in (a bit-width above 8 or off, no
 gradient wanted, ``torch.compile`` or ``torch.jit`` tracing the model) the layer runs the
 unfused chain through the same quantiser modules.
+
+On float32 CPU tensors the work runs on the native loops (:mod:`dpc_fx.native`); the float
+temporaries (the quantised input in forward, the quantised gradient and the dequantised
+input in backward) come from ``native.pool`` and go back to it once the product has read
+them.
 
 >>> q = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 5], dtype=torch.uint8)
 >>> pack(q, 3).shape, torch.equal(unpack(pack(q, 3), 3, 9), q)
@@ -174,7 +180,9 @@ def _tensor_codes(
     if native.usable(flat):  # range, codes and packing in two passes
         buffer = native.pool.take(flat.numel())
         if given is None:
-            out, codes, span, nonfinite = native.quantize_measured(flat, bits, out=buffer)
+            out, measured, span, nonfinite = native.quantize_measured(flat, bits, out=buffer)
+            assert measured is not None
+            codes = measured
             lo, hi = span.unbind()
             scalars = span.tolist()
         else:
@@ -243,9 +251,6 @@ def _parameter(q: WeightQuantizer, w: Tensor) -> Tensor:
     assert q.bits is not None
     q._check(w)
     channel_dim = q.channel_dim if w.dim() > 1 else None
-    if channel_dim == 0 and native.usable(w):  # the common case, without the dispatch
-        rows = w.detach().view(w.shape[0], -1)
-        return native.fake_quant_rows(rows, q.bits).view(w.shape)
     return fake_quantize(w.detach(), q.bits, channel_dim=channel_dim)
 
 
@@ -301,7 +306,7 @@ class _FusedFn(torch.autograd.Function):
             assert layer.grad_q is not None
             if layer.grad_q.check_finite:
                 layer.grad_q._check(grad)
-            grad = _gradient(grad, ctx.grad_bits)
+            grad = _quantize_grad(grad, ctx.grad_bits, native.pool)
         product, *dtypes = ctx.dtypes
         x_hat = act.floats(*saved[:4])
         if wgt is None:  # the parameter itself
@@ -342,16 +347,6 @@ class _FusedFn(torch.autograd.Function):
             ),
             None,
         )
-
-
-def _gradient(grad: Tensor, bits: int) -> Tensor:
-    """``grad_q``'s stochastic rounding of the output gradient, as the unfused hook does it;
-    on the native loops into a pooled buffer, which the layer hands back."""
-    if not native.usable(grad):
-        return _quantize_grad(grad, bits)
-    out = native.pool.take(grad.numel())
-    seed = int(kernels.new_seed())
-    return native.stochastic(grad.view(-1), bits, seed, out=out).view(grad.shape)
 
 
 def _buffer(t: Tensor) -> Tensor | None:

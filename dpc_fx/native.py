@@ -72,7 +72,6 @@ _SIGNATURES = {
     "dpc_range": (_i32, [_p, _i64, _p, _i32]),
     "dpc_quantize": (None, [_p, _i64, _f, _f, _f, _i32, _p, _p, _i32]),
     "dpc_dequantize": (None, [_p, _i64, _i32, _f, _f, _f, _i32, _p, _i32]),
-    "dpc_stochastic": (None, [_p, _i64, _f, _f, _f, _i64, _p, _i32]),
     "dpc_fake_quant_rows": (None, [_p, _i64, _i64, _f, _p, _i32]),
     "dpc_quantize_measured": (_i32, [_p, _i64, _f, _i32, _p, _p, _p, _i32]),
     "dpc_stochastic_measured": (None, [_p, _i64, _f, _i64, _p, _i32]),
@@ -259,12 +258,12 @@ def stochastic(x: Tensor, bits: int, seed: int, out: Tensor | None = None) -> Te
 
 
 def quantize_measured(
-    x: Tensor, bits: int, out: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor, bool]:
-    """:func:`range_of` and :func:`quantize` (``packed=True``) over that range in one call:
-    ``(x_hat, codes, [lo, hi], bad)``."""
+    x: Tensor, bits: int, out: Tensor | None = None, *, packed: bool = True
+) -> tuple[Tensor, Tensor | None, Tensor, bool]:
+    """:func:`range_of` and :func:`quantize` over that range, in one call: ``(x_hat, codes,
+    [lo, hi], bad)`` (``codes`` None unless ``packed``)."""
     x_hat = torch.empty_like(x) if out is None else out
-    codes = torch.empty(packed_bytes(x.numel(), bits), dtype=torch.uint8)
+    codes = torch.empty(packed_bytes(x.numel(), bits), dtype=torch.uint8) if packed else None
     span = torch.empty(2)
     bad = _lib().dpc_quantize_measured(
         x.data_ptr(),
@@ -272,7 +271,7 @@ def quantize_measured(
         float(2**bits - 1),
         bits,
         x_hat.data_ptr(),
-        codes.data_ptr(),
+        codes.data_ptr() if codes is not None else None,
         span.data_ptr(),
         torch.get_num_threads(),
     )

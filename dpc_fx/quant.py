@@ -125,14 +125,16 @@ def fake_quantize(
     if x.numel() == 0:
         return x.clone()
     work = _working(x.detach())
-    levels = kernels.levels_tensor(bits, work)
     if channel_dim is not None and x.dim() > 0 and lo is None:
         if stochastic:
             raise ValueError("fake_quantize: stochastic rounding is per tensor; drop channel_dim")
         rows, back = _rows(work, channel_dim)
         if native.usable(rows):
             return back(native.fake_quant_rows(rows, bits)).to(x.dtype)
-        return back(kernels.fake_quant_channels(rows, levels)).to(x.dtype)
+        return back(kernels.fake_quant_channels(rows, kernels.levels_tensor(bits, work))).to(
+            x.dtype
+        )
+    levels = kernels.levels_tensor(bits, work)
     if lo is not None and hi is not None and (lo.numel() > 1 or hi.numel() > 1):
         return kernels.fake_quant(work, lo.to(work.dtype), hi.to(work.dtype), levels).to(x.dtype)
     if not stochastic and (lo is None or hi is None):
@@ -165,9 +167,7 @@ def _measured_fake_quantize(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tenso
     work = _working(x.detach())
     flat, back = _flat(work)
     if native.usable(flat):
-        span, _ = native.range_of(flat)
-        lo_f, hi_f = span.tolist()
-        out, _ = native.quantize(flat, lo_f, hi_f, bits, packed=False)
+        out, _, span, _ = native.quantize_measured(flat, bits, packed=False)
         return back(out).to(x.dtype), span[0], span[1]
     out, lo, hi = kernels.measured_fake_quant(flat, kernels.levels_tensor(bits, work))
     return back(out).to(x.dtype), lo, hi
@@ -210,12 +210,16 @@ class _MeasuredFakeQuantSTE(torch.autograd.Function):
         return grad, None
 
 
-def _quantize_grad(grad: Tensor, bits: int) -> Tensor:
+def _quantize_grad(grad: Tensor, bits: int, pool: native._Pool | None = None) -> Tensor:
+    """``grad`` stochastically rounded (``fake_quantize(grad, bits, stochastic=True)``); on
+    the native loops straight, into a buffer of ``pool`` if given (a fused layer's, which
+    hands it back)."""
     if grad.numel() == 0:
         return grad
     if native.usable(grad):  # the common case, without fake_quantize's dispatch
+        out = None if pool is None else pool.take(grad.numel())
         seed = int(kernels.new_seed())
-        return native.stochastic(grad.detach().view(-1), bits, seed).view(grad.shape)
+        return native.stochastic(grad.detach().view(-1), bits, seed, out=out).view(grad.shape)
     return fake_quantize(grad, bits, stochastic=True)
 
 

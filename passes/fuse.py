@@ -78,7 +78,7 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
         state.add_module(name, child)
     graph = new.graph
     for node in layer_nodes(new):
-        layer_meta(node, needed_by="fuse", bits=True)
+        layer_meta(node, needed_by="fuse", bits=True)  # a clear error if its bits are missing
         chain = _chain(node, new)
         if chain is None or node.name not in state._modules:
             continue

@@ -861,9 +861,9 @@ def main() -> int:
         "the dearest.",
         "- *Per layer, whatever its size*: a native call costs a few microseconds, a compiled "
         "torch kernel's tens (dynamo's guards, the wrappers; the last kernel row); what is left "
-        "per layer is the autograd node and its Python, some two to four hundred microseconds "
-        "a layer on this machine. Models of many small layers (MobileNet, EfficientNet, batch "
-        "2, the demo CNN) pay this most; large convolutions hide it.",
+        "per layer is the autograd node and its Python (docs/PROFILE.md, *rest per layer*). "
+        "Models of many small layers (MobileNet, EfficientNet, batch 2, the demo CNN) pay this "
+        "most; large convolutions hide it.",
         "- *Captured models*: a Hugging Face model is captured by `torch.export` and runs as an "
         "ATen graph, op by op; the reference row under the Llama decoder times that graph with "
         "no layer quantised, the part of the decoder's ratio that is not quantisation.",

@@ -45,7 +45,7 @@ warnings.filterwarnings("ignore")
 PARTS = [
     ("activation quantised (range, codes, packing)", fused, "_activation"),
     ("weight quantised (forward, and again in backward)", fused, "_parameter"),
-    ("gradient quantised (stochastic)", fused, "_gradient"),
+    ("gradient quantised (stochastic)", fused, "_quantize_grad"),
     ("codes unpacked and dequantised", fused._Codes, "floats"),
 ]
 
