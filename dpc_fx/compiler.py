@@ -123,8 +123,8 @@ def compile(
         ),
     )
     _warn(model, result)
-    if final:  # the quantisers' native loops, built (once per machine) before training starts
-        native.library()
+    if final:  # the native loops and layer operators, built (once a machine) before training
+        native.layers()
     return result
 
 

@@ -263,6 +263,9 @@ class _FusedFn(torch.autograd.Function):
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: FusedLayer
     ) -> Tensor:
         native.pool.enter("forward")
+        if _native_layer(layer, x, weight, bias):
+            return _native_forward(ctx, x, weight, bias, layer)
+        ctx.native = False
         x_hat, act = _activation(layer.act_q, x)
         # A parameter is kept anyway: backward quantises it again (the same values, nearest
         # rounding is deterministic) rather than keep its codes beside it.
@@ -297,10 +300,12 @@ class _FusedFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        native.pool.enter("backward")
+        if ctx.native:
+            return _native_backward(ctx, grad)
         saved = ctx.saved_tensors
         act, wgt = ctx.codes
         layer: FusedLayer = ctx.layer
-        native.pool.enter("backward")
         incoming = grad  # autograd's: never handed to the pool
         if ctx.grad_bits is not None:
             assert layer.grad_q is not None
@@ -347,6 +352,107 @@ class _FusedFn(torch.autograd.Function):
             ),
             None,
         )
+
+
+def _native_layer(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether ``layer``'s step can run as ``torch.ops.dpc_fx``'s two operators (one call a
+    pass; ``csrc/layer.cpp``): a conv or linear layer in training, on float32 contiguous CPU
+    tensors outside autocast, its weight a parameter quantised per output channel, no
+    quantiser checking for non-finite values (the Python path raises the error)."""
+    act_q, weight_q, grad_q = layer.act_q, layer.weight_q, layer.grad_q
+    return (
+        layer.op != "matmul"
+        and act_q.training
+        and isinstance(weight, nn.Parameter)
+        and weight_q.channel_dim == 0
+        and not act_q.check_finite
+        and not (grad_q is not None and grad_q.check_finite)
+        and x.dtype == weight.dtype == act_q.running_min.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and x.device.type == weight.device.type == "cpu"
+        and x.is_contiguous()
+        and weight.is_contiguous()
+        and not torch.is_autocast_enabled("cpu")
+        and native.layers()
+    )
+
+
+def _native_forward(
+    ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: FusedLayer
+) -> Tensor:
+    """:meth:`_FusedFn.forward` in one operator call: the same loops, product and saved
+    tensors (codes, range, flag, the weight parameter)."""
+    act_q = layer.act_q
+    n = x.numel()
+    buffer = native.pool.take(n) if n >= native.pool.SMALLEST else None
+    y, codes, lo, hi, bad = torch.ops.dpc_fx.layer_forward.default(
+        x,
+        weight,
+        bias,
+        act_q.bits,
+        layer.weight_q.bits,
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        layer.groups,
+        act_q.running_min,
+        act_q.running_max,
+        act_q.seen,
+        1.0 - act_q.momentum,
+        buffer,
+    )
+    native.pool.give(buffer)
+    ctx.save_for_backward(codes, lo, hi, bad, weight)
+    ctx.native, ctx.layer, ctx.x_size = True, layer, x.shape
+    ctx.bits = (act_q.bits, layer.weight_q.bits)
+    ctx.has_bias = bias is not None
+    grad_q = layer.grad_q
+    ctx.grad_bits = grad_q.bits if grad_q is not None and grad_q.active else None
+    layer.last_shapes = (n, 0, 0)
+    return y
+
+
+def _native_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    """:meth:`_FusedFn.backward` in one operator call (for a step :func:`_native_forward`
+    ran): the gradient's stochastic rounding, the codes dequantised, the weight quantised
+    again, and the product's backward."""
+    codes, lo, hi, bad, weight = ctx.saved_tensors
+    layer: FusedLayer = ctx.layer
+    pool = native.pool
+    grad_bits, seed, g_buffer, rounded = 0, 0, None, None
+    if ctx.grad_bits is not None:
+        if grad.is_contiguous() and grad.dtype == torch.float32:
+            grad_bits, seed = ctx.grad_bits, int(kernels.new_seed())
+            if grad.numel() >= pool.SMALLEST:
+                g_buffer = pool.take(grad.numel())
+        else:  # rounded in its own memory order, as the Python path does
+            grad = rounded = _quantize_grad(grad, ctx.grad_bits, pool)
+    n = ctx.x_size.numel()
+    x_buffer = pool.take(n) if n >= pool.SMALLEST else None
+    want = ctx.needs_input_grad[:3]
+    dx, dw, db = torch.ops.dpc_fx.layer_backward.default(
+        grad,
+        codes,
+        ctx.x_size,
+        ctx.bits[0],
+        lo,
+        hi,
+        bad,
+        weight,
+        ctx.bits[1],
+        grad_bits,
+        seed,
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        layer.groups,
+        ctx.has_bias,
+        [want[0], want[1], want[2] and ctx.has_bias],
+        g_buffer,
+        x_buffer,
+    )
+    pool.give(g_buffer, x_buffer, _buffer(rounded) if rounded is not None else None)
+    return (dx if want[0] else None, dw if want[1] else None, db if want[2] else None, None)
 
 
 def _buffer(t: Tensor) -> Tensor | None:

@@ -41,6 +41,7 @@ from dpc_fx.kernels import packed_bytes
 __all__ = [
     "dequantize",
     "fake_quant_rows",
+    "layers",
     "library",
     "pool",
     "quantize",
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).with_name("csrc") / "quant.cpp"
+_LAYER_SOURCE = _SOURCE.with_name("layer.cpp")
 _FLAGS = (
     "-O3",
     "-march=native",
@@ -98,14 +100,21 @@ def _cpu() -> str:
     return "\n".join(dict.fromkeys(keep))
 
 
-def _build(compiler: str) -> Path:
+def _build(source: Path, flags: tuple[str, ...], link: tuple[str, ...] = (), key: str = "") -> Path:
+    """The library ``source`` builds into with ``flags``, from the cache if built before
+    (once per source, flags, compiler and CPU; ``key`` adds what else it depends on)."""
+    compiler = os.environ.get("CXX") or shutil.which("g++")
+    if not compiler:
+        raise OSError("no C++ compiler (set CXX, or install g++)")
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout
-    key = hashlib.sha256(
-        "\0".join((_SOURCE.read_text(), " ".join(_FLAGS), version, _cpu())).encode()
+    # (layer.cpp includes quant.cpp: every source here is part of every key)
+    texts = [p.read_text() for p in sorted(source.parent.glob("*.cpp"))]
+    digest = hashlib.sha256(
+        "\0".join((*texts, " ".join(flags + link), version, _cpu(), key)).encode()
     ).hexdigest()[:16]
-    target = _cache_dir() / f"quant-{key}.so"
+    target = _cache_dir() / f"{source.stem}-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +123,7 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", tmp],
+            [compiler, *flags, str(source), "-o", tmp, *link],
             capture_output=True,
             text=True,
             check=True,
@@ -127,14 +136,16 @@ def _build(compiler: str) -> Path:
 
 
 def _load() -> ctypes.CDLL:
-    compiler = os.environ.get("CXX") or shutil.which("g++")
-    if not compiler:
-        raise OSError("no C++ compiler (set CXX, or install g++)")
-    lib = ctypes.CDLL(str(_build(compiler)))
+    lib = ctypes.CDLL(str(_build(_SOURCE, _FLAGS)))
     for name, (restype, argtypes) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
     return lib
+
+
+def _why(e: Exception) -> str:
+    detail = e.stderr if isinstance(e, subprocess.CalledProcessError) else str(e)
+    return f"{type(e).__name__}: {str(detail).strip()[:300]}"
 
 
 def library() -> ctypes.CDLL | None:
@@ -152,8 +163,7 @@ def library() -> ctypes.CDLL | None:
     try:
         _state["lib"] = _load()
     except (OSError, subprocess.SubprocessError) as e:
-        detail = e.stderr if isinstance(e, subprocess.CalledProcessError) else str(e)
-        _state["error"] = f"{type(e).__name__}: {str(detail).strip()[:300]}"
+        _state["error"] = _why(e)
         warnings.warn(
             f"dpc_fx: the native quantisation kernels are unavailable ({_state['error']}); "
             "running the torch kernels instead, with the same results "
@@ -167,6 +177,48 @@ def library() -> ctypes.CDLL | None:
 def unavailable() -> str | None:
     """Why :func:`library` returned ``None`` (``None`` if it did not, or was not asked)."""
     return _state.get("error")  # type: ignore[return-value]
+
+
+def _torch_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Compile and link flags for a library of torch operators, from the installed torch."""
+    root = Path(torch.__file__).parent
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    compile_ = (*_FLAGS, "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{root / 'include'}")
+    lib = root / "lib"
+    return compile_, (f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}")
+
+
+def _registered() -> bool:
+    return hasattr(torch.ops.dpc_fx, "layer_forward")
+
+
+def layers() -> bool:
+    """Whether the fused layers' operators (``csrc/layer.cpp``: ``torch.ops.dpc_fx``, a
+    layer's forward and backward in one call each) are loaded; built on first call, against
+    the installed torch, in about fifteen seconds, then loaded from the cache. Where they
+    cannot be (no native loops, or the build failed: warned about once, with the reason),
+    the fused layers run the same loops and ops from Python, with the same results."""
+    if library() is None:
+        return False
+    if "layers" in _state:
+        return bool(_state["layers"])
+    _state["layers"] = False
+    if _registered():  # loaded already (an operator namespace loads once a process)
+        _state["layers"] = True
+        return True
+    try:
+        compile_, link = _torch_flags()
+        target = _build(_LAYER_SOURCE, compile_, link, key=torch.__version__)
+        torch.ops.load_library(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        warnings.warn(
+            f"dpc_fx: the fused layers' native operators are unavailable ({_why(e)}); the "
+            "fused layers run their loops from Python instead, with the same results.",
+            stacklevel=3,
+        )
+        return False
+    _state["layers"] = True
+    return True
 
 
 _DTYPES = (torch.float32, torch.uint8)

@@ -283,3 +283,76 @@ def test_the_pool_keeps_few_buffers_and_lets_a_pass_go_when_the_other_starts() -
     assert 0 < len(native.pool.free) <= native.pool.KEEP
     model(x)  # the next forward lets backward's buffers go
     assert native.pool.pass_ == "forward" and len(native.pool.free) <= 1
+
+
+class _Layers(nn.Module):
+    """Every kind of layer the operators take: conv1d/2d/3d (stride, dilation, groups, no
+    bias) and linear on a 3-D input (run as a 2-D product)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 4, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=False)
+        self.c3 = nn.Conv3d(6, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.c1(x).relu()  # (n, 4, 8)
+        y = self.c2(y.view(-1, 4, 2, 4)).relu()
+        y = self.c3(y.unsqueeze(2)).squeeze(2)
+        return self.fc(y.flatten(2).transpose(1, 2).contiguous())
+
+
+def test_the_layer_operators_equal_the_python_path_and_the_eager_kernels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One operator call a pass (``torch.ops.dpc_fx``) gives every output, gradient and
+    running range the Python path on the same loops gives, and the eager kernels, bit for
+    bit; also where the incoming gradient is not contiguous (the transpose before ``fc``:
+    rounded in its own memory order, as the Python path rounds it)."""
+    import dpc_fx
+    from dpc_fx import DPCConfig
+
+    if not native.layers():
+        pytest.skip("the layer operators could not be built here")
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 16)
+    base = dpc_fx.compile(_Layers(), x, config=DPCConfig(pin_first_last=False))
+    calls, strided = [], []
+    forward, rounding = torch.ops.dpc_fx.layer_forward.default, fused._quantize_grad
+    monkeypatch.setattr(
+        fused.torch.ops.dpc_fx.layer_forward, "default", lambda *a: calls.append(1) or forward(*a)
+    )
+    monkeypatch.setattr(fused, "_quantize_grad", lambda g, *a: strided.append(1) or rounding(g, *a))
+    with_ops, eager_run = _train_in_both_modes(monkeypatch, base, x, 2, Tensor.square)
+    assert len(calls) == 2 * 4  # two steps, four layers: the operators ran
+    assert strided  # and a gradient arrived strided
+    monkeypatch.setattr(native, "layers", lambda: False)
+    calls.clear()
+    python_path, _ = _train_in_both_modes(monkeypatch, base, x, 2, Tensor.square)
+    assert not calls
+    for a, b, c in zip(with_ops, python_path, eager_run, strict=True):
+        assert identical(a, b) and identical(a, c)
+
+
+def test_a_failed_operator_build_warns_once_and_the_layers_still_train(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    monkeypatch.setattr(native, "_state", {"lib": native.library()})
+    monkeypatch.setattr(native, "_registered", lambda: False)
+    monkeypatch.setenv("DPC_FX_CACHE", str(tmp_path))
+    broken = lambda: ((*native._FLAGS, "-DNO_SUCH_HEADER", "-include", "no-such.h"), ())  # noqa: E731
+    monkeypatch.setattr(native, "_torch_flags", broken)
+    with pytest.warns(UserWarning, match="operators are unavailable"):
+        assert native.layers() is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.layers() is False  # once
+    import dpc_fx
+    from dpc_fx import DPCConfig
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 16)
+    gm = dpc_fx.compile(_Layers(), x, config=DPCConfig(pin_first_last=False)).train()
+    gm(x).sum().backward()
+    assert all(p.grad is not None for p in gm.parameters())
