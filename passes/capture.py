@@ -67,7 +67,7 @@ def capture(
         TraceError: ``torch.export`` could not capture the module, or the module's code does
             more than set constants apart between training and eval mode.
     """
-    kwargs = dict(kwargs or {})
+    args, kwargs = _unaliased(args, dict(kwargs or {}))
     name = type(module).__name__
     trained = _export(module, args, kwargs, training=True)
     evaluated = _export(module, args, kwargs, training=False)
@@ -87,6 +87,23 @@ def capture(
     set_graph_info(gm, module_types={p: type(m).__name__ for p, m in module.named_modules()})
     gm.train(module.training)
     return gm
+
+
+def _unaliased(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The example inputs with every tensor that shares memory with an earlier one copied.
+    Export ties inputs it sees aliased into one graph input (``input_ids=ids, labels=ids``
+    would make the graph read ``labels`` for both); inputs are never aliased at run time."""
+    seen: set[int] = set()
+
+    def own(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        if x.untyped_storage().data_ptr() in seen and x.numel():
+            return x.clone()
+        seen.add(x.untyped_storage().data_ptr())
+        return x
+
+    return pytree.tree_map(own, (args, kwargs))  # type: ignore[no-any-return]
 
 
 def _export(

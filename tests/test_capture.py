@@ -12,7 +12,7 @@ from helpers import quantizers_off
 from torch import Tensor, fx, nn
 
 import dpc_fx
-from dpc_fx import ConfigError
+from dpc_fx import ConfigError, DPCConfig
 from dpc_fx.cli import main
 from dpc_fx.errors import TraceError
 from dpc_fx.passes.capture import capture
@@ -161,6 +161,30 @@ def test_what_fx_cannot_trace_is_captured_whole() -> None:
     loaded = compiled.load_state_dict(model.state_dict(), strict=False)
     assert loaded.unexpected_keys == [] and all(k.startswith("dpc.") for k in loaded.missing_keys)
     assert torch.equal(fresh.conv.weight, model.conv.weight)  # shared with the model
+
+
+class RowsMinus(nn.Module):
+    """Captured (the loop over rows); its two inputs play different parts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.stack([self.fc(row) for row in a]) - b
+
+
+def test_example_inputs_given_as_one_tensor_stay_two_inputs() -> None:
+    """``input_ids=ids, labels=ids`` is the usual way to call a language model; export, seeing
+    one tensor, would make the graph read one input for both."""
+    torch.manual_seed(0)
+    model = RowsMinus()
+    shared = torch.randn(3, 4)
+    gm = dpc_fx.compile(
+        model, example_kwargs={"a": shared, "b": shared}, config=DPCConfig(overrides={"*": None})
+    )
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    assert torch.equal(gm(a=a, b=b), model(a, b))
 
 
 def _run(module: nn.Module, kwargs: dict[str, Tensor], seed: int) -> dict[str, Tensor]:
