@@ -100,9 +100,16 @@ def _cpu() -> str:
     return "\n".join(dict.fromkeys(keep))
 
 
-def _build(source: Path, flags: tuple[str, ...], link: tuple[str, ...] = (), key: str = "") -> Path:
+def _build(
+    source: Path,
+    flags: tuple[str, ...],
+    link: tuple[str, ...] = (),
+    key: str = "",
+    announce: str = "",
+) -> Path:
     """The library ``source`` builds into with ``flags``, from the cache if built before
-    (once per source, flags, compiler and CPU; ``key`` adds what else it depends on)."""
+    (once per source, flags, compiler and CPU; ``key`` adds what else it depends on).
+    ``announce``: a line for stderr when a build starts (one that keeps the user waiting)."""
     compiler = os.environ.get("CXX") or shutil.which("g++")
     if not compiler:
         raise OSError("no C++ compiler (set CXX, or install g++)")
@@ -118,6 +125,8 @@ def _build(source: Path, flags: tuple[str, ...], link: tuple[str, ...] = (), key
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    if announce:
+        print(f"dpc_fx: {announce} into {target.parent} (once)", file=sys.stderr, flush=True)
     # Build beside the target and rename: processes building at once never see half a file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
@@ -208,7 +217,13 @@ def layers() -> bool:
         return True
     try:
         compile_, link = _torch_flags()
-        target = _build(_LAYER_SOURCE, compile_, link, key=torch.__version__)
+        target = _build(
+            _LAYER_SOURCE,
+            compile_,
+            link,
+            key=torch.__version__,
+            announce=f"building the layer operators for torch {torch.__version__}",
+        )
         torch.ops.load_library(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         warnings.warn(
