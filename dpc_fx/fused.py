@@ -28,7 +28,10 @@ unfused chain through the same quantiser modules.
 On float32 CPU tensors the work runs on the native loops (:mod:`dpc_fx.native`); the float
 temporaries (the quantised input in forward, the quantised gradient and the dequantised
 input in backward) come from ``native.pool`` and go back to it once the product has read
-them.
+them. The common case, a conv or linear layer in training whose weight is a parameter,
+runs as one operator, ``torch.ops.dpc_fx.layer`` (``csrc/layer.cpp``): the same loops, ops,
+random draws and saved tensors as :class:`_FusedFn`, with its autograd node in C++, so a
+small layer pays no Python per step beyond the call (:func:`_native_step`).
 
 >>> q = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 5], dtype=torch.uint8)
 >>> pack(q, 3).shape, torch.equal(unpack(pack(q, 3), 3, 9), q)
@@ -263,9 +266,6 @@ class _FusedFn(torch.autograd.Function):
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: FusedLayer
     ) -> Tensor:
         native.pool.enter("forward")
-        if _native_layer(layer, x, weight, bias):
-            return _native_forward(ctx, x, weight, bias, layer)
-        ctx.native = False
         x_hat, act = _activation(layer.act_q, x)
         # A parameter is kept anyway: backward quantises it again (the same values, nearest
         # rounding is deterministic) rather than keep its codes beside it.
@@ -300,12 +300,10 @@ class _FusedFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        native.pool.enter("backward")
-        if ctx.native:
-            return _native_backward(ctx, grad)
         saved = ctx.saved_tensors
         act, wgt = ctx.codes
         layer: FusedLayer = ctx.layer
+        native.pool.enter("backward")
         incoming = grad  # autograd's: never handed to the pool
         if ctx.grad_bits is not None:
             assert layer.grad_q is not None
@@ -377,20 +375,20 @@ def _native_layer(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | N
     )
 
 
-def _native_forward(
-    ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: FusedLayer
-) -> Tensor:
-    """:meth:`_FusedFn.forward` in one operator call: the same loops, product and saved
-    tensors (codes, range, flag, the weight parameter)."""
-    act_q = layer.act_q
-    n = x.numel()
-    buffer = native.pool.take(n) if n >= native.pool.SMALLEST else None
-    y, codes, lo, hi, bad = torch.ops.dpc_fx.layer_forward.default(
+def _native_step(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The layer's step as ``torch.ops.dpc_fx.layer``: what :class:`_FusedFn` does, with the
+    same loops, ops, random draws and saved tensors, in one call forward and a C++ autograd
+    node backward."""
+    act_q, grad_q = layer.act_q, layer.grad_q
+    grad_bits = grad_q.bits if grad_q is not None and grad_q.active else 0
+    layer.last_shapes = (x.numel(), 0, 0)
+    return torch.ops.dpc_fx.layer.default(
         x,
         weight,
         bias,
         act_q.bits,
         layer.weight_q.bits,
+        grad_bits,
         layer.stride,
         layer.padding,
         layer.dilation,
@@ -399,60 +397,8 @@ def _native_forward(
         act_q.running_max,
         act_q.seen,
         1.0 - act_q.momentum,
-        buffer,
+        kernels._rank(),
     )
-    native.pool.give(buffer)
-    ctx.save_for_backward(codes, lo, hi, bad, weight)
-    ctx.native, ctx.layer, ctx.x_size = True, layer, x.shape
-    ctx.bits = (act_q.bits, layer.weight_q.bits)
-    ctx.has_bias = bias is not None
-    grad_q = layer.grad_q
-    ctx.grad_bits = grad_q.bits if grad_q is not None and grad_q.active else None
-    layer.last_shapes = (n, 0, 0)
-    return y
-
-
-def _native_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-    """:meth:`_FusedFn.backward` in one operator call (for a step :func:`_native_forward`
-    ran): the gradient's stochastic rounding, the codes dequantised, the weight quantised
-    again, and the product's backward."""
-    codes, lo, hi, bad, weight = ctx.saved_tensors
-    layer: FusedLayer = ctx.layer
-    pool = native.pool
-    grad_bits, seed, g_buffer, rounded = 0, 0, None, None
-    if ctx.grad_bits is not None:
-        if grad.is_contiguous() and grad.dtype == torch.float32:
-            grad_bits, seed = ctx.grad_bits, int(kernels.new_seed())
-            if grad.numel() >= pool.SMALLEST:
-                g_buffer = pool.take(grad.numel())
-        else:  # rounded in its own memory order, as the Python path does
-            grad = rounded = _quantize_grad(grad, ctx.grad_bits, pool)
-    n = ctx.x_size.numel()
-    x_buffer = pool.take(n) if n >= pool.SMALLEST else None
-    want = ctx.needs_input_grad[:3]
-    dx, dw, db = torch.ops.dpc_fx.layer_backward.default(
-        grad,
-        codes,
-        ctx.x_size,
-        ctx.bits[0],
-        lo,
-        hi,
-        bad,
-        weight,
-        ctx.bits[1],
-        grad_bits,
-        seed,
-        layer.stride,
-        layer.padding,
-        layer.dilation,
-        layer.groups,
-        ctx.has_bias,
-        [want[0], want[1], want[2] and ctx.has_bias],
-        g_buffer,
-        x_buffer,
-    )
-    pool.give(g_buffer, x_buffer, _buffer(rounded) if rounded is not None else None)
-    return (dx if want[0] else None, dw if want[1] else None, db if want[2] else None, None)
 
 
 def _buffer(t: Tensor) -> Tensor | None:
@@ -538,15 +484,20 @@ class FusedLayer(nn.Module):
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if self._fusable(x, weight, bias):
+            step = _native_step if _native_layer(self, x, weight, bias) else self._step
             if self.op == "linear" and x.dim() > 2:
                 # aten.linear runs a dense 3-D input as a 2-D product and returns a view of
                 # it; a custom Function's output may not be a view (in-place ops on it would
                 # be refused), so the Function takes the 2-D product and autograd the view.
-                y = _FusedFn.apply(x.reshape(-1, x.shape[-1]), weight, bias, self)
+                y = step(self, x.reshape(-1, x.shape[-1]), weight, bias)
                 return y.view(*x.shape[:-1], y.shape[-1])
-            return _FusedFn.apply(x, weight, bias, self)
+            return step(self, x, weight, bias)
         y = self.product(self.act_q(x), self.weight_q(weight), bias)
         return y if self.grad_q is None else self.grad_q(y)
+
+    @staticmethod
+    def _step(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return _FusedFn.apply(x, weight, bias, layer)  # type: ignore[no-any-return]
 
     def product(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """The layer's op on (quantised) ``x`` and ``weight``."""

@@ -17,6 +17,10 @@ Linux, or ``DPC_FX_KERNELS`` set to ``fused`` or ``eager``: see :mod:`dpc_fx.ker
 
 The arithmetic is IEEE float32 without fused multiply-adds (``-ffp-contract=off``), so
 every value equals the torch kernels' bit for bit (``tests/test_native.py``).
+
+:func:`layers` builds a second library, ``csrc/layer.cpp``, against the installed torch's
+headers: a fused layer's whole step as one torch operator with a C++ autograd node (see
+:mod:`dpc_fx.fused`), for the layers where Python's own cost per call would dominate.
 """
 
 from __future__ import annotations
@@ -198,13 +202,14 @@ def _torch_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def _registered() -> bool:
-    return hasattr(torch.ops.dpc_fx, "layer_forward")
+    return hasattr(torch.ops.dpc_fx, "layer")
 
 
 def layers() -> bool:
-    """Whether the fused layers' operators (``csrc/layer.cpp``: ``torch.ops.dpc_fx``, a
-    layer's forward and backward in one call each) are loaded; built on first call, against
-    the installed torch, in about fifteen seconds, then loaded from the cache. Where they
+    """Whether the fused layers' operator (``csrc/layer.cpp``: ``torch.ops.dpc_fx.layer``, a
+    layer's step as one call forward and one C++ autograd node backward) is loaded; built on
+    first call, against the installed torch, in about twenty seconds, then loaded from the
+    cache. Where they
     cannot be (no native loops, or the build failed: warned about once, with the reason),
     the fused layers run the same loops and ops from Python, with the same results."""
     if library() is None:

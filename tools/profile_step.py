@@ -3,10 +3,21 @@
     python tools/profile_step.py    # ResNet-18, MobileNetV2, EfficientNet-B0 at batch 2, a
                                     # Transformer block, the demo CNN (3-4 min)
 
-For each model, fp32 and dpc_fx (default config) steps run interleaved in one process; the
-table gives both medians and, per DPC step, the wall time spent in each part of the fused
-layers' work, timed by wrapping the functions that do it (so the parts are exact sums, and
-what is left is the layers' own Python, autograd's and everything else). Read the parts
+For each model, fp32 and dpc_fx (default config) steps run interleaved in one process (the
+step columns: medians, no profiler). Then a few steps of each run under
+``torch.profiler``, which splits the time by who spends it (self time, per step):
+
+- the layer operators (``torch.ops.dpc_fx.layer_forward`` / ``layer_backward``, whose own
+  time is the quantiser loops: the input's range and codes, the weight per channel, the
+  gradient's stochastic rounding, the codes dequantised);
+- the fused layers' autograd nodes (``_FusedFn`` and its backward: the Python around the
+  operators, and the loops of layers that run the Python path, a product of two
+  activations say, called through ctypes where the profiler cannot see them);
+- the quantisers that run unfused (their autograd nodes' own time);
+- ATen ops (``aten::*``: the products, their backward and the rest of the model), in fp32's
+  step and in DPC's: the same ops, on quantised values.
+
+The profiler adds a little to every op it records, on both sides alike. Read the loops
 against docs/BENCHMARKS.md's kernel table, which puts each quantiser against a range pass
 and a copy of its tensor: the floor of a quantiser whose range depends on the whole tensor.
 """
@@ -24,13 +35,14 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 import torchvision
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench's helpers
 from bench import BLOCK_CONFIG, EncoderBlock, _demo_cnn, step_of
@@ -41,63 +53,55 @@ from dpc_fx import DPCConfig, fused, native
 console = Console(stderr=True)
 warnings.filterwarnings("ignore")
 
-# (label, module, function) of each part timed
-PARTS = [
-    ("activation quantised (range, codes, packing)", fused, "_activation"),
-    ("weight quantised (forward, and again in backward)", fused, "_parameter"),
-    ("gradient quantised (stochastic)", fused, "_quantize_grad"),
-    ("codes unpacked and dequantised", fused._Codes, "floats"),
+# (column, who): who is a predicate on a profiler event's name
+PARTS: list[tuple[str, Callable[[str], bool]]] = [
+    ("layer operators: quantiser loops", lambda n: n.startswith("dpc_fx::")),
+    ("fused layers' autograd nodes (Python)", lambda n: n.startswith("_FusedFn")),
+    (
+        "unfused quantisers",
+        lambda n: n.startswith(("_MeasuredFakeQuantSTE", "_FakeQuantSTE", "_QuantizeGrad")),
+    ),
 ]
+ATEN = "ATen ops"
 
 
-def _timed(spent: dict[str, float]) -> Callable[[], None]:
-    """Wrap every part to add its wall time to ``spent``; returns the undo."""
-    originals = []
-    for label, module, name in PARTS:
-        fn = getattr(module, name)
-        originals.append((module, name, fn))
-
-        def wrapper(*args: Any, _fn: Callable[..., Any] = fn, _label: str = label) -> Any:
-            start = time.perf_counter()
-            try:
-                return _fn(*args)
-            finally:
-                spent[_label] = spent.get(_label, 0.0) + time.perf_counter() - start
-
-        setattr(module, name, wrapper)
-
-    def undo() -> None:
-        for module, name, fn in originals:
-            setattr(module, name, fn)
-
-    return undo
+def _self_times(step: Callable[[], None], steps: int) -> dict[str, float]:
+    """Seconds of self time per step, by part (and ``ATEN``), under ``torch.profiler``."""
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    spent = dict.fromkeys([*(label for label, _ in PARTS), ATEN], 0.0)
+    for event in prof.key_averages():
+        who = [label for label, match in PARTS if match(event.key)]
+        if who:
+            spent[who[0]] += event.self_cpu_time_total
+        elif event.key.startswith("aten::"):
+            spent[ATEN] += event.self_cpu_time_total
+    return {k: v / 1e6 / steps for k, v in spent.items()}
 
 
 def profile(
     model: nn.Module, x: Tensor, reps: int, config: DPCConfig | None = None
-) -> tuple[float, float, dict[str, float], int]:
-    """(fp32 step median, DPC step median, seconds per DPC step in each part, fused layers)."""
+) -> tuple[float, float, dict[str, float], float, int]:
+    """(fp32 step median, DPC step median, DPC's self time per step by part, fp32's ATen self
+    time per step, fused layers)."""
     dpc = dpc_fx.compile(copy.deepcopy(model), x, config=config)
     layers = sum(isinstance(m, fused.FusedLayer) for m in dpc.modules())
     a, b = step_of(model, x), step_of(dpc, x)
     for _ in range(3):
         a()
         b()
-    spent: dict[str, float] = {}
-    undo = _timed(spent)
     ta: list[float] = []
     tb: list[float] = []
-    try:
-        for i in range(reps):
-            pairs = ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta))
-            for step, times in pairs:
-                start = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - start)
-    finally:
-        undo()
-    per_step = {label: spent.get(label, 0.0) / reps for label, _, _ in PARTS}
-    return statistics.median(ta), statistics.median(tb), per_step, layers
+    for i in range(reps):
+        pairs = ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta))
+        for step, times in pairs:
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    profiled = max(3, reps // 3)
+    fp32_aten = _self_times(a, profiled)[ATEN]
+    return statistics.median(ta), statistics.median(tb), _self_times(b, profiled), fp32_aten, layers
 
 
 def _ms(seconds: float) -> str:
@@ -121,26 +125,27 @@ def main() -> int:
         "model",
         "fp32 step",
         "DPC step",
-        *(label for label, _, _ in PARTS),
-        "rest of the difference",
+        *(label for label, _ in PARTS),
+        "ATen ops, fp32 step",
+        "ATen ops, DPC step",
         "fused layers",
-        "rest per layer",
+        "DPC less fp32, per fused layer",
     ]
     rows = []
     for label, build, x, reps, config in cases:
         console.print(f"profile: {label}")
         torch.manual_seed(0)
-        fp32, dpc, parts, layers = profile(build().train(), x, reps, config)
-        rest = dpc - fp32 - sum(parts.values())
+        fp32, dpc, parts, fp32_aten, layers = profile(build().train(), x, reps, config)
         rows.append(
             [
                 label,
                 _ms(fp32),
                 f"{_ms(dpc)} ({dpc / fp32:.2f}x)",
-                *map(_ms, parts.values()),
-                _ms(rest),
+                *(_ms(parts[p]) for p, _ in PARTS),
+                _ms(fp32_aten),
+                _ms(parts[ATEN]),
                 str(layers),
-                f"{rest / layers * 1e6:.0f} us",
+                f"{(dpc - fp32) / layers * 1e6:.0f} us",
             ]
         )
     table = Table(title="Where a DPC step's extra time goes (per step)")
@@ -155,13 +160,14 @@ def main() -> int:
         f"Made by `python tools/profile_step.py` on {datetime.date.today()}: {platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"kernels `{os.environ.get('DPC_FX_KERNELS', 'native')}`"
+        f"{'' if native.layers() else ' (layer operators unavailable)'}"
         f"{'' if native.library() is not None else ' (native loops unavailable)'}. "
-        "fp32 and DPC steps interleaved in one process, medians; each part is the wall time "
-        "spent in it per DPC step, summed over the fused layers. The convolutions' own forward "
-        "and backward are the same ATen calls as fp32's. *Rest of the difference*: the DPC step "
-        "less fp32's less the parts: the fused layers' Python and autograd, the kernel calls' "
-        "fixed costs outside the parts, and noise; *rest per layer* divides it by the fused "
-        "layers.",
+        "fp32 and DPC steps interleaved in one process, medians, no profiler. The other "
+        "columns: self time per DPC step under `torch.profiler` (a third as many steps), by "
+        "who spends it: the layer operators' own time is the quantiser loops; the fused "
+        "layers' autograd nodes hold their Python, and the loops of layers on the Python path; "
+        "the ATen ops are the products, their backward and the rest of the model, in fp32's "
+        "step and in DPC's. The profiler adds a little to every op it records, on both sides.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),

@@ -1,19 +1,23 @@
-// A fused layer's forward and backward (dpc_fx/fused.py, _FusedFn) as two torch operators,
-// for the common case: float32 contiguous CPU tensors, a weight parameter quantised per
-// output channel, training mode. On a layer of a few thousand elements the Python that
-// strings the quantiser loops, the product and its backward together costs more than the
-// layer's own arithmetic; here it is one call a pass. The loops are quant.cpp's, compiled
-// into this library, and every op is the one the Python path calls, in the same order,
-// so results are the same bit for bit (tests/test_native.py).
+// A fused layer's training step (dpc_fx/fused.py, _FusedFn) as one torch operator with its
+// own autograd node, for the common case: float32 contiguous CPU tensors, a weight
+// parameter quantised per output channel, training mode. On a layer of a few thousand
+// elements the Python that strings the quantiser loops, the product and its backward
+// together, and the Python autograd node itself, cost more than the layer's arithmetic;
+// here a step is one call forward and one node backward. The loops are quant.cpp's,
+// compiled into this library, and every op is the one the Python path calls, in the same
+// order, with the same random draws, so results are the same bit for bit
+// (tests/test_native.py).
 //
 // dpc_fx/native.py builds this file against the installed torch's headers on first use.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <numeric>
 #include <optional>
-#include <tuple>
 #include <vector>
 
 #include "quant.cpp"
@@ -21,6 +25,8 @@
 namespace {
 
 using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
 
 float levels_of(int64_t bits) { return static_cast<float>((int64_t{1} << bits) - 1); }
 
@@ -30,11 +36,45 @@ int64_t packed_bytes(int64_t n, int64_t bits) {
   return n;
 }
 
-// A float32 vector of n elements: `given` if it is one, else a new one.
-Tensor buffer(const std::optional<Tensor>& given, int64_t n) {
-  if (given.has_value() && given->defined() && given->numel() == n) return *given;
-  return at::empty({n}, at::TensorOptions().dtype(at::kFloat));
-}
+// native._Pool's policy for this path's float temporaries (the quantised input in forward;
+// the quantised gradient and dequantised input in backward): buffers of 64K elements or
+// more go back once the product has read them, to serve the next layer of the same size;
+// at most four are kept, and a pass's are let go when the other pass starts.
+class Pool {
+ public:
+  void enter(int pass) {
+    if (pass != pass_) {
+      free_.clear();
+      pass_ = pass;
+    }
+  }
+  Tensor take(int64_t n) {
+    if (n >= kSmallest) {
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->numel() == n) {
+          Tensor t = *it;
+          free_.erase(it);
+          return t;
+        }
+      }
+    }
+    return at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+  }
+  void give(const Tensor& t) {
+    if (t.numel() < kSmallest) return;
+    free_.push_back(t);
+    if (free_.size() > kKeep) free_.erase(free_.begin());
+  }
+
+ private:
+  static constexpr int64_t kSmallest = int64_t{1} << 16;
+  static constexpr size_t kKeep = 4;
+  std::vector<Tensor> free_;
+  int pass_ = -1;
+};
+
+thread_local Pool pool;
+enum { kForward, kBackward };
 
 // The weight quantised per output channel (dim 0), as fake_quantize's native branch does.
 Tensor weight_rows(const Tensor& w, int64_t bits) {
@@ -43,6 +83,38 @@ Tensor weight_rows(const Tensor& w, int64_t bits) {
   dpc_fake_quant_rows(w.const_data_ptr<float>(), rows, cols, levels_of(bits),
                       out.mutable_data_ptr<float>(), at::get_num_threads());
   return out;
+}
+
+// kernels.new_seed: a draw from torch's default generator, offset by the process's rank.
+int64_t new_seed(int64_t rank) {
+  constexpr int64_t kTop = (int64_t{1} << 31) - 1, kRankStride = 0x2545F491;
+  Tensor seed = at::randint(0, kTop, {}, at::TensorOptions().dtype(at::kLong));
+  if (rank) seed = (seed + rank * kRankStride) % kTop;
+  return seed.item<int64_t>();
+}
+
+// quant._quantize_grad: the gradient rounded stochastically over its own range, as a flat
+// vector in memory order; a strided gradient is laid out densely first (quant._flat: its
+// dimensions by falling stride), rounded in that order, and viewed back.
+Tensor round_gradient(const Tensor& grad, int64_t bits, int64_t rank, Tensor& buffer) {
+  if (grad.numel() == 0) return grad;
+  const int64_t seed = new_seed(rank);
+  Tensor dense = grad;
+  std::vector<int64_t> order(grad.dim()), inverse(grad.dim());
+  std::iota(order.begin(), order.end(), 0);
+  const bool contiguous = grad.is_contiguous();
+  if (!contiguous) {
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return grad.stride(a) > grad.stride(b); });
+    dense = grad.permute(order);
+    if (!dense.is_contiguous()) dense = dense.contiguous();
+    for (int64_t d = 0; d < grad.dim(); ++d) inverse[order[d]] = d;
+  }
+  buffer = pool.take(grad.numel());
+  dpc_stochastic_measured(dense.const_data_ptr<float>(), dense.numel(), levels_of(bits), seed,
+                          buffer.mutable_data_ptr<float>(), at::get_num_threads());
+  Tensor out = buffer.view(dense.sizes());
+  return contiguous ? out : out.permute(inverse);
 }
 
 Tensor product(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
@@ -60,95 +132,112 @@ Tensor product(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bi
   }
 }
 
-// Forward: the input's range and codes (packed) and its quantised floats (into `x_buffer`
-// if given), the running range updated as ActQuantizer._observe does, the weight quantised
-// per channel, and the product. Returns (y, packed codes, lo, hi, non-finite): what
-// _FusedFn keeps for backward, as the Python path keeps it.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
-    const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, int64_t a_bits,
-    int64_t w_bits, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, Tensor running_min, Tensor running_max, Tensor seen, double weight_of_batch,
-    const std::optional<Tensor>& x_buffer) {
-  const int64_t n = x.numel();
-  Tensor x_hat = buffer(x_buffer, n);
-  Tensor codes = at::empty({packed_bytes(n, a_bits)}, at::TensorOptions().dtype(at::kByte));
-  float range[2];
-  const bool bad = dpc_quantize_measured(x.const_data_ptr<float>(), n, levels_of(a_bits),
-                                         static_cast<int>(a_bits), x_hat.mutable_data_ptr<float>(),
-                                         codes.mutable_data_ptr<uint8_t>(), range,
-                                         at::get_num_threads()) != 0;
-  Tensor lo = at::scalar_tensor(range[0], at::kFloat), hi = at::scalar_tensor(range[1], at::kFloat);
-  if (seen.item<bool>()) {
-    at::_foreach_lerp_({running_min, running_max}, {lo, hi}, weight_of_batch);
-  } else {
-    running_min.copy_(lo);
-    running_max.copy_(hi);
+struct Layer : public torch::autograd::Function<Layer> {
+  // Forward: the input's range, its codes (packed) and its quantised floats, the running
+  // range updated as ActQuantizer._observe does, the weight quantised per channel, and the
+  // product. Keeps for backward what _FusedFn keeps: the codes, the range, the non-finite
+  // flag and the weight parameter.
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                        const std::optional<Tensor>& bias, int64_t a_bits, int64_t w_bits,
+                        int64_t grad_bits, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, int64_t groups, Tensor running_min,
+                        Tensor running_max, Tensor seen, double weight_of_batch, int64_t rank) {
+    pool.enter(kForward);
+    const int64_t n = x.numel();
+    Tensor x_hat = pool.take(n);
+    Tensor codes = at::empty({packed_bytes(n, a_bits)}, at::TensorOptions().dtype(at::kByte));
+    float range[2];
+    const bool bad =
+        dpc_quantize_measured(x.const_data_ptr<float>(), n, levels_of(a_bits),
+                              static_cast<int>(a_bits), x_hat.mutable_data_ptr<float>(),
+                              codes.mutable_data_ptr<uint8_t>(), range, at::get_num_threads());
+    Tensor lo = at::scalar_tensor(range[0], at::kFloat);
+    Tensor hi = at::scalar_tensor(range[1], at::kFloat);
+    if (seen.item<bool>()) {
+      at::_foreach_lerp_({running_min, running_max}, {lo, hi}, weight_of_batch);
+    } else {
+      running_min.copy_(lo);
+      running_max.copy_(hi);
+    }
+    seen.fill_(true);
+    Tensor y = product(x_hat.view(x.sizes()), weight_rows(weight, w_bits), bias, stride,
+                       padding, dilation, groups);
+    pool.give(x_hat);
+    ctx->save_for_backward({codes, lo, hi, at::scalar_tensor(bad, at::kBool), weight});
+    ctx->saved_data["x_size"] = x.sizes().vec();
+    ctx->saved_data["bits"] = std::vector<int64_t>{a_bits, w_bits, grad_bits, groups, rank};
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["dilation"] = dilation.vec();
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return y;
   }
-  seen.fill_(true);
-  Tensor y = product(x_hat.view(x.sizes()), weight_rows(weight, w_bits), bias, stride, padding,
-                     dilation, groups);
-  return {y, codes, lo, hi, at::scalar_tensor(bad, at::kBool)};
-}
 
-// Backward: the output gradient rounded stochastically over its range (into `g_buffer` if
-// given; grad_bits 0: as it is), the codes dequantised (into `x_buffer` if given), the
-// weight quantised again, and the product's backward: aten.convolution_backward, or for
-// linear the matmuls aten.linear's backward runs. Returns (dx, dw, db), undefined where
-// `want` says no.
-std::tuple<Tensor, Tensor, Tensor> layer_backward(
-    const Tensor& grad, const Tensor& codes, at::IntArrayRef x_size, int64_t a_bits,
-    const Tensor& lo, const Tensor& hi, const Tensor& bad, const Tensor& weight, int64_t w_bits, int64_t grad_bits, int64_t seed,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    bool has_bias, std::array<bool, 3> want, const std::optional<Tensor>& g_buffer,
-    const std::optional<Tensor>& x_buffer) {
-  const int nthreads = at::get_num_threads();
-  Tensor g = grad;
-  if (grad_bits > 0) {
-    Tensor out = buffer(g_buffer, grad.numel());
-    dpc_stochastic_measured(grad.const_data_ptr<float>(), grad.numel(), levels_of(grad_bits),
-                            seed, out.mutable_data_ptr<float>(), nthreads);
-    g = out.view(grad.sizes());
+  // Backward: the output gradient rounded stochastically (grad_bits 0: as it is), the codes
+  // dequantised, the weight quantised again, and the product's backward:
+  // aten.convolution_backward, or for linear the matmuls aten.linear's backward runs.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    pool.enter(kBackward);
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &codes = saved[0], &weight = saved[4];
+    const std::vector<int64_t> x_size = ctx->saved_data["x_size"].toIntVector();
+    const std::vector<int64_t> bits = ctx->saved_data["bits"].toIntVector();
+    const int64_t a_bits = bits[0], w_bits = bits[1], grad_bits = bits[2], groups = bits[3];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    Tensor g = grads[0], g_buffer;
+    if (grad_bits > 0) g = round_gradient(g, grad_bits, bits[4], g_buffer);
+    const int64_t n = c10::multiply_integers(x_size);
+    Tensor x_hat = pool.take(n);
+    dpc_dequantize(codes.const_data_ptr<uint8_t>(), n, static_cast<int>(a_bits),
+                   saved[1].item<float>(), saved[2].item<float>(), levels_of(a_bits),
+                   saved[3].item<bool>() ? 1 : 0, x_hat.mutable_data_ptr<float>(),
+                   at::get_num_threads());
+    Tensor x3 = x_hat.view(x_size);
+    Tensor w_hat = weight_rows(weight, w_bits);
+    const bool want[3] = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                          has_bias && ctx->needs_input_grad(2)};
+    Tensor dx, dw, db;
+    if (x_size.size() == 2) {  // linear, on the 2-D input
+      if (want[0]) dx = g.mm(w_hat).view(x_size);
+      if (want[1]) dw = g.t().mm(x3);
+      if (want[2]) db = g.sum(0);
+    } else {
+      const std::vector<int64_t> output_padding(x_size.size() - 2, 0);
+      const std::array<int64_t, 1> channels{weight.size(0)};
+      std::optional<at::IntArrayRef> bias_sizes;
+      if (has_bias) bias_sizes = at::IntArrayRef(channels);
+      std::tie(dx, dw, db) = at::convolution_backward(
+          g, x3, w_hat, bias_sizes, ctx->saved_data["stride"].toIntVector(),
+          ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
+          false, output_padding, groups, {want[0], want[1], want[2]});
+    }
+    if (g_buffer.defined()) pool.give(g_buffer);
+    pool.give(x_hat);
+    variable_list out(15);  // one per forward argument
+    out[0] = dx;
+    out[1] = dw;
+    out[2] = db;
+    return out;
   }
-  int64_t n = 1;
-  for (int64_t d : x_size) n *= d;
-  Tensor x_hat = buffer(x_buffer, n);
-  dpc_dequantize(codes.const_data_ptr<uint8_t>(), n, static_cast<int>(a_bits),
-                 lo.item<float>(), hi.item<float>(), levels_of(a_bits), bad.item<bool>() ? 1 : 0,
-                 x_hat.mutable_data_ptr<float>(), nthreads);
-  Tensor x3 = x_hat.view(x_size);
-  Tensor w_hat = weight_rows(weight, w_bits);
-  if (x_size.size() == 2) {  // linear, on the 2-D input
-    Tensor dx = want[0] ? g.mm(w_hat).view(x_size) : Tensor();
-    Tensor dw = want[1] ? g.t().mm(x3) : Tensor();
-    Tensor db = want[2] ? g.sum(0) : Tensor();
-    return {dx, dw, db};
-  }
-  std::vector<int64_t> output_padding(x_size.size() - 2, 0);
-  std::optional<at::IntArrayRef> bias_sizes;
-  const std::array<int64_t, 1> channels{weight.size(0)};
-  if (has_bias) bias_sizes = at::IntArrayRef(channels);
-  auto [dx, dw, db] = at::convolution_backward(g, x3, w_hat, bias_sizes, stride, padding,
-                                                dilation, false, output_padding, groups,
-                                                {want[0], want[1], want[2] && has_bias});
-  return {dx, dw, db};
+};
+
+Tensor layer(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+             int64_t a_bits, int64_t w_bits, int64_t grad_bits, at::IntArrayRef stride,
+             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+             Tensor running_min, Tensor running_max, Tensor seen, double weight_of_batch,
+             int64_t rank) {
+  return Layer::apply(x, weight, bias, a_bits, w_bits, grad_bits, stride, padding, dilation,
+                      groups, running_min, running_max, seen, weight_of_batch, rank);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(dpc_fx, m) {
   m.def(
-      "layer_forward(Tensor x, Tensor weight, Tensor? bias, int a_bits, int w_bits, "
+      "layer(Tensor x, Tensor weight, Tensor? bias, int a_bits, int w_bits, int grad_bits, "
       "int[] stride, int[] padding, int[] dilation, int groups, Tensor(a!) running_min, "
-      "Tensor(b!) running_max, Tensor(c!) seen, float weight_of_batch, Tensor? x_buffer) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "layer_backward(Tensor grad, Tensor codes, int[] x_size, int a_bits, Tensor lo, Tensor hi, "
-      "Tensor bad, Tensor weight, int w_bits, int grad_bits, int seed, int[] stride, "
-      "int[] padding, int[] dilation, int groups, bool has_bias, bool[3] want, "
-      "Tensor? g_buffer, Tensor? x_buffer) -> (Tensor, Tensor, Tensor)");
+      "Tensor(b!) running_max, Tensor(c!) seen, float weight_of_batch, int rank) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dpc_fx, CPU, m) {
-  m.impl("layer_forward", layer_forward);
-  m.impl("layer_backward", layer_backward);
-}
+TORCH_LIBRARY_IMPL(dpc_fx, Autograd, m) { m.impl("layer", layer); }
+TORCH_LIBRARY_IMPL(dpc_fx, CPU, m) { m.impl("layer", layer); }
