@@ -259,7 +259,11 @@ def _parameter(q: WeightQuantizer, w: Tensor) -> Tensor:
 
 class _FusedFn(torch.autograd.Function):
     """Quantise, multiply, keep codes; in backward quantise the gradient and differentiate
-    the product at the dequantised codes (straight through to ``x`` and ``weight``)."""
+    the product at the dequantised codes (straight through to ``x`` and ``weight``).
+
+    The Python path, for every case :func:`_native_layer` leaves out (a product of two
+    activations, a weight that is not a parameter, autocast, eval mode, half precision, a
+    quantiser checking for non-finite values); :func:`_native_step` is the same step."""
 
     @staticmethod
     def forward(
