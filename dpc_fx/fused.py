@@ -357,10 +357,11 @@ class _FusedFn(torch.autograd.Function):
 
 
 def _native_layer(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether ``layer``'s step can run as ``torch.ops.dpc_fx``'s two operators (one call a
-    pass; ``csrc/layer.cpp``): a conv or linear layer in training, on float32 contiguous CPU
-    tensors outside autocast, its weight a parameter quantised per output channel, no
-    quantiser checking for non-finite values (the Python path raises the error)."""
+    """Whether ``layer``'s step can run as the operator ``torch.ops.dpc_fx.layer``
+    (``csrc/layer.cpp``, where it could be built): a conv or linear layer in training, on
+    float32 contiguous CPU tensors outside autocast, its weight a parameter quantised per
+    output channel, no quantiser checking for non-finite values (the Python path raises
+    that error, naming the layer)."""
     act_q, weight_q, grad_q = layer.act_q, layer.weight_q, layer.grad_q
     return (
         layer.op != "matmul"

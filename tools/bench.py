@@ -848,7 +848,9 @@ def main() -> int:
         "### Where the time and memory go",
         "",
         "- *A fused layer's step* (`DPCConfig(fuse=True)`, the default), on the native loops "
-        "(`DPC_FX_KERNELS=native`, the default; `dpc_fx/csrc/quant.cpp`): forward measures the "
+        "(`DPC_FX_KERNELS=native`, the default; `dpc_fx/csrc/quant.cpp`), and for a conv or "
+        "linear layer in training as one operator with a C++ autograd node "
+        "(`torch.ops.dpc_fx.layer`, `dpc_fx/csrc/layer.cpp`): forward measures the "
         "input's range and writes its codes, packed, and its quantised floats in two passes, "
         "and quantises the weight per output channel in one; backward quantises the output "
         "gradient stochastically (a range pass and a pass that draws an integer hash per "
@@ -860,10 +862,14 @@ def main() -> int:
         "compiled torch kernels (`DPC_FX_KERNELS=fused`); the gradient's, with its hash, is "
         "the dearest.",
         "- *Per layer, whatever its size*: a native call costs a few microseconds, a compiled "
-        "torch kernel's tens (dynamo's guards, the wrappers; the last kernel row); what is left "
-        "per layer is the autograd node and its Python (docs/PROFILE.md, *rest per layer*). "
-        "Models of many small layers (MobileNet, EfficientNet, batch 2, the demo CNN) pay this "
-        "most; large convolutions hide it.",
+        "torch kernel's tens (dynamo's guards, the wrappers; the last kernel row, which times "
+        "the unfused quantiser's Python path). The layer operator makes a layer's step one call "
+        "forward and one C++ node backward; what is left per layer is the call, the few small "
+        "ATen ops inside it (the running range's update, the random seed) and the products "
+        "themselves, which run slower beside the quantiser passes than alone (they share the "
+        "caches; docs/PROFILE.md, the ATen columns). Models of many small layers (MobileNet, "
+        "EfficientNet, batch 2, the demo CNN) pay the fixed part most; large convolutions hide "
+        "it.",
         "- *Captured models*: a Hugging Face model is captured by `torch.export` and runs as an "
         "ATen graph, op by op; the reference row under the Llama decoder times that graph with "
         "no layer quantised, the part of the decoder's ratio that is not quantisation.",
