@@ -1,7 +1,8 @@
 """Where a fused DPC training step's extra time goes: write docs/PROFILE.md.
 
     python tools/profile_step.py    # ResNet-18, MobileNetV2, EfficientNet-B0 at batch 2, a
-                                    # Transformer block, the demo CNN (3-4 min)
+                                    # Transformer block, the demo CNN eager and under
+                                    # torch.compile (4-5 min)
 
 For each model, fp32 and dpc_fx (default config) steps run interleaved in one process (the
 step columns: medians, no profiler). Then a few steps of each run under
@@ -55,7 +56,8 @@ warnings.filterwarnings("ignore")
 
 # (column, who): who is a predicate on a profiler event's name
 PARTS: list[tuple[str, Callable[[str], bool]]] = [
-    ("layer operators: quantiser loops", lambda n: n.startswith("dpc_fx::")),
+    # the operator's forward, and its C++ autograd node's backward
+    ("layer operators: quantiser loops", lambda n: n.startswith("dpc_fx::") or "::Layer>" in n),
     ("fused layers' autograd nodes (Python)", lambda n: n.startswith("_FusedFn")),
     (
         "unfused quantisers",
@@ -63,6 +65,7 @@ PARTS: list[tuple[str, Callable[[str], bool]]] = [
     ),
 ]
 ATEN = "ATen ops"
+INDUCTOR = "compiled graphs' kernels"  # under torch.compile: inductor's code, both sides
 
 
 def _self_times(step: Callable[[], None], steps: int) -> dict[str, float]:
@@ -70,25 +73,33 @@ def _self_times(step: Callable[[], None], steps: int) -> dict[str, float]:
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
-    spent = dict.fromkeys([*(label for label, _ in PARTS), ATEN], 0.0)
+    spent = dict.fromkeys([*(label for label, _ in PARTS), ATEN, INDUCTOR], 0.0)
     for event in prof.key_averages():
         who = [label for label, match in PARTS if match(event.key)]
         if who:
             spent[who[0]] += event.self_cpu_time_total
         elif event.key.startswith("aten::"):
             spent[ATEN] += event.self_cpu_time_total
+        elif event.key.startswith("## Call CompiledFxGraph"):
+            spent[INDUCTOR] += event.self_cpu_time_total
     return {k: v / 1e6 / steps for k, v in spent.items()}
 
 
 def profile(
-    model: nn.Module, x: Tensor, reps: int, config: DPCConfig | None = None
-) -> tuple[float, float, dict[str, float], float, int]:
-    """(fp32 step median, DPC step median, DPC's self time per step by part, fp32's ATen self
-    time per step, fused layers)."""
-    dpc = dpc_fx.compile(copy.deepcopy(model), x, config=config)
+    model: nn.Module,
+    x: Tensor,
+    reps: int,
+    config: DPCConfig | None = None,
+    compiled: bool = False,
+) -> tuple[float, float, dict[str, float], dict[str, float], int]:
+    """(fp32 step median, DPC step median, DPC's and fp32's self time per step by part, fused
+    layers); ``compiled``: both under ``torch.compile``."""
+    dpc: nn.Module = dpc_fx.compile(copy.deepcopy(model), x, config=config)
     layers = sum(isinstance(m, fused.FusedLayer) for m in dpc.modules())
+    if compiled:
+        model, dpc = torch.compile(model), torch.compile(dpc)  # type: ignore[assignment]
     a, b = step_of(model, x), step_of(dpc, x)
-    for _ in range(3):
+    for _ in range(5 if compiled else 3):
         a()
         b()
     ta: list[float] = []
@@ -99,9 +110,16 @@ def profile(
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-    profiled = max(3, reps // 3)
-    fp32_aten = _self_times(a, profiled)[ATEN]
-    return statistics.median(ta), statistics.median(tb), _self_times(b, profiled), fp32_aten, layers
+    # profiled in alternating rounds, as the steps were timed
+    rounds, steps = 3, max(2, reps // 4)
+    parts = {
+        side: dict.fromkeys([*(label for label, _ in PARTS), ATEN, INDUCTOR], 0.0) for side in "ab"
+    }
+    for _ in range(rounds):
+        for side, step in (("a", a), ("b", b)):
+            for part, seconds in _self_times(step, steps).items():
+                parts[side][part] += seconds / rounds
+    return statistics.median(ta), statistics.median(tb), parts["b"], parts["a"], layers
 
 
 def _ms(seconds: float) -> str:
@@ -114,36 +132,37 @@ def main() -> int:
         "--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "PROFILE.md")
     )
     args = parser.parse_args()
-    cases: list[tuple[str, Callable[[], nn.Module], Tensor, int, DPCConfig | None]] = [
-        ("ResNet-18, 64x3x32x32", lambda: torchvision.models.resnet18(num_classes=10), torch.randn(64, 3, 32, 32), 11, None),
-        ("MobileNetV2, 64x3x32x32", lambda: torchvision.models.mobilenet_v2(num_classes=10), torch.randn(64, 3, 32, 32), 11, None),
-        ("EfficientNet-B0, 2x3x96x96", lambda: torchvision.models.efficientnet_b0(num_classes=10), torch.randn(2, 3, 96, 96), 21, None),
-        ("Transformer block, 64x64x256", EncoderBlock, torch.randn(64, 64, 256), 11, BLOCK_CONFIG),
-        ("demo CNN (MNIST-1D), 100x1x40", _demo_cnn, torch.randn(100, 1, 40), 201, None),
+    cases: list[tuple[str, Callable[[], nn.Module], Tensor, int, DPCConfig | None, bool]] = [
+        ("ResNet-18, 64x3x32x32", lambda: torchvision.models.resnet18(num_classes=10), torch.randn(64, 3, 32, 32), 11, None, False),
+        ("MobileNetV2, 64x3x32x32", lambda: torchvision.models.mobilenet_v2(num_classes=10), torch.randn(64, 3, 32, 32), 11, None, False),
+        ("EfficientNet-B0, 2x3x96x96", lambda: torchvision.models.efficientnet_b0(num_classes=10), torch.randn(2, 3, 96, 96), 21, None, False),
+        ("Transformer block, 64x64x256", EncoderBlock, torch.randn(64, 64, 256), 11, BLOCK_CONFIG, False),
+        ("demo CNN (MNIST-1D), 100x1x40", _demo_cnn, torch.randn(100, 1, 40), 201, None, False),
+        ("demo CNN under torch.compile", _demo_cnn, torch.randn(100, 1, 40), 201, None, True),
     ]  # fmt: skip
     header = [
         "model",
         "fp32 step",
         "DPC step",
         *(label for label, _ in PARTS),
-        "ATen ops, fp32 step",
-        "ATen ops, DPC step",
+        f"{INDUCTOR}, fp32 / DPC",
+        f"{ATEN}, fp32 / DPC",
         "fused layers",
         "DPC less fp32, per fused layer",
     ]
     rows = []
-    for label, build, x, reps, config in cases:
+    for label, build, x, reps, config, compiled in cases:
         console.print(f"profile: {label}")
         torch.manual_seed(0)
-        fp32, dpc, parts, fp32_aten, layers = profile(build().train(), x, reps, config)
+        fp32, dpc, parts, base, layers = profile(build().train(), x, reps, config, compiled)
         rows.append(
             [
                 label,
                 _ms(fp32),
                 f"{_ms(dpc)} ({dpc / fp32:.2f}x)",
                 *(_ms(parts[p]) for p, _ in PARTS),
-                _ms(fp32_aten),
-                _ms(parts[ATEN]),
+                f"{_ms(base[INDUCTOR])} / {_ms(parts[INDUCTOR])}" if compiled else "-",
+                f"{_ms(base[ATEN])} / {_ms(parts[ATEN])}",
                 str(layers),
                 f"{(dpc - fp32) / layers * 1e6:.0f} us",
             ]
@@ -163,11 +182,14 @@ def main() -> int:
         f"{'' if native.layers() else ' (layer operators unavailable)'}"
         f"{'' if native.library() is not None else ' (native loops unavailable)'}. "
         "fp32 and DPC steps interleaved in one process, medians, no profiler. The other "
-        "columns: self time per DPC step under `torch.profiler` (a third as many steps), by "
+        "columns: self time per DPC step under `torch.profiler` (three rounds of a quarter as "
+        "many steps, alternating with fp32's), by "
         "who spends it: the layer operators' own time is the quantiser loops; the fused "
         "layers' autograd nodes hold their Python, and the loops of layers on the Python path; "
         "the ATen ops are the products, their backward and the rest of the model, in fp32's "
-        "step and in DPC's. The profiler adds a little to every op it records, on both sides.",
+        "step and in DPC's; under `torch.compile`, the compiled graphs' own time is inductor's "
+        "generated code, the quantisers' kernels among it on DPC's side. The profiler adds a "
+        "little to every op it records, on both sides.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
