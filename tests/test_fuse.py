@@ -209,6 +209,30 @@ def test_a_fused_layer_keeps_codes_not_floats_and_less_at_fewer_bits() -> None:
     assert kept_bytes[-1] < codes / 2 * 1.1  # two codes a byte at 2 bits
 
 
+def test_the_layer_operator_keeps_codes_not_floats_and_less_at_fewer_bits() -> None:
+    """A conv whose weight is a parameter trains through ``torch.ops.dpc_fx.layer`` and its
+    C++ autograd node: what that node keeps goes through saved-tensor hooks like any other
+    (offloading and checkpointing see it), and is the input's codes, its range and flag,
+    and the parameter itself (kept by the model anyway): never a float copy."""
+    from dpc_fx import native
+
+    if not native.layers():
+        pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
+    kept_bytes = []
+    for bits in (8, 6, 4):
+        layer, x, weight = _layer(bits)
+        weight = nn.Parameter(weight.detach())
+        kept = _kept(layer, x, weight)
+        assert type(layer(x, weight, None).grad_fn).__name__ == "CppFunction"
+        assert any(t is weight for t in kept)
+        others = [t for t in kept if t is not weight]
+        assert not [t for t in others if t.is_floating_point() and t.numel() > 1], others
+        total = sum(t.numel() * t.element_size() for t in others)
+        assert total == layer.saved_bytes()
+        kept_bytes.append(total)
+    assert kept_bytes[0] > kept_bytes[1] > kept_bytes[2], kept_bytes
+
+
 def test_the_float_copy_check_sees_the_unfused_quantisers() -> None:
     """The check above can fail: the unfused chain keeps the quantised input in float."""
     layer, x, weight = _layer(8)
