@@ -123,7 +123,7 @@ def compile(
         ),
     )
     _warn(model, result)
-    if final:  # the native loops and layer operators, built (once a machine) before training
+    if final:  # the native loops and the layer operator, built (once a machine) before training
         native.layers()
     return result
 

@@ -406,6 +406,10 @@ def _native_step(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | No
     )
 
 
+def _python_step(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return _FusedFn.apply(x, weight, bias, layer)  # type: ignore[no-any-return]
+
+
 def _buffer(t: Tensor) -> Tensor | None:
     """The float32 vector ``t`` views, if it is one of this layer's own temporaries a pool
     may take back (not a parameter, not a tensor the caller holds)."""
@@ -489,7 +493,7 @@ class FusedLayer(nn.Module):
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if self._fusable(x, weight, bias):
-            step = _native_step if _native_layer(self, x, weight, bias) else self._step
+            step = _native_step if _native_layer(self, x, weight, bias) else _python_step
             if self.op == "linear" and x.dim() > 2:
                 # aten.linear runs a dense 3-D input as a 2-D product and returns a view of
                 # it; a custom Function's output may not be a view (in-place ops on it would
@@ -499,10 +503,6 @@ class FusedLayer(nn.Module):
             return step(self, x, weight, bias)
         y = self.product(self.act_q(x), self.weight_q(weight), bias)
         return y if self.grad_q is None else self.grad_q(y)
-
-    @staticmethod
-    def _step(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return _FusedFn.apply(x, weight, bias, layer)  # type: ignore[no-any-return]
 
     def product(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """The layer's op on (quantised) ``x`` and ``weight``."""

@@ -188,15 +188,17 @@ def library() -> ctypes.CDLL | None:
 
 
 def unavailable() -> str | None:
-    """Why :func:`library` returned ``None`` (``None`` if it did not, or was not asked)."""
-    return _state.get("error")  # type: ignore[return-value]
+    """Why :func:`library` returned ``None``, else why :func:`layers` returned ``False``
+    after a failed build (``None`` if neither did, or was not asked)."""
+    return _state.get("error", _state.get("layer error"))  # type: ignore[return-value]
 
 
 def _torch_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Compile and link flags for a library of torch operators, from the installed torch."""
     root = Path(torch.__file__).parent
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    compile_ = (*_FLAGS, "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{root / 'include'}")
+    flags = tuple(f for f in _FLAGS if not f.startswith("-std="))  # torch's headers: C++20
+    compile_ = (*flags, "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{root / 'include'}")
     lib = root / "lib"
     return compile_, (f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}")
 
@@ -209,9 +211,9 @@ def layers() -> bool:
     """Whether the fused layers' operator (``csrc/layer.cpp``: ``torch.ops.dpc_fx.layer``, a
     layer's step as one call forward and one C++ autograd node backward) is loaded; built on
     first call, against the installed torch, in about twenty seconds, then loaded from the
-    cache. Where they
-    cannot be (no native loops, or the build failed: warned about once, with the reason),
-    the fused layers run the same loops and ops from Python, with the same results."""
+    cache. Where it cannot be (no native loops, or the build failed: warned about once, the
+    reason kept in :func:`unavailable`), the fused layers run the same loops and ops from
+    Python, with the same results."""
     if library() is None:
         return False
     if "layers" in _state:
@@ -227,12 +229,13 @@ def layers() -> bool:
             compile_,
             link,
             key=torch.__version__,
-            announce=f"building the layer operators for torch {torch.__version__}",
+            announce=f"building the layer operator for torch {torch.__version__}",
         )
         torch.ops.load_library(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _state["layer error"] = _why(e)
         warnings.warn(
-            f"dpc_fx: the fused layers' native operators are unavailable ({_why(e)}); the "
+            f"dpc_fx: the fused layers' native operator is unavailable ({_why(e)}); the "
             "fused layers run their loops from Python instead, with the same results.",
             stacklevel=3,
         )

@@ -310,18 +310,22 @@ class _Layers(nn.Module):
         return self.fc(y.flatten(2).transpose(1, 2).contiguous())
 
 
+@pytest.mark.parametrize("rank", [0, 3])
 def test_the_layer_operators_equal_the_python_path_and_the_eager_kernels(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, rank: int
 ) -> None:
     """The layer operator (``torch.ops.dpc_fx.layer``, with its C++ autograd node) gives every
     output, gradient and running range the Python path on the same loops gives, and the
     eager kernels, bit for bit; also where the incoming gradient is strided (the transpose
-    before ``fc``: rounded in its own memory order, as the Python path rounds it)."""
+    before ``fc``: rounded in its own memory order, as the Python path rounds it). Under
+    ``torch.distributed`` (rank 3) the operator offsets its seeds as ``kernels.new_seed``
+    does."""
     import dpc_fx
     from dpc_fx import DPCConfig
 
     if not native.layers():
-        pytest.skip("the layer operators could not be built here")
+        pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
+    monkeypatch.setattr(kernels, "_rank", lambda: rank)
     torch.manual_seed(0)
     x = torch.randn(4, 2, 16)
     base = dpc_fx.compile(_Layers(), x, config=DPCConfig(pin_first_last=False))
@@ -353,8 +357,9 @@ def test_a_failed_operator_build_warns_once_and_the_layers_still_train(
     monkeypatch.setenv("DPC_FX_CACHE", str(tmp_path))
     broken = lambda: ((*native._FLAGS, "-DNO_SUCH_HEADER", "-include", "no-such.h"), ())  # noqa: E731
     monkeypatch.setattr(native, "_torch_flags", broken)
-    with pytest.warns(UserWarning, match="operators are unavailable"):
+    with pytest.warns(UserWarning, match="operator is unavailable"):
         assert native.layers() is False
+    assert "no-such.h" in (native.unavailable() or "")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert native.layers() is False  # once

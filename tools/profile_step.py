@@ -8,12 +8,12 @@ For each model, fp32 and dpc_fx (default config) steps run interleaved in one pr
 step columns: medians, no profiler). Then a few steps of each run under
 ``torch.profiler``, which splits the time by who spends it (self time, per step):
 
-- the layer operators (``torch.ops.dpc_fx.layer_forward`` / ``layer_backward``, whose own
-  time is the quantiser loops: the input's range and codes, the weight per channel, the
-  gradient's stochastic rounding, the codes dequantised);
-- the fused layers' autograd nodes (``_FusedFn`` and its backward: the Python around the
-  operators, and the loops of layers that run the Python path, a product of two
-  activations say, called through ctypes where the profiler cannot see them);
+- the layer operator (``torch.ops.dpc_fx.layer`` in forward, its C++ autograd node in
+  backward), whose own time is the quantiser loops: the input's range and codes, the weight
+  per channel, the gradient's stochastic rounding, the codes dequantised;
+- the fused layers' Python autograd nodes (``_FusedFn`` and its backward, for the layers
+  the operator leaves out, a product of two activations say: their Python, and their loops,
+  called through ctypes where the profiler cannot see them);
 - the quantisers that run unfused (their autograd nodes' own time);
 - ATen ops (``aten::*``: the products, their backward and the rest of the model), in fp32's
   step and in DPC's: the same ops, on quantised values.

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <numeric>
 #include <optional>
 #include <vector>
@@ -29,12 +30,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 float levels_of(int64_t bits) { return static_cast<float>((int64_t{1} << bits) - 1); }
-
-int64_t packed_bytes(int64_t n, int64_t bits) {
-  if (bits <= 4) return n / 2 + n % 2;
-  if (bits <= 6) return (n / 4) * 3 + n % 4;
-  return n;
-}
 
 // native._Pool's policy for this path's float temporaries (the quantised input in forward;
 // the quantised gradient and dequantised input in backward): buffers of 64K elements or
@@ -145,7 +140,8 @@ struct Layer : public torch::autograd::Function<Layer> {
     pool.enter(kForward);
     const int64_t n = x.numel();
     Tensor x_hat = pool.take(n);
-    Tensor codes = at::empty({packed_bytes(n, a_bits)}, at::TensorOptions().dtype(at::kByte));
+    Tensor codes = at::empty({packed_bytes(n, static_cast<int>(a_bits))},
+                             at::TensorOptions().dtype(at::kByte));
     float range[2];
     const bool bad =
         dpc_quantize_measured(x.const_data_ptr<float>(), n, levels_of(a_bits),

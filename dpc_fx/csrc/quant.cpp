@@ -110,6 +110,16 @@ inline uint8_t byte(float q) { return static_cast<uint8_t>(static_cast<int32_t>(
 
 inline int parts_of(int bits) { return bits <= 4 ? 2 : (bits <= 6 ? 4 : 1); }
 
+// Bytes the planes of m codes a part take: one a code at 1 or 2 parts, three at 4.
+inline int64_t plane_bytes(int64_t m, int parts) { return parts == 4 ? 3 * m : m; }
+
+// Bytes n codes of `bits` bits take packed (kernels.packed_bytes): the planes, then the
+// remainder a byte a code.
+inline int64_t packed_bytes(int64_t n, int bits) {
+  const int parts = parts_of(bits);
+  return plane_bytes(n / parts, parts) + n % parts;
+}
+
 // f(begin, end) over [0, n), split evenly over t threads (on this one if t is 1).
 template <class F>
 void split(int64_t n, int t, F f) {
@@ -269,7 +279,7 @@ void dpc_quantize(const float* x, int64_t n, float lo, float hi, float levels, i
   split(m, t, [=](int64_t b, int64_t e) {
     quantize_planes(x, xhat, packed, m, parts, lo, scale, top, b, e);
   });
-  const int64_t bytes = parts == 1 ? m : (parts == 2 ? m : 3 * m);
+  const int64_t bytes = plane_bytes(m, parts);
   for (int64_t j = parts * m; j < n; ++j) {  // the remainder, a byte a code
     float q = code_of(x[j], lo, scale, top);
     xhat[j] = value_of(x[j], q, lo, scale);
@@ -290,7 +300,7 @@ void dpc_dequantize(const uint8_t* packed, int64_t n, int bits, float lo, float 
   const int64_t m = n / parts;
   split(m, threads_for(n, nthreads),
         [=](int64_t b, int64_t e) { dequantize_planes(packed, out, m, parts, lo, scale, b, e); });
-  const int64_t bytes = parts == 1 ? m : (parts == 2 ? m : 3 * m);
+  const int64_t bytes = plane_bytes(m, parts);
   for (int64_t j = parts * m; j < n; ++j)
     out[j] = static_cast<float>(packed[bytes + j - parts * m]) * scale + lo;
 }
