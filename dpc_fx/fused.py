@@ -373,10 +373,12 @@ def _native_layer(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | N
         and x.dtype == weight.dtype == act_q.running_min.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
         and x.device.type == weight.device.type == "cpu"
-        and x.is_contiguous()
-        and weight.is_contiguous()
         and not torch.is_autocast_enabled("cpu")
-        and native.layers()
+        and (
+            native.layers_loaded()  # a trace must not start a build; compile() ran it
+            if torch.compiler.is_compiling()
+            else x.is_contiguous() and weight.is_contiguous() and native.layers()
+        )
     )
 
 
@@ -404,6 +406,47 @@ def _native_step(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | No
         1.0 - act_q.momentum,
         kernels._rank(),
     )
+
+
+class _CompiledFn(torch.autograd.Function):
+    """A layer's step under ``torch.compile``: ``torch.ops.dpc_fx.layer_forward`` forward and
+    ``layer_backward`` backward, opaque calls to the C++ of ``torch.ops.dpc_fx.layer``
+    (whose autograd node a trace cannot see into), for dynamo to trace and inductor to run
+    between its own kernels. Keeps what that node keeps: the codes, their range and flag,
+    and the weight."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: FusedLayer
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        act_q, grad_q = layer.act_q, layer.grad_q
+        grad_bits = grad_q.bits if grad_q is not None and grad_q.active else 0
+        conv = (layer.stride, layer.padding, layer.dilation, layer.groups)
+        y, codes, lo, hi, bad = torch.ops.dpc_fx.layer_forward.default(
+            x, weight, bias, act_q.bits, layer.weight_q.bits, *conv, grad_bits, kernels._rank()
+        )
+        ctx.save_for_backward(codes, lo, hi, bad, weight)
+        ctx.step = (list(x.shape), act_q.bits, layer.weight_q.bits, grad_bits, *conv)
+        ctx.rank, ctx.has_bias = kernels._rank(), bias is not None
+        ctx.mark_non_differentiable(lo, hi)
+        return y, lo, hi
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, *unused: Tensor | None) -> tuple[Tensor | None, ...]:
+        codes, lo, hi, bad, weight = ctx.saved_tensors
+        want = [bool(w) for w in ctx.needs_input_grad[:3]]
+        grads = torch.ops.dpc_fx.layer_backward.default(
+            grad, codes, lo, hi, bad, weight, *ctx.step, ctx.rank, ctx.has_bias, want
+        )
+        return (*(g if w else None for g, w in zip(grads, want, strict=True)), None)
+
+
+def _compiled_step(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The layer's step under ``torch.compile`` (:class:`_CompiledFn`), and the running range
+    updated from the input's."""
+    y, lo, hi = _CompiledFn.apply(x, weight, bias, layer)
+    layer.act_q._observe(lo, hi)
+    return y  # type: ignore[no-any-return]
 
 
 def _python_step(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -492,17 +535,27 @@ class FusedLayer(nn.Module):
         self.last_shapes: tuple[int, int, int] | None = None
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        if self._fusable(x, weight, bias):
-            step = _native_step if _native_layer(self, x, weight, bias) else _python_step
-            if self.op == "linear" and x.dim() > 2:
-                # aten.linear runs a dense 3-D input as a 2-D product and returns a view of
-                # it; a custom Function's output may not be a view (in-place ops on it would
-                # be refused), so the Function takes the 2-D product and autograd the view.
-                y = step(self, x.reshape(-1, x.shape[-1]), weight, bias)
-                return y.view(*x.shape[:-1], y.shape[-1])
-            return step(self, x, weight, bias)
-        y = self.product(self.act_q(x), self.weight_q(weight), bias)
-        return y if self.grad_q is None else self.grad_q(y)
+        step = self._step(x, weight, bias)
+        if step is None:
+            y = self.product(self.act_q(x), self.weight_q(weight), bias)
+            return y if self.grad_q is None else self.grad_q(y)
+        if self.op == "linear" and x.dim() > 2:
+            # aten.linear runs a dense 3-D input as a 2-D product and returns a view of it;
+            # a custom Function's output may not be a view (in-place ops on it would be
+            # refused), so the Function takes the 2-D product and autograd the view.
+            y = step(self, x.reshape(-1, x.shape[-1]), weight, bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        return step(self, x, weight, bias)
+
+    def _step(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Callable[..., Tensor] | None:
+        """How this call runs fused, or ``None``: as the unfused chain of quantisers."""
+        if not self._fusable(x, weight, bias):
+            return None
+        if torch.compiler.is_compiling():
+            # The operator's halves where they take the layer; else the quantisers' torch
+            # ops, for inductor to fuse into their neighbours.
+            return _compiled_step if _native_layer(self, x, weight, bias) else None
+        return _native_step if _native_layer(self, x, weight, bias) else _python_step
 
     def product(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """The layer's op on (quantised) ``x`` and ``weight``."""
@@ -514,7 +567,7 @@ class FusedLayer(nn.Module):
         return fn(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _fusable(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if not torch.is_grad_enabled() or torch.jit.is_tracing():
             return False  # nothing to keep, or a tracer that should see the quantisers
         if not any(t is not None and t.requires_grad for t in (x, weight, bias)):
             return False

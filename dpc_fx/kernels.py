@@ -370,8 +370,7 @@ def _grouping(bits: int) -> tuple[int, int]:
 def packed_bytes(numel: int, bits: int) -> int:
     """Bytes :func:`dpc_fx.fused.pack` keeps for ``numel`` codes of ``bits`` bits."""
     codes, nbytes = _grouping(bits)
-    groups, rest = divmod(numel, codes)
-    return groups * nbytes + rest
+    return numel // codes * nbytes + numel % codes  # not divmod: numel may be symbolic
 
 
 _LEVELS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}

@@ -220,6 +220,7 @@ def layers() -> bool:
         return bool(_state["layers"])
     _state["layers"] = False
     if _registered():  # loaded already (an operator namespace loads once a process)
+        _for_compile()
         _state["layers"] = True
         return True
     try:
@@ -240,8 +241,61 @@ def layers() -> bool:
             stacklevel=3,
         )
         return False
+    _for_compile()
     _state["layers"] = True
     return True
+
+
+def layers_loaded() -> bool:
+    """Whether :func:`layers` has loaded the operator: a plain lookup, safe inside a
+    ``torch.compile`` trace (which must not start a build)."""
+    return _state.get("layers") is True
+
+
+# Under torch.compile a layer's step is two opaque operators, torch.ops.dpc_fx.layer_forward
+# and layer_backward (the halves of torch.ops.dpc_fx.layer), which dpc_fx.fused joins in an
+# autograd.Function for dynamo to trace: inductor runs them between its own kernels, and what
+# forward keeps for backward stays the input's codes, never a float copy. The fake
+# implementations give the shapes a trace needs.
+
+
+def _product_fake(x: Tensor, weight: Tensor, bias: Tensor | None, *conv: object) -> Tensor:
+    if x.dim() == 2:
+        return torch.nn.functional.linear(x, weight, bias)
+    fn = (torch.conv1d, torch.conv2d, torch.conv3d)[x.dim() - 3]
+    return fn(x, weight, bias, *conv)  # type: ignore[call-overload, no-any-return]
+
+
+def _forward_fake(
+    x: Tensor, weight: Tensor, bias: Tensor | None, a_bits: int, w_bits: int, stride: list[int],
+    padding: list[int], dilation: list[int], groups: int, *unused: int,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    y = _product_fake(x.contiguous(), weight, bias, stride, padding, dilation, groups)
+    codes = x.new_empty(packed_bytes(x.numel(), a_bits), dtype=torch.uint8)
+    scalar = x.new_empty(())
+    return y, codes, scalar, scalar.clone(), x.new_empty((), dtype=torch.bool)
+
+
+def _backward_fake(
+    grad: Tensor, codes: Tensor, lo: Tensor, hi: Tensor, bad: Tensor, weight: Tensor,
+    x_size: list[int], *args: object,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    has_bias, want = args[-2], args[-1]
+    assert isinstance(want, list)
+    empty = grad.new_empty(0)
+    return (
+        grad.new_empty(x_size) if want[0] else empty,
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if want[1] else empty,
+        grad.new_empty(weight.shape[0]) if want[2] and has_bias else empty,
+    )
+
+
+def _for_compile() -> None:
+    if _state.get("compile ops"):
+        return
+    torch.library.register_fake("dpc_fx::layer_forward", _forward_fake)
+    torch.library.register_fake("dpc_fx::layer_backward", _backward_fake)
+    _state["compile ops"] = True
 
 
 _DTYPES = (torch.float32, torch.uint8)

@@ -371,3 +371,39 @@ def test_a_failed_operator_build_warns_once_and_the_layers_still_train(
     gm = dpc_fx.compile(_Layers(), x, config=DPCConfig(pin_first_last=False)).train()
     gm(x).sum().backward()
     assert all(p.grad is not None for p in gm.parameters())
+
+
+def test_under_torch_compile_the_layers_run_the_operator_with_eager_numbers() -> None:
+    """Under ``torch.compile`` a layer's step is the operator's two halves
+    (``layer_forward``, ``layer_backward``), opaque calls between inductor's kernels: a
+    compiled step gives the eager operator's outputs, gradients and running ranges bit for
+    bit, and runs no quantiser of inductor's."""
+    import dpc_fx
+    from dpc_fx import DPCConfig
+
+    if not native.layers():
+        pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 6, 3, stride=2, padding=1), nn.ReLU(), nn.Conv1d(6, 4, 3, groups=2),
+        nn.ReLU(), nn.Flatten(), nn.Linear(24, 5),
+    )  # fmt: skip
+    x = torch.randn(8, 2, 16)
+    eager = dpc_fx.compile(model, x, config=DPCConfig(pin_first_last=False)).train()
+    twin = copy.deepcopy(eager)
+    fast = torch.compile(twin)
+    for step in range(2):
+        torch.manual_seed(step)
+        y_eager = eager(x)
+        y_eager.square().sum().backward()
+        torch.manual_seed(step)
+        with torch.profiler.profile() as prof:
+            y_fast = fast(x)
+            y_fast.square().sum().backward()
+        assert identical(y_eager, y_fast)
+    ran = [e.name for e in prof.events()]
+    assert ran.count("dpc_fx::layer_forward") == ran.count("dpc_fx::layer_backward") == 3
+    for (name, a), (_, b) in zip(eager.named_parameters(), twin.named_parameters(), strict=True):
+        assert a.grad is not None and identical(a.grad, b.grad), name
+    for (name, a), (_, b) in zip(eager.named_buffers(), twin.named_buffers(), strict=True):
+        assert identical(a, b), name

@@ -127,39 +127,101 @@ Tensor product(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bi
   }
 }
 
+// What forward keeps for backward: the input's packed codes, its range and its
+// non-finite flag (the weight parameter is kept by the caller).
+struct Kept {
+  Tensor codes, lo, hi, bad;
+};
+
+// The running range updated as ActQuantizer._observe does.
+void observe(const Kept& kept, const Tensor& running_min, const Tensor& running_max,
+             const Tensor& seen, double weight_of_batch) {
+  if (seen.item<bool>()) {
+    at::_foreach_lerp_({running_min, running_max}, {kept.lo, kept.hi}, weight_of_batch);
+  } else {
+    running_min.copy_(kept.lo);
+    running_max.copy_(kept.hi);
+  }
+  seen.fill_(true);
+}
+
+// Forward: the input's range, its codes (packed) and its quantised floats, the weight
+// quantised per channel, and the product.
+Tensor forward_step(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                    int64_t a_bits, int64_t w_bits, at::IntArrayRef stride,
+                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                    Kept& kept) {
+  pool.enter(kForward);
+  const int64_t n = x.numel();
+  Tensor x_hat = pool.take(n);
+  kept.codes = at::empty({packed_bytes(n, static_cast<int>(a_bits))},
+                         at::TensorOptions().dtype(at::kByte));
+  float range[2];
+  const bool bad = dpc_quantize_measured(
+      x.const_data_ptr<float>(), n, levels_of(a_bits), static_cast<int>(a_bits),
+      x_hat.mutable_data_ptr<float>(), kept.codes.mutable_data_ptr<uint8_t>(), range,
+      at::get_num_threads());
+  kept.lo = at::scalar_tensor(range[0], at::kFloat);
+  kept.hi = at::scalar_tensor(range[1], at::kFloat);
+  kept.bad = at::scalar_tensor(bad, at::kBool);
+  Tensor y = product(x_hat.view(x.sizes()), weight_rows(weight, w_bits), bias, stride, padding,
+                     dilation, groups);
+  pool.give(x_hat);
+  return y;
+}
+
+// Backward: the output gradient rounded stochastically (grad_bits 0: as it is), the codes
+// dequantised, the weight quantised again, and the product's backward:
+// aten.convolution_backward, or for linear the matmuls aten.linear's backward runs.
+std::tuple<Tensor, Tensor, Tensor> backward_step(
+    const Tensor& grad, const Kept& kept, const Tensor& weight, at::IntArrayRef x_size,
+    int64_t a_bits, int64_t w_bits, int64_t grad_bits, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t rank,
+    bool has_bias, std::array<bool, 3> want) {
+  pool.enter(kBackward);
+  Tensor g = grad, g_buffer;
+  if (grad_bits > 0) g = round_gradient(g, grad_bits, rank, g_buffer);
+  const int64_t n = c10::multiply_integers(x_size);
+  Tensor x_hat = pool.take(n);
+  dpc_dequantize(kept.codes.const_data_ptr<uint8_t>(), n, static_cast<int>(a_bits),
+                 kept.lo.item<float>(), kept.hi.item<float>(), levels_of(a_bits),
+                 kept.bad.item<bool>() ? 1 : 0, x_hat.mutable_data_ptr<float>(),
+                 at::get_num_threads());
+  Tensor x3 = x_hat.view(x_size);
+  Tensor w_hat = weight_rows(weight, w_bits);
+  want[2] = want[2] && has_bias;
+  Tensor dx, dw, db;
+  if (x_size.size() == 2) {  // linear, on the 2-D input
+    if (want[0]) dx = g.mm(w_hat).view(x_size);
+    if (want[1]) dw = g.t().mm(x3);
+    if (want[2]) db = g.sum(0);
+  } else {
+    const std::vector<int64_t> output_padding(x_size.size() - 2, 0);
+    const std::array<int64_t, 1> channels{weight.size(0)};
+    std::optional<at::IntArrayRef> bias_sizes;
+    if (has_bias) bias_sizes = at::IntArrayRef(channels);
+    std::tie(dx, dw, db) =
+        at::convolution_backward(g, x3, w_hat, bias_sizes, stride, padding, dilation, false,
+                                 output_padding, groups, want);
+  }
+  if (g_buffer.defined()) pool.give(g_buffer);
+  pool.give(x_hat);
+  return {dx, dw, db};
+}
+
 struct Layer : public torch::autograd::Function<Layer> {
-  // Forward: the input's range, its codes (packed) and its quantised floats, the running
-  // range updated as ActQuantizer._observe does, the weight quantised per channel, and the
-  // product. Keeps for backward what _FusedFn keeps: the codes, the range, the non-finite
-  // flag and the weight parameter.
+  // Keeps for backward what _FusedFn keeps: the codes, the range, the non-finite flag and
+  // the weight parameter.
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
                         const std::optional<Tensor>& bias, int64_t a_bits, int64_t w_bits,
                         int64_t grad_bits, at::IntArrayRef stride, at::IntArrayRef padding,
                         at::IntArrayRef dilation, int64_t groups, Tensor running_min,
                         Tensor running_max, Tensor seen, double weight_of_batch, int64_t rank) {
-    pool.enter(kForward);
-    const int64_t n = x.numel();
-    Tensor x_hat = pool.take(n);
-    Tensor codes = at::empty({packed_bytes(n, static_cast<int>(a_bits))},
-                             at::TensorOptions().dtype(at::kByte));
-    float range[2];
-    const bool bad =
-        dpc_quantize_measured(x.const_data_ptr<float>(), n, levels_of(a_bits),
-                              static_cast<int>(a_bits), x_hat.mutable_data_ptr<float>(),
-                              codes.mutable_data_ptr<uint8_t>(), range, at::get_num_threads());
-    Tensor lo = at::scalar_tensor(range[0], at::kFloat);
-    Tensor hi = at::scalar_tensor(range[1], at::kFloat);
-    if (seen.item<bool>()) {
-      at::_foreach_lerp_({running_min, running_max}, {lo, hi}, weight_of_batch);
-    } else {
-      running_min.copy_(lo);
-      running_max.copy_(hi);
-    }
-    seen.fill_(true);
-    Tensor y = product(x_hat.view(x.sizes()), weight_rows(weight, w_bits), bias, stride,
-                       padding, dilation, groups);
-    pool.give(x_hat);
-    ctx->save_for_backward({codes, lo, hi, at::scalar_tensor(bad, at::kBool), weight});
+    Kept kept;
+    Tensor y = forward_step(x, weight, bias, a_bits, w_bits, stride, padding, dilation, groups,
+                            kept);
+    observe(kept, running_min, running_max, seen, weight_of_batch);
+    ctx->save_for_backward({kept.codes, kept.lo, kept.hi, kept.bad, weight});
     ctx->saved_data["x_size"] = x.sizes().vec();
     ctx->saved_data["bits"] = std::vector<int64_t>{a_bits, w_bits, grad_bits, groups, rank};
     ctx->saved_data["stride"] = stride.vec();
@@ -169,46 +231,16 @@ struct Layer : public torch::autograd::Function<Layer> {
     return y;
   }
 
-  // Backward: the output gradient rounded stochastically (grad_bits 0: as it is), the codes
-  // dequantised, the weight quantised again, and the product's backward:
-  // aten.convolution_backward, or for linear the matmuls aten.linear's backward runs.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    pool.enter(kBackward);
     const variable_list saved = ctx->get_saved_variables();
-    const Tensor &codes = saved[0], &weight = saved[4];
-    const std::vector<int64_t> x_size = ctx->saved_data["x_size"].toIntVector();
     const std::vector<int64_t> bits = ctx->saved_data["bits"].toIntVector();
-    const int64_t a_bits = bits[0], w_bits = bits[1], grad_bits = bits[2], groups = bits[3];
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    Tensor g = grads[0], g_buffer;
-    if (grad_bits > 0) g = round_gradient(g, grad_bits, bits[4], g_buffer);
-    const int64_t n = c10::multiply_integers(x_size);
-    Tensor x_hat = pool.take(n);
-    dpc_dequantize(codes.const_data_ptr<uint8_t>(), n, static_cast<int>(a_bits),
-                   saved[1].item<float>(), saved[2].item<float>(), levels_of(a_bits),
-                   saved[3].item<bool>() ? 1 : 0, x_hat.mutable_data_ptr<float>(),
-                   at::get_num_threads());
-    Tensor x3 = x_hat.view(x_size);
-    Tensor w_hat = weight_rows(weight, w_bits);
-    const bool want[3] = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                          has_bias && ctx->needs_input_grad(2)};
-    Tensor dx, dw, db;
-    if (x_size.size() == 2) {  // linear, on the 2-D input
-      if (want[0]) dx = g.mm(w_hat).view(x_size);
-      if (want[1]) dw = g.t().mm(x3);
-      if (want[2]) db = g.sum(0);
-    } else {
-      const std::vector<int64_t> output_padding(x_size.size() - 2, 0);
-      const std::array<int64_t, 1> channels{weight.size(0)};
-      std::optional<at::IntArrayRef> bias_sizes;
-      if (has_bias) bias_sizes = at::IntArrayRef(channels);
-      std::tie(dx, dw, db) = at::convolution_backward(
-          g, x3, w_hat, bias_sizes, ctx->saved_data["stride"].toIntVector(),
-          ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
-          false, output_padding, groups, {want[0], want[1], want[2]});
-    }
-    if (g_buffer.defined()) pool.give(g_buffer);
-    pool.give(x_hat);
+    auto [dx, dw, db] = backward_step(
+        grads[0], Kept{saved[0], saved[1], saved[2], saved[3]}, saved[4],
+        ctx->saved_data["x_size"].toIntVector(), bits[0], bits[1], bits[2],
+        ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+        ctx->saved_data["dilation"].toIntVector(), bits[3], bits[4],
+        ctx->saved_data["has_bias"].toBool(),
+        {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)});
     variable_list out(15);  // one per forward argument
     out[0] = dx;
     out[1] = dw;
@@ -226,6 +258,35 @@ Tensor layer(const Tensor& x, const Tensor& weight, const std::optional<Tensor>&
                       groups, running_min, running_max, seen, weight_of_batch, rank);
 }
 
+// The two halves as operators without autograd, for torch.compile: there the step is an
+// opaque call inductor places between its own kernels, and the autograd formula that joins
+// them is registered from Python (dpc_fx/native.py). layer_forward leaves the running range
+// to the caller (a functional operator mutates nothing) and takes the gradient's bits and the
+// rank only so that formula finds them. An output not wanted is an empty tensor, as
+// an operator cannot return None.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
+    const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, int64_t a_bits,
+    int64_t w_bits, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, int64_t /*grad_bits*/, int64_t /*rank*/) {
+  Kept kept;
+  Tensor y = forward_step(x.contiguous(), weight.contiguous(), bias, a_bits, w_bits, stride,
+                          padding, dilation, groups, kept);
+  return {y, kept.codes, kept.lo, kept.hi, kept.bad};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_backward(
+    const Tensor& grad, const Tensor& codes, const Tensor& lo, const Tensor& hi,
+    const Tensor& bad, const Tensor& weight, at::IntArrayRef x_size, int64_t a_bits,
+    int64_t w_bits, int64_t grad_bits, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, int64_t rank, bool has_bias,
+    std::array<bool, 3> want) {
+  auto [dx, dw, db] = backward_step(grad, Kept{codes, lo, hi, bad}, weight.contiguous(), x_size,
+                                    a_bits, w_bits, grad_bits, stride, padding, dilation,
+                                    groups, rank, has_bias, want);
+  const auto empty = at::empty({0}, grad.options());
+  return {dx.defined() ? dx : empty, dw.defined() ? dw : empty, db.defined() ? db : empty};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dpc_fx, m) {
@@ -233,7 +294,20 @@ TORCH_LIBRARY(dpc_fx, m) {
       "layer(Tensor x, Tensor weight, Tensor? bias, int a_bits, int w_bits, int grad_bits, "
       "int[] stride, int[] padding, int[] dilation, int groups, Tensor(a!) running_min, "
       "Tensor(b!) running_max, Tensor(c!) seen, float weight_of_batch, int rank) -> Tensor");
+  m.def(
+      "layer_forward(Tensor x, Tensor weight, Tensor? bias, int a_bits, int w_bits, "
+      "int[] stride, int[] padding, int[] dilation, int groups, int grad_bits, int rank) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "layer_backward(Tensor grad, Tensor codes, Tensor lo, Tensor hi, Tensor bad, "
+      "Tensor weight, SymInt[] x_size, int a_bits, int w_bits, int grad_bits, int[] stride, "
+      "int[] padding, int[] dilation, int groups, int rank, bool has_bias, bool[3] want) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dpc_fx, Autograd, m) { m.impl("layer", layer); }
-TORCH_LIBRARY_IMPL(dpc_fx, CPU, m) { m.impl("layer", layer); }
+TORCH_LIBRARY_IMPL(dpc_fx, CPU, m) {
+  m.impl("layer", layer);
+  m.impl("layer_forward", layer_forward);
+  m.impl("layer_backward", layer_backward);
+}
