@@ -349,6 +349,63 @@ def test_the_layer_operators_equal_the_python_path_and_the_eager_kernels(
         assert identical(a, b) and identical(a, c)
 
 
+class _SharedInput(nn.Module):
+    """Layers reading one tensor: three projections of one input (as q, k and v), two
+    convolutions of another, and a layer between that reads a tensor changed in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+        self.a, self.b = nn.Conv1d(2, 3, 3, padding=1), nn.Conv1d(2, 3, 1)
+        self.c = nn.Linear(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.transpose(1, 2).reshape(-1, 8)  # (n*2, 8): 2 channels of 8 as rows
+        y = self.q(h) + torch.cat([self.k(h), self.v(h)], 1)
+        z = self.a(x) + self.b(x)  # (n, 3, 8)
+        w = z.flatten(0, 1).clone()
+        first = self.c(w)
+        w.mul_(2)  # the same tensor, new values: quantised again
+        return y.sum() + z.sum() + (first + self.c(w)).sum()
+
+
+def test_layers_reading_one_tensor_share_its_codes_with_the_same_numbers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Layers on the operator that read the same tensor at the same bits quantise it once
+    and keep one set of codes between them; every output, gradient and running range is what
+    quantising it per layer gives (the Python path, the eager kernels), bit for bit, and a
+    tensor changed in place between two reads is quantised again."""
+    import dpc_fx
+    from dpc_fx import DPCConfig
+
+    if not native.layers():
+        pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 8)
+    config = DPCConfig(b_min=6, b_max=6, pin_first_last=False)
+    base = dpc_fx.compile(_SharedInput(), x, config=config)
+    assert len({layer.act_q.bits for layer in base.dpc.children()}) == 1
+
+    codes: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        if t.dtype == torch.uint8:
+            key = t.untyped_storage().data_ptr()
+            codes[key] = codes.get(key, 0) + 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        base.train()(x).backward()
+    # q, k, v: one set; a, b: one set; c: one per read, as the values changed between.
+    assert sorted(codes.values()) == [1, 1, 2, 3]
+    with_ops, eager_run = _train_in_both_modes(monkeypatch, base, x, 2, lambda y: y)
+    monkeypatch.setattr(native, "layers", lambda: False)
+    python_path, _ = _train_in_both_modes(monkeypatch, base, x, 2, lambda y: y)
+    for a, b, c in zip(with_ops, python_path, eager_run, strict=True):
+        assert identical(a, b) and identical(a, c)
+
+
 def test_a_failed_operator_build_warns_once_and_the_layers_still_train(
     monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:

@@ -71,6 +71,67 @@ class Pool {
 thread_local Pool pool;
 enum { kForward, kBackward };
 
+// Where a tensor's values live and which of their versions: equal keys, equal values. The
+// storage is held weakly (a freed tensor's memory may come back for another one; the dead
+// weak reference then tells them apart) and the version counter, shared by all views of it,
+// moves on every in-place change.
+struct Place {
+  std::optional<c10::weak_intrusive_ptr<c10::StorageImpl>> storage;
+  const void* data = nullptr;
+  std::vector<int64_t> sizes, strides;
+  uint32_t version = 0;
+
+  static std::optional<Place> of(const Tensor& t) {
+    if (t.is_inference()) return std::nullopt;  // no version counter to trust
+    return Place{c10::weak_intrusive_ptr<c10::StorageImpl>(t.storage().getWeakStorageImpl()),
+                 t.const_data_ptr(), t.sizes().vec(), t.strides().vec(),
+                 t.unsafeGetTensorImpl()->version_counter().current_version()};
+  }
+  bool same(const Place& o) const {
+    return storage && o.storage && !storage->expired() && *storage == *o.storage &&
+           data == o.data && sizes == o.sizes && strides == o.strides && version == o.version;
+  }
+};
+
+// Layers that read the same tensor at the same bits (a transformer's q, k and v
+// projections; its gate and up projections) quantise it once: forward keeps the last
+// input's codes and quantised floats, backward the last codes' dequantised floats, and the
+// next layer on the same values takes them as they are. The results are those of
+// quantising again (the same loops on the same values), and the layers save one set of
+// codes between them. What is kept goes back to the pool when other values come or the
+// pass changes.
+struct Shared {
+  std::optional<Place> place;
+  int64_t bits = 0;
+  Tensor floats;  // the quantised (forward) or dequantised (backward) input, a pool buffer
+  std::array<Tensor, 4> kept;  // forward: the codes, lo, hi and flag
+
+  bool holds(const std::optional<Place>& p, int64_t b) const {
+    return p && place && bits == b && place->same(*p);
+  }
+  void set(std::optional<Place> p, int64_t b, Tensor f, std::array<Tensor, 4> k = {}) {
+    clear();
+    place = std::move(p);
+    bits = b;
+    floats = std::move(f);
+    kept = std::move(k);
+  }
+  void clear() {
+    if (floats.defined()) pool.give(floats);
+    place.reset();
+    floats.reset();
+    kept = {};
+  }
+};
+
+thread_local Shared forward_input, backward_input;
+
+// Starts a pass: the pool's rule, and the other pass's shared input let go.
+void enter(int pass) {
+  pool.enter(pass);
+  (pass == kForward ? backward_input : forward_input).clear();
+}
+
 // The weight quantised per output channel (dim 0), as fake_quantize's native branch does.
 Tensor weight_rows(const Tensor& w, int64_t bits) {
   Tensor out = at::empty_like(w);
@@ -151,23 +212,26 @@ Tensor forward_step(const Tensor& x, const Tensor& weight, const std::optional<T
                     int64_t a_bits, int64_t w_bits, at::IntArrayRef stride,
                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                     Kept& kept) {
-  pool.enter(kForward);
-  const int64_t n = x.numel();
-  Tensor x_hat = pool.take(n);
-  kept.codes = at::empty({packed_bytes(n, static_cast<int>(a_bits))},
-                         at::TensorOptions().dtype(at::kByte));
-  float range[2];
-  const bool bad = dpc_quantize_measured(
-      x.const_data_ptr<float>(), n, levels_of(a_bits), static_cast<int>(a_bits),
-      x_hat.mutable_data_ptr<float>(), kept.codes.mutable_data_ptr<uint8_t>(), range,
-      at::get_num_threads());
-  kept.lo = at::scalar_tensor(range[0], at::kFloat);
-  kept.hi = at::scalar_tensor(range[1], at::kFloat);
-  kept.bad = at::scalar_tensor(bad, at::kBool);
-  Tensor y = product(x_hat.view(x.sizes()), weight_rows(weight, w_bits), bias, stride, padding,
-                     dilation, groups);
-  pool.give(x_hat);
-  return y;
+  enter(kForward);
+  auto place = Place::of(x);
+  if (!forward_input.holds(place, a_bits)) {
+    const int64_t n = x.numel();
+    Tensor x_hat = pool.take(n);
+    Tensor codes = at::empty({packed_bytes(n, static_cast<int>(a_bits))},
+                             at::TensorOptions().dtype(at::kByte));
+    float range[2];
+    const bool bad = dpc_quantize_measured(
+        x.const_data_ptr<float>(), n, levels_of(a_bits), static_cast<int>(a_bits),
+        x_hat.mutable_data_ptr<float>(), codes.mutable_data_ptr<uint8_t>(), range,
+        at::get_num_threads());
+    forward_input.set(std::move(place), a_bits, x_hat,
+                      {codes, at::scalar_tensor(range[0], at::kFloat),
+                       at::scalar_tensor(range[1], at::kFloat), at::scalar_tensor(bad, at::kBool)});
+  }
+  const auto& k = forward_input.kept;
+  kept = Kept{k[0], k[1], k[2], k[3]};
+  return product(forward_input.floats.view(x.sizes()), weight_rows(weight, w_bits), bias, stride,
+                 padding, dilation, groups);
 }
 
 // Backward: the output gradient rounded stochastically (grad_bits 0: as it is), the codes
@@ -178,16 +242,21 @@ std::tuple<Tensor, Tensor, Tensor> backward_step(
     int64_t a_bits, int64_t w_bits, int64_t grad_bits, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t rank,
     bool has_bias, std::array<bool, 3> want) {
-  pool.enter(kBackward);
+  enter(kBackward);
   Tensor g = grad, g_buffer;
   if (grad_bits > 0) g = round_gradient(g, grad_bits, rank, g_buffer);
   const int64_t n = c10::multiply_integers(x_size);
-  Tensor x_hat = pool.take(n);
-  dpc_dequantize(kept.codes.const_data_ptr<uint8_t>(), n, static_cast<int>(a_bits),
-                 kept.lo.item<float>(), kept.hi.item<float>(), levels_of(a_bits),
-                 kept.bad.item<bool>() ? 1 : 0, x_hat.mutable_data_ptr<float>(),
-                 at::get_num_threads());
-  Tensor x3 = x_hat.view(x_size);
+  // The same codes mean the same range and flag: they were made and saved together.
+  auto place = Place::of(kept.codes);
+  if (!backward_input.holds(place, a_bits)) {
+    Tensor x_hat = pool.take(n);
+    dpc_dequantize(kept.codes.const_data_ptr<uint8_t>(), n, static_cast<int>(a_bits),
+                   kept.lo.item<float>(), kept.hi.item<float>(), levels_of(a_bits),
+                   kept.bad.item<bool>() ? 1 : 0, x_hat.mutable_data_ptr<float>(),
+                   at::get_num_threads());
+    backward_input.set(std::move(place), a_bits, x_hat);
+  }
+  Tensor x3 = backward_input.floats.view(x_size);
   Tensor w_hat = weight_rows(weight, w_bits);
   want[2] = want[2] && has_bias;
   Tensor dx, dw, db;
@@ -205,7 +274,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_step(
                                  output_padding, groups, want);
   }
   if (g_buffer.defined()) pool.give(g_buffer);
-  pool.give(x_hat);
   return {dx, dw, db};
 }
 
