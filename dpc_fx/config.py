@@ -54,8 +54,10 @@ class DPCConfig:
         similarity: the cosine-similarity threshold of ``b_min="auto"``.
         leaf_modules: module paths that tracing keeps whole (not traced into, not quantised).
         lower: run linear layers of at most 8 bits (weights, activations and gradients) on
-            integer kernels (``torch._int_mm``) in forward and backward. Their weights are
-            then quantised per tensor, as integer products need.
+            integer kernels in forward and backward: the CPU's u8 x s8 kernel (oneDNN's)
+            where it is exact at the layer's bits (on x86 without VNNI: 7 bits or fewer),
+            else ``torch._int_mm``. Their weights are then quantised per tensor, as integer
+            products need.
         attention: quantise attention (``F.scaled_dot_product_attention``: query, key and
             value per tensor at the layer's activation bits, and its output gradient) like
             any layer whose inputs are activations. ``False`` keeps every attention layer in

@@ -22,8 +22,8 @@ backward  the output gradient quantised as ``grad_q`` does (stochastic, per tens
 Every quantised value equals the one the unfused chain computes (the same kernels; codes
 dequantise to exactly the fake-quantised floats), so outputs and gradients agree bit for bit
 (``tests/test_fuse.py``). Where the codes cannot stand in (a bit-width above 8 or off, no
-gradient wanted, ``torch.compile`` or ``torch.jit`` tracing the model) the layer runs the
-unfused chain through the same quantiser modules.
+gradient wanted, ``torch.jit`` tracing the model) the layer runs the unfused chain through
+the same quantiser modules.
 
 On float32 CPU tensors the work runs on the native loops (:mod:`dpc_fx.native`); the float
 temporaries (the quantised input in forward, the quantised gradient and the dequantised
@@ -31,7 +31,15 @@ input in backward) come from ``native.pool`` and go back to it once the product 
 them. The common case, a conv or linear layer in training whose weight is a parameter,
 runs as one operator, ``torch.ops.dpc_fx.layer`` (``csrc/layer.cpp``): the same loops, ops,
 random draws and saved tensors as :class:`_FusedFn`, with its autograd node in C++, so a
-small layer pays no Python per step beyond the call (:func:`_native_step`).
+small layer pays no Python per step beyond the call (:func:`_native_step`). Layers on the
+operator that read the same tensor at the same bits (a transformer's q, k and v
+projections) quantise it once and keep one set of codes between them.
+
+Under ``torch.compile`` the same layers run the operator's two halves,
+``torch.ops.dpc_fx.layer_forward`` and ``layer_backward``, joined by :class:`_CompiledFn`:
+opaque calls that inductor places between its own kernels, with the eager operator's
+numbers and saved codes. The other layers run the unfused chain, whose torch kernels
+inductor compiles with the model.
 
 >>> q = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 5], dtype=torch.uint8)
 >>> pack(q, 3).shape, torch.equal(unpack(pack(q, 3), 3, 9), q)

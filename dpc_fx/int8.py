@@ -1,4 +1,4 @@
-"""Linear layers trained with real 8-bit integer matmuls (``torch._int_mm``).
+"""Linear layers trained with real 8-bit integer matmuls.
 
 A quantised value is ``x_hat = s * q + m`` with an int8 code ``q``, a scale ``s`` and an
 offset ``m`` (the asymmetric quantiser of :mod:`dpc_fx.quant`, shifted into int8). For
@@ -6,7 +6,12 @@ offset ``m`` (the asymmetric quantiser of :mod:`dpc_fx.quant`, shifted into int8
 
     y = s_x s_w (Qx @ Qw.T) + s_x m_w rowsum(Qx) + m_x s_w rowsum(Qw) + K m_x m_w
 
-The integer product is exact (int32 accumulation); the three corrections are cheap. Backward
+The integer product is exact (int32 accumulation); the three corrections are cheap. It runs
+on the CPU's u8 x s8 kernel (oneDNN's quantised linear) where that is exact at the second
+operand's bits, which a probe on the products that overflow first decides once per width:
+without VNNI the kernel sums pairs of products in 16 bits, so 8-bit codes may saturate and 7
+bits or fewer cannot. Elsewhere it runs on ``torch._int_mm``, fast only with int8
+dot-product instructions (VNNI, AMX) or on a GPU. Both give the same products. Backward
 does the same for ``dx = g_hat @ w_hat`` and ``dw = g_hat.T @ x_hat`` with the stochastically
 rounded output gradient ``g_hat``. Every quantised value equals what the simulated graph
 uses, so the two differ only by float rounding of the sums (see tests/test_lower.py).
@@ -85,6 +90,42 @@ def _codes_stochastic(x: Tensor, bits: int) -> tuple[Tensor, ...]:
     return kernels.quantize_int8_stochastic(x, levels, kernels.new_seed())
 
 
+# The x86 CPU's own int8 kernel, oneDNN's u8 x s8 linear (the quantised backend's), is
+# several times faster than torch._int_mm on a CPU without VNNI, but there it sums pairs of
+# u8 x s8 products in 16 bits: exact only while |s8| <= 64, i.e. for the codes of 7 bits or
+# fewer. Whether it is exact at a width is asked once, on the products that overflow first.
+_U8S8: dict[int, bool] = {}
+
+
+def _u8s8_exact(bits: int) -> bool:
+    """Whether :func:`_u8s8_product` gives the exact integer product for s8 codes of
+    ``bits`` bits (and any u8 operand) on this machine."""
+    if bits not in _U8S8:
+        half = 1 << (bits - 1)
+        a = torch.tensor([[127] * 64, [-128] * 64, [127, -128] * 32], dtype=torch.int8)
+        b = torch.stack([torch.full((64,), half - 1), torch.full((64,), -half)]).t()
+        rand = torch.randint(-half, half, (64, 6), generator=torch.Generator().manual_seed(0))
+        b = torch.cat([b, rand], 1).to(torch.int8)  # (not torch's generator: no draw moved)
+        try:
+            exact = torch.equal(_u8s8_product(a, b), torch._int_mm(a, b).float())
+        except (AttributeError, RuntimeError, TypeError):  # no oneDNN, or another signature
+            exact = False
+        _U8S8[bits] = exact
+    return _U8S8[bits]
+
+
+def _u8s8_product(qa: Tensor, qb: Tensor) -> Tensor:
+    """``qa @ qb`` for int8 ``qa`` (n, k) and ``qb`` (k, j), in float32, on oneDNN's u8 x s8
+    linear: ``qa`` shifted into u8 (its zero point 128), ``qb`` the weight, prepacked."""
+    ua = (qa.view(torch.uint8) ^ 128).contiguous()
+    w = qb.t().contiguous()
+    packed = torch.ops.onednn.qlinear_prepack(w, list(ua.shape))
+    ones, zeros = torch.ones(w.shape[0]), torch.zeros(w.shape[0], dtype=torch.long)
+    return torch.ops.onednn.qlinear_pointwise(  # type: ignore[no-any-return]
+        ua, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+
+
 def _product(
     qa: Tensor,
     sa: Tensor,
@@ -94,10 +135,15 @@ def _product(
     mb: Tensor,
     bad: Tensor,
     bias: Tensor | None = None,
+    b_bits: int = 8,
 ) -> Tensor:
-    """``(sa*qa + ma) @ (sb*qb + mb) + bias`` for int8 codes ``qa`` (n, k) and ``qb`` (k, j);
-    ``nan`` where ``bad`` (broadcast to (n, j)) is set."""
-    return _dequantised_product(torch._int_mm(qa, qb), qa, qb, sa, ma, sb, mb, bias, bad)
+    """``(sa*qa + ma) @ (sb*qb + mb) + bias`` for int8 codes ``qa`` (n, k) and ``qb`` (k, j),
+    ``qb`` of ``b_bits`` bits; ``nan`` where ``bad`` (broadcast to (n, j)) is set. The
+    integer product is exact either way: on oneDNN's u8 x s8 kernel where that is exact at
+    ``b_bits`` on this CPU, else on ``torch._int_mm``."""
+    cpu = qa.device.type == "cpu"
+    acc = _u8s8_product(qa, qb) if cpu and _u8s8_exact(b_bits) else torch._int_mm(qa, qb)
+    return _dequantised_product(acc, qa, qb, sa, ma, sb, mb, bias, bad)
 
 
 class _Int8LinearFn(torch.autograd.Function):
@@ -118,13 +164,13 @@ class _Int8LinearFn(torch.autograd.Function):
         w_codes = _weight_codes(weight, w_bits)
         qw, sw, mw, bad_w = w_codes
         b = None if bias is None else bias.float()
-        y = _product(qx, sx, mx, qw.t(), sw, mw, bad_x | bad_w.t(), b)
+        y = _product(qx, sx, mx, qw.t(), sw, mw, bad_x | bad_w.t(), b, w_bits)
         # A parameter is kept anyway: backward quantises it again (nearest rounding is
         # deterministic, so the same codes) rather than keep its codes beside it. Autograd's
         # version check still catches a parameter changed in place before backward.
         kept = (weight,) if isinstance(weight, nn.Parameter) else w_codes
         ctx.save_for_backward(qx, sx, mx, bad_x, *kept)
-        ctx.g_bits, ctx.w_bits, ctx.x_shape = g_bits, w_bits, x.shape
+        ctx.g_bits, ctx.w_bits, ctx.a_bits, ctx.x_shape = g_bits, w_bits, a_bits, x.shape
         ctx.has_bias = bias is not None
         ctx.dtypes = (x.dtype, weight.dtype)
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
@@ -136,9 +182,10 @@ class _Int8LinearFn(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1]).float().contiguous()
         qg, sg, mg, g_rows, g_cols = _codes_stochastic(g, ctx.g_bits)
         # A bad input row spoils every column of dw, a bad weight row every column of dx.
-        dx = _product(qg, sg, mg, qw, sw, mw, g_rows | bad_w.any()).reshape(ctx.x_shape)
-        dx = dx.to(ctx.dtypes[0])
-        dw = _product(qg.t(), sg, mg, qx, sx, mx, g_cols.t() | bad_x.any()).to(ctx.dtypes[1])
+        dx = _product(qg, sg, mg, qw, sw, mw, g_rows | bad_w.any(), b_bits=ctx.w_bits)
+        dx = dx.reshape(ctx.x_shape).to(ctx.dtypes[0])
+        dw = _product(qg.t(), sg, mg, qx, sx, mx, g_cols.t() | bad_x.any(), b_bits=ctx.a_bits)
+        dw = dw.to(ctx.dtypes[1])
         db = None
         if ctx.has_bias:
             db = sg * qg.sum(0, dtype=torch.int32).float() + qg.shape[0] * mg
@@ -147,7 +194,7 @@ class _Int8LinearFn(torch.autograd.Function):
 
 
 class Int8Linear(nn.Module):
-    """A lowered linear layer: owns the layer's three quantisers, runs ``_int_mm``.
+    """A lowered linear layer: owns the layer's three quantisers, runs integer products.
 
     Called in the graph as ``self.dpc.<layer>(x, weight, bias)`` in place of the simulated
     ``act_q -> weight_q -> linear -> grad_q`` chain. The quantisers keep their roles: their

@@ -158,6 +158,53 @@ def test_narrow_bit_widths_lower_exactly_too(bits: int) -> None:
     assert torch.allclose(y_low, y_sim, rtol=0, atol=1e-5 * float(y_sim.abs().max()))
 
 
+@pytest.mark.parametrize("bits", [4, 7, 8])
+def test_the_u8s8_kernel_gives_the_int_mm_products_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch, bits: int
+) -> None:
+    """Where oneDNN's u8 x s8 kernel is exact at a width (here: 7 bits or fewer on a CPU
+    without VNNI), a lowered layer runs its three products on it, and every output and
+    gradient equals the ``torch._int_mm`` path's, bit for bit; where it is not, it is not
+    used."""
+    from dpc_fx import int8
+
+    model = mlp()
+    x = torch.randn(16, 32)
+    config = LOWER.replace(b_min=bits, b_max=bits, grad_bits=8)
+    _, low = simulated_and_lowered(model, x, config)
+    exact = int8._u8s8_exact(bits)  # asked once, before the count
+    calls: list[int] = []
+    product = int8._u8s8_product
+    monkeypatch.setattr(int8, "_u8s8_product", lambda *a: calls.append(1) or product(*a))
+    y_u8s8, g_u8s8 = grads(model, low, x)
+    assert len(calls) == (9 if exact else 0)  # 3 layers x 3 products
+    monkeypatch.setattr(int8, "_u8s8_exact", lambda b: False)
+    y_int_mm, g_int_mm = grads(model, low, x)
+    assert torch.equal(y_u8s8, y_int_mm)
+    assert all(torch.equal(a, b) for a, b in zip(g_u8s8, g_int_mm, strict=True))
+
+
+def test_the_u8s8_kernel_is_asked_whether_it_is_exact_on_the_overflowing_products(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A kernel that sums pairs of products in 16 bits (saturating) fails the probe at
+    8 bits and passes it at 7: the probe holds the products that overflow first."""
+    from dpc_fx import int8
+
+    def saturating(qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
+        ua = qa.to(torch.int32) + 128
+        pairs = (ua[:, 0::2, None] * qb[0::2].to(torch.int32)) + (
+            ua[:, 1::2, None] * qb[1::2].to(torch.int32)
+        )
+        pairs = pairs.clamp(-32768, 32767) - 128 * (qb[0::2] + qb[1::2]).to(torch.int32)
+        return pairs.sum(1).float()
+
+    monkeypatch.setattr(int8, "_U8S8", {})
+    monkeypatch.setattr(int8, "_u8s8_product", saturating)
+    assert not int8._u8s8_exact(8)
+    assert int8._u8s8_exact(7)
+
+
 def int8_layer(bits: int = 8) -> Int8Linear:
     return Int8Linear(ActQuantizer(bits), WeightQuantizer(bits, None), GradQuantizer(bits))
 
