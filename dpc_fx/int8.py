@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dpc_fx import kernels
+from dpc_fx import kernels, native
 from dpc_fx.config import DPCConfig
 from dpc_fx.meta import LayerMeta
 from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer
@@ -50,6 +50,30 @@ def lowerable(meta: LayerMeta, config: DPCConfig | None) -> bool:
 
 
 @kernels.fused
+def _combine(
+    y: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    sa: Tensor,
+    ma: Tensor,
+    sb: Tensor,
+    mb: Tensor,
+    k: int,
+    bias: Tensor | None,
+) -> None:
+    """The float product, written over the integer product ``y`` (as floats) in one pass:
+    no new (n, j) tensor, whose pages a large product would fault in afresh."""
+    out = sa * sb * y + sa * mb * rows.unsqueeze(1).float() + ma * sb * cols.unsqueeze(0).float()
+    out = out + k * ma * mb
+    y.copy_(out if bias is None else out + bias)
+
+
+def _sums(q: Tensor, dim: int) -> Tensor:
+    """``q.sum(dim)`` of int8 codes, as int32."""
+    sums = native.int8_sums(q, dim)
+    return q.sum(dim, dtype=torch.int32) if sums is None else sums
+
+
 def _dequantised_product(
     acc: Tensor,
     qa: Tensor,
@@ -61,15 +85,17 @@ def _dequantised_product(
     bias: Tensor | None,
     bad: Tensor,
 ) -> Tensor:
-    """The float product (plus ``bias``) from the int32 product ``acc = qa @ qb``, in one
-    fused pass over ``acc``; ``nan`` where ``bad`` (broadcast against the product) says an
-    operand's row or column held ``inf``/``nan``, as the float product would be non-finite
-    there: an overflow stays visible."""
-    rows = qa.sum(1, dtype=torch.int32).unsqueeze(1).float()
-    cols = qb.sum(0, dtype=torch.int32).unsqueeze(0).float()
-    y = sa * sb * acc.float() + sa * mb * rows + ma * sb * cols + qa.shape[1] * ma * mb
-    y = y if bias is None else y + bias
-    return torch.where(bad, float("nan"), y)
+    """The float product (plus ``bias``) from the integer product ``acc = qa @ qb`` (int32,
+    or float32 that this takes over); ``nan`` where ``bad`` (broadcast against the product)
+    says an operand's row or column held ``inf``/``nan``, as the float product would be
+    non-finite there: an overflow stays visible. The codes' row and column sums run on the
+    native loops where they can (ATen casts a whole int8 matrix before it sums it)."""
+    y = acc if acc.dtype == torch.float32 else acc.float()
+    rows, cols = _sums(qa, 1), _sums(qb, 0)
+    _combine(y, rows, cols, sa, ma, sb, mb, qa.shape[1], bias)
+    if bad.any():
+        y.masked_fill_(bad, float("nan"))
+    return y
 
 
 def _codes(x: Tensor, lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, ...]:
@@ -188,7 +214,7 @@ class _Int8LinearFn(torch.autograd.Function):
         dw = dw.to(ctx.dtypes[1])
         db = None
         if ctx.has_bias:
-            db = sg * qg.sum(0, dtype=torch.int32).float() + qg.shape[0] * mg
+            db = sg * _sums(qg, 0).float() + qg.shape[0] * mg
             db = torch.where(g_cols.view(-1), float("nan"), db).to(ctx.dtypes[1])
         return dx, dw, db, None, None, None, None, None
 

@@ -45,6 +45,7 @@ from dpc_fx.kernels import packed_bytes
 __all__ = [
     "dequantize",
     "fake_quant_rows",
+    "int8_sums",
     "layers",
     "library",
     "pool",
@@ -81,6 +82,8 @@ _SIGNATURES = {
     "dpc_fake_quant_rows": (None, [_p, _i64, _i64, _f, _p, _i32]),
     "dpc_quantize_measured": (_i32, [_p, _i64, _f, _i32, _p, _p, _p, _i32]),
     "dpc_stochastic_measured": (None, [_p, _i64, _f, _i64, _p, _i32]),
+    "dpc_int8_row_sums": (None, [_p, _i64, _i64, _p, _i32]),
+    "dpc_int8_col_sums": (None, [_p, _i64, _i64, _p, _i32]),
 }
 
 _state: dict[str, object] = {}  # "lib": the loaded library, or "error": why there is none
@@ -299,6 +302,25 @@ def _for_compile() -> None:
 
 
 _DTYPES = (torch.float32, torch.uint8)
+
+
+def int8_sums(q: Tensor, dim: int) -> Tensor | None:
+    """``q.sum(dim, dtype=torch.int32)`` of an int8 matrix ``q`` that is dense row- or
+    column-major on the CPU, in one vectorised pass; ``None`` where the loops cannot take it
+    (ATen's own sum then casts the whole matrix to int32 first, a pass and a buffer more)."""
+    if torch.compiler.is_compiling() or q.dtype != torch.int8 or q.device.type != "cpu":
+        return None
+    if q.dim() != 2 or library() is None:
+        return None
+    if not q.is_contiguous():
+        q, dim = q.t(), 1 - dim  # a transposed view: the other sums of its dense matrix
+        if not q.is_contiguous():
+            return None
+    rows, cols = q.shape
+    out = torch.empty(rows if dim == 1 else cols, dtype=torch.int32)
+    fn = _lib().dpc_int8_row_sums if dim == 1 else _lib().dpc_int8_col_sums
+    fn(q.data_ptr(), rows, cols, out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def usable(*tensors: Tensor) -> bool:

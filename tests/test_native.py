@@ -187,6 +187,21 @@ def _train_in_both_modes(
     return results
 
 
+@given(st.integers(1, 70), st.integers(1, 70), st.booleans(), st.integers(0, 2**16))
+def test_int8_row_and_column_sums_match_aten(
+    rows: int, cols: int, transposed: bool, seed: int
+) -> None:
+    """The integer product's corrections: sums of int8 codes along either dimension, of a
+    dense matrix or a transposed view of one, as ATen's int32 sums give them."""
+    torch.manual_seed(seed)
+    q = torch.randint(-128, 128, (rows, cols), dtype=torch.int8)
+    q = q.t() if transposed else q
+    for dim in (0, 1):
+        sums = native.int8_sums(q, dim)
+        assert sums is not None and torch.equal(sums, q.sum(dim, dtype=torch.int32))
+    assert native.int8_sums(q[:, ::2] if q.shape[1] > 1 else q.float(), 0) is None
+
+
 def test_without_a_compiler_the_torch_kernels_run(
     monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:

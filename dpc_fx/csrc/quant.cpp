@@ -343,4 +343,29 @@ void dpc_stochastic_measured(const float* x, int64_t n, float levels, int64_t se
   dpc_stochastic(x, n, range[0], range[1], levels, seed, out, nthreads);
 }
 
+// Row sums of the int8 matrix q (rows x cols, row-major) into out[rows], as int32: the
+// corrections of an integer product of codes (dpc_fx/int8.py).
+void dpc_int8_row_sums(const int8_t* q, int64_t rows, int64_t cols, int32_t* out, int nthreads) {
+  split(rows, threads_for(rows * cols, nthreads), [=](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int8_t* __restrict__ row = q + r * cols;
+      int32_t sum = 0;
+      for (int64_t c = 0; c < cols; ++c) sum += row[c];
+      out[r] = sum;
+    }
+  });
+}
+
+// Column sums of the same, into out[cols]: each thread a block of columns, row by row.
+void dpc_int8_col_sums(const int8_t* q, int64_t rows, int64_t cols, int32_t* out, int nthreads) {
+  split(cols, threads_for(rows * cols, nthreads), [=](int64_t b, int64_t e) {
+    int32_t* __restrict__ sums = out;
+    for (int64_t c = b; c < e; ++c) sums[c] = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int8_t* __restrict__ row = q + r * cols;
+      for (int64_t c = b; c < e; ++c) sums[c] += row[c];
+    }
+  });
+}
+
 }  // extern "C"
