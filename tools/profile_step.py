@@ -16,7 +16,10 @@ step columns: medians, no profiler). Then a few steps of each run under
   called through ctypes where the profiler cannot see them);
 - the quantisers that run unfused (their autograd nodes' own time);
 - ATen ops (``aten::*``: the products, their backward and the rest of the model), in fp32's
-  step and in DPC's: the same ops, on quantised values.
+  step and in DPC's: the same ops, on quantised values;
+- under ``torch.compile``, the compiled graphs' own time (inductor's kernels, profiled one
+  by one), and among it the kernels that write or read a ReLU's one-byte mask, with a
+  measurement of what such a mask costs inductor's code on this machine.
 
 The profiler adds a little to every op it records, on both sides alike. Read the loops
 against docs/BENCHMARKS.md's kernel table, which puts each quantiser against a range pass
@@ -66,6 +69,10 @@ PARTS: list[tuple[str, Callable[[str], bool]]] = [
 ]
 ATEN = "ATen ops"
 INDUCTOR = "compiled graphs' kernels"  # under torch.compile: inductor's code, both sides
+MASKS = "of which kernels with a ReLU mask"  # inductor kernels named for threshold_backward
+
+# Inductor's kernels as profiler events of their own (graph_N_cpp_fused_...), on both sides.
+torch._inductor.config.cpp.enable_kernel_profile = True
 
 
 def _self_times(step: Callable[[], None], steps: int) -> dict[str, float]:
@@ -73,15 +80,17 @@ def _self_times(step: Callable[[], None], steps: int) -> dict[str, float]:
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
-    spent = dict.fromkeys([*(label for label, _ in PARTS), ATEN, INDUCTOR], 0.0)
+    spent = dict.fromkeys([*(label for label, _ in PARTS), ATEN, INDUCTOR, MASKS], 0.0)
     for event in prof.key_averages():
         who = [label for label, match in PARTS if match(event.key)]
         if who:
             spent[who[0]] += event.self_cpu_time_total
         elif event.key.startswith("aten::"):
             spent[ATEN] += event.self_cpu_time_total
-        elif event.key.startswith("## Call CompiledFxGraph"):
+        elif event.key.startswith("## Call CompiledFxGraph") or "cpp_fused" in event.key:
             spent[INDUCTOR] += event.self_cpu_time_total
+            if "cpp_fused" in event.key and "threshold_backward" in event.key:
+                spent[MASKS] += event.self_cpu_time_total
     return {k: v / 1e6 / steps for k, v in spent.items()}
 
 
@@ -113,13 +122,40 @@ def profile(
     # profiled in alternating rounds, as the steps were timed
     rounds, steps = 3, max(2, reps // 4)
     parts = {
-        side: dict.fromkeys([*(label for label, _ in PARTS), ATEN, INDUCTOR], 0.0) for side in "ab"
+        side: dict.fromkeys([*(label for label, _ in PARTS), ATEN, INDUCTOR, MASKS], 0.0)
+        for side in "ab"
     }
     for _ in range(rounds):
         for side, step in (("a", a), ("b", b)):
             for part, seconds in _self_times(step, steps).items():
                 parts[side][part] += seconds / rounds
     return statistics.median(ta), statistics.median(tb), parts["b"], parts["a"], layers
+
+
+def _mask_store() -> str:
+    """What writing a one-byte mask costs inductor's CPU code here: ReLU and its mask
+    compiled, against ReLU alone compiled and the two in eager ATen, on the demo CNN's first
+    activation (100x25x19)."""
+    x = torch.randn(100, 25, 19)
+    fns: dict[str, Callable[[Tensor], object]] = {
+        "relu": torch.relu,
+        "relu + mask": lambda t: (torch.relu(t), torch.relu(t) <= 0),
+    }
+    times = {}
+    for name, fn in fns.items():
+        for how, f in (("compiled", torch.compile(fn)), ("eager", fn)):
+            for _ in range(3):
+                f(x)
+            start = time.perf_counter()
+            for _ in range(200):
+                f(x)
+            times[name, how] = (time.perf_counter() - start) / 200
+    us = {k: f"{v * 1e6:.0f} us" for k, v in times.items()}
+    return (
+        f"ReLU and its mask on 100x25x19 take {us['relu + mask', 'compiled']} compiled and "
+        f"{us['relu + mask', 'eager']} in eager ATen; ReLU alone {us['relu', 'compiled']} "
+        f"compiled, {us['relu', 'eager']} eager."
+    )
 
 
 def _ms(seconds: float) -> str:
@@ -146,6 +182,7 @@ def main() -> int:
         "DPC step",
         *(label for label, _ in PARTS),
         f"{INDUCTOR}, fp32 / DPC",
+        f"{MASKS}, fp32 / DPC",
         f"{ATEN}, fp32 / DPC",
         "fused layers",
         "DPC less fp32, per fused layer",
@@ -162,11 +199,14 @@ def main() -> int:
                 f"{_ms(dpc)} ({dpc / fp32:.2f}x)",
                 *(_ms(parts[p]) for p, _ in PARTS),
                 f"{_ms(base[INDUCTOR])} / {_ms(parts[INDUCTOR])}" if compiled else "-",
+                f"{_ms(base[MASKS])} / {_ms(parts[MASKS])}" if compiled else "-",
                 f"{_ms(base[ATEN])} / {_ms(parts[ATEN])}",
                 str(layers),
                 f"{(dpc - fp32) / layers * 1e6:.0f} us",
             ]
         )
+    mask_note = _mask_store()
+    console.print(mask_note)
     table = Table(title="Where a DPC step's extra time goes (per step)")
     for h in header:
         table.add_column(h)
@@ -194,6 +234,13 @@ def main() -> int:
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
         *("| " + " | ".join(r) + " |" for r in rows),
+        "",
+        "Under `torch.compile` a fused layer is an opaque call that keeps its input's codes, "
+        "so where that input is a ReLU's output nothing else keeps it, and the compiled graph "
+        "keeps ReLU's mask for its backward instead: a one-byte tensor, which inductor's "
+        "kernels write and read (the mask column: kernels named for `threshold_backward`). "
+        "fp32's graph keeps the ReLU's output for the next convolution and needs no mask. "
+        f"On this machine: {mask_note}",
         "",
     ]
     Path(args.out).write_text("\n".join(lines))
