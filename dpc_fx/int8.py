@@ -93,6 +93,8 @@ def _dequantised_product(
     y = acc if acc.dtype == torch.float32 else acc.float()
     rows, cols = _sums(qa, 1), _sums(qb, 0)
     _combine(y, rows, cols, sa, ma, sb, mb, qa.shape[1], bias)
+    if torch.compiler.is_compiling():  # no branch on values in a trace
+        return torch.where(bad, float("nan"), y)
     if bad.any():
         y.masked_fill_(bad, float("nan"))
     return y
@@ -167,8 +169,9 @@ def _product(
     ``qb`` of ``b_bits`` bits; ``nan`` where ``bad`` (broadcast to (n, j)) is set. The
     integer product is exact either way: on oneDNN's u8 x s8 kernel where that is exact at
     ``b_bits`` on this CPU, else on ``torch._int_mm``."""
-    cpu = qa.device.type == "cpu"
-    acc = _u8s8_product(qa, qb) if cpu and _u8s8_exact(b_bits) else torch._int_mm(qa, qb)
+    # (Not inside a torch.compile trace: the probe runs kernels, and _int_mm traces.)
+    u8s8 = qa.device.type == "cpu" and not torch.compiler.is_compiling() and _u8s8_exact(b_bits)
+    acc = _u8s8_product(qa, qb) if u8s8 else torch._int_mm(qa, qb)
     return _dequantised_product(acc, qa, qb, sa, ma, sb, mb, bias, bad)
 
 

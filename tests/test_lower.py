@@ -287,3 +287,17 @@ def test_a_lowered_model_keeps_no_int8_copy_of_its_weights() -> None:
     int8 = [t.shape for t in kept if t.dtype == torch.int8]
     assert int8 == [torch.Size([16, 32]), torch.Size([16, 96]), torch.Size([16, 32])]
     assert not weights & set(int8)
+
+
+def test_a_lowered_model_compiles_whole_with_the_eager_forward() -> None:
+    """Under ``torch.compile`` the lowered layers trace (``torch._int_mm``, no branch on
+    values): no graph break, and the eager forward, which runs the u8 x s8 kernel where it
+    is exact, bit for bit (two linear layers and nothing between: no op of inductor's own)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 10))
+    x = torch.randn(16, 32)
+    gm = dpc_fx.compile(model, x, config=LOWER.replace(b_min=7, b_max=7))
+    explained = torch._dynamo.explain(copy.deepcopy(gm))(x)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    eager = gm(x)
+    assert torch.equal(torch.compile(copy.deepcopy(gm))(x), eager)
