@@ -215,6 +215,7 @@ Tensor forward_step(const Tensor& x, const Tensor& weight, const std::optional<T
   enter(kForward);
   auto place = Place::of(x);
   if (!forward_input.holds(place, a_bits)) {
+    forward_input.clear();  // first: its buffer may serve this layer
     const int64_t n = x.numel();
     Tensor x_hat = pool.take(n);
     Tensor codes = at::empty({packed_bytes(n, static_cast<int>(a_bits))},
@@ -249,6 +250,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_step(
   // The same codes mean the same range and flag: they were made and saved together.
   auto place = Place::of(kept.codes);
   if (!backward_input.holds(place, a_bits)) {
+    backward_input.clear();  // first: its buffer may serve this layer
     Tensor x_hat = pool.take(n);
     dpc_dequantize(kept.codes.const_data_ptr<uint8_t>(), n, static_cast<int>(a_bits),
                    kept.lo.item<float>(), kept.hi.item<float>(), levels_of(a_bits),
