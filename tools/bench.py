@@ -921,7 +921,15 @@ def main() -> int:
         "themselves, which run slower beside the quantiser passes than alone (they share the "
         "caches; docs/PROFILE.md, the ATen columns). Models of many small layers (MobileNet, "
         "EfficientNet, batch 2, the demo CNN) pay the fixed part most; large convolutions hide "
-        "it.",
+        "it. Layers that read the same tensor at the same bits (a transformer's q, k and v "
+        "projections, its gate and up) quantise it once and keep one set of codes.",
+        "- *Under `torch.compile`* the operator's layers run its two halves "
+        "(`torch.ops.dpc_fx.layer_forward`, `layer_backward`) as opaque calls between "
+        "inductor's kernels, keeping codes. Where such a layer's input is a ReLU's output, "
+        "nothing else keeps that output, so the compiled graph keeps ReLU's one-byte mask for "
+        "its backward; fp32's graph keeps the output for the next convolution instead. On this "
+        "CPU inductor's code writes such masks slowly (docs/PROFILE.md measures it): most of "
+        "the compiled demo's ratio.",
         "- *Captured models*: a Hugging Face model is captured by `torch.export` and runs as an "
         "ATen graph, op by op; the reference row under the Llama decoder times that graph with "
         "no layer quantised, the part of the decoder's ratio that is not quantisation.",
@@ -939,7 +947,12 @@ def main() -> int:
         "system; parameters' gradients are part of it on both sides.",
         "- *Integer kernels*: `torch._int_mm` is fast only where the CPU has int8 dot-product "
         "instructions (AVX-512 VNNI, AMX) or on a GPU; the row's notes give its speed against "
-        "an fp32 matmul on the machine that made this file.",
+        "an fp32 matmul on the machine that made this file. A lowered layer's products run on "
+        "the CPU's u8 x s8 kernel (oneDNN's) where a probe finds it exact at the operand's "
+        "bits: without VNNI it sums pairs of products in 16 bits, exact for 7-bit codes and "
+        "fewer (the 7-bit rows). Around its products a lowered step still quantises in "
+        "compiled torch kernels, transposes int8 codes into the dense layouts the kernel "
+        "needs, and prepacks each weight operand, every step.",
         "- *Compile*: linear layers and convolutions are sized by arithmetic; the rest of the "
         "shape propagation runs on fake tensors (attention, reshapes), and FX generates code "
         "once per pass.",

@@ -239,7 +239,8 @@ def main() -> int:
         "so where that input is a ReLU's output nothing else keeps it, and the compiled graph "
         "keeps ReLU's mask for its backward instead: a one-byte tensor, which inductor's "
         "kernels write and read (the mask column: kernels named for `threshold_backward`). "
-        "fp32's graph keeps the ReLU's output for the next convolution and needs no mask. "
+        "fp32's graph keeps a ReLU's output for the next convolution and needs a mask only "
+        "where no convolution follows. "
         f"On this machine: {mask_note}",
         "",
     ]
