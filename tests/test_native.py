@@ -480,3 +480,22 @@ def test_under_torch_compile_the_layers_run_the_operator_with_eager_numbers() ->
         assert a.grad is not None and identical(a.grad, b.grad), name
     for (name, a), (_, b) in zip(eager.named_buffers(), twin.named_buffers(), strict=True):
         assert identical(a, b), name
+
+
+def test_the_compiled_halves_share_no_input_between_calls() -> None:
+    """Inductor reuses a dead buffer for new values, written without moving its version
+    counter: ``layer_forward`` quantises whatever it is given, every call (a buffer rewritten
+    behind autograd's back, here through numpy, gets its own codes)."""
+    if not native.layers():
+        pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+
+    def forward() -> list[Tensor]:
+        out = torch.ops.dpc_fx.layer_forward.default(x, w, None, 6, 6, [1], [0], [1], 1, 8, 0)
+        return [t.clone() for t in out]
+
+    first = forward()
+    x.numpy()[:] = 2 * x.numpy()  # new values, the same storage, place and version
+    second = forward()
+    assert not torch.equal(first[0], second[0]) and float(second[3]) == 2 * float(first[3])

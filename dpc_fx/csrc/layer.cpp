@@ -211,9 +211,9 @@ void observe(const Kept& kept, const Tensor& running_min, const Tensor& running_
 Tensor forward_step(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                     int64_t a_bits, int64_t w_bits, at::IntArrayRef stride,
                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                    Kept& kept) {
+                    Kept& kept, bool share = true) {
   enter(kForward);
-  auto place = Place::of(x);
+  auto place = share ? Place::of(x) : std::nullopt;
   if (!forward_input.holds(place, a_bits)) {
     forward_input.clear();  // first: its buffer may serve this layer
     const int64_t n = x.numel();
@@ -242,13 +242,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_step(
     const Tensor& grad, const Kept& kept, const Tensor& weight, at::IntArrayRef x_size,
     int64_t a_bits, int64_t w_bits, int64_t grad_bits, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t rank,
-    bool has_bias, std::array<bool, 3> want) {
+    bool has_bias, std::array<bool, 3> want, bool share = true) {
   enter(kBackward);
   Tensor g = grad, g_buffer;
   if (grad_bits > 0) g = round_gradient(g, grad_bits, rank, g_buffer);
   const int64_t n = c10::multiply_integers(x_size);
   // The same codes mean the same range and flag: they were made and saved together.
-  auto place = Place::of(kept.codes);
+  auto place = share ? Place::of(kept.codes) : std::nullopt;
   if (!backward_input.holds(place, a_bits)) {
     backward_input.clear();  // first: its buffer may serve this layer
     Tensor x_hat = pool.take(n);
@@ -329,18 +329,21 @@ Tensor layer(const Tensor& x, const Tensor& weight, const std::optional<Tensor>&
 }
 
 // The two halves as operators without autograd, for torch.compile: there the step is an
-// opaque call inductor places between its own kernels, and the autograd formula that joins
-// them is registered from Python (dpc_fx/native.py). layer_forward leaves the running range
-// to the caller (a functional operator mutates nothing) and takes the gradient's bits and the
-// rank only so that formula finds them. An output not wanted is an empty tensor, as
-// an operator cannot return None.
+// opaque call inductor places between its own kernels; dpc_fx/fused.py's _CompiledFn joins
+// them in an autograd.Function that dynamo traces, and dpc_fx/native.py gives their shapes
+// to the trace. They share no input between layers: inductor reuses a dead buffer for new
+// values, written by its kernels without moving the version counter that tells the eager
+// operator's shared inputs apart. layer_forward leaves the running range to the caller (a
+// functional operator mutates nothing) and takes the gradient's bits and the rank only for
+// _CompiledFn to find them. An output not wanted is an empty tensor, as an operator cannot
+// return None.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_forward(
     const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, int64_t a_bits,
     int64_t w_bits, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, int64_t /*grad_bits*/, int64_t /*rank*/) {
   Kept kept;
   Tensor y = forward_step(x.contiguous(), weight.contiguous(), bias, a_bits, w_bits, stride,
-                          padding, dilation, groups, kept);
+                          padding, dilation, groups, kept, /*share=*/false);
   return {y, kept.codes, kept.lo, kept.hi, kept.bad};
 }
 
@@ -352,7 +355,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_backward(
     std::array<bool, 3> want) {
   auto [dx, dw, db] = backward_step(grad, Kept{codes, lo, hi, bad}, weight.contiguous(), x_size,
                                     a_bits, w_bits, grad_bits, stride, padding, dilation,
-                                    groups, rank, has_bias, want);
+                                    groups, rank, has_bias, want, /*share=*/false);
   const auto empty = at::empty({0}, grad.options());
   return {dx.defined() ? dx : empty, dw.defined() ? dw : empty, db.defined() ? db : empty};
 }
