@@ -306,8 +306,7 @@ class _FusedFn(torch.autograd.Function):
             wgt.tensors = ()
         ctx.codes, ctx.layer = (act, wgt), layer
         ctx.has_bias = bias is not None
-        grad_q = layer.grad_q
-        ctx.grad_bits = grad_q.bits if grad_q is not None and grad_q.active else None
+        ctx.grad_bits = _grad_bits(layer) or None
         return y
 
     @staticmethod
@@ -390,12 +389,17 @@ def _native_layer(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | N
     )
 
 
+def _grad_bits(layer: FusedLayer) -> int:
+    """The bits the operator rounds the output gradient to; 0: as it is."""
+    grad_q = layer.grad_q
+    return grad_q.bits if grad_q is not None and grad_q.active else 0  # type: ignore[return-value]
+
+
 def _native_step(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """The layer's step as ``torch.ops.dpc_fx.layer``: what :class:`_FusedFn` does, with the
     same loops, ops, random draws and saved tensors, in one call forward and a C++ autograd
     node backward."""
-    act_q, grad_q = layer.act_q, layer.grad_q
-    grad_bits = grad_q.bits if grad_q is not None and grad_q.active else 0
+    act_q = layer.act_q
     layer.last_shapes = (x.numel(), 0, 0)
     return torch.ops.dpc_fx.layer.default(
         x,
@@ -403,7 +407,7 @@ def _native_step(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | No
         bias,
         act_q.bits,
         layer.weight_q.bits,
-        grad_bits,
+        _grad_bits(layer),
         layer.stride,
         layer.padding,
         layer.dilation,
@@ -427,15 +431,15 @@ class _CompiledFn(torch.autograd.Function):
     def forward(
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, layer: FusedLayer
     ) -> tuple[Tensor, Tensor, Tensor]:
-        act_q, grad_q = layer.act_q, layer.grad_q
-        grad_bits = grad_q.bits if grad_q is not None and grad_q.active else 0
+        bits = (layer.act_q.bits, layer.weight_q.bits)
+        grad_bits, rank = _grad_bits(layer), kernels._rank()
         conv = (layer.stride, layer.padding, layer.dilation, layer.groups)
         y, codes, lo, hi, bad = torch.ops.dpc_fx.layer_forward.default(
-            x, weight, bias, act_q.bits, layer.weight_q.bits, *conv, grad_bits, kernels._rank()
+            x, weight, bias, *bits, *conv, grad_bits, rank
         )
         ctx.save_for_backward(codes, lo, hi, bad, weight)
-        ctx.step = (list(x.shape), act_q.bits, layer.weight_q.bits, grad_bits, *conv)
-        ctx.rank, ctx.has_bias = kernels._rank(), bias is not None
+        ctx.step = (list(x.shape), *bits, grad_bits, *conv)
+        ctx.rank, ctx.has_bias = rank, bias is not None
         ctx.mark_non_differentiable(lo, hi)
         return y, lo, hi
 

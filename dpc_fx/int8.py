@@ -144,11 +144,17 @@ def _u8s8_exact(bits: int) -> bool:
 
 def _u8s8_product(qa: Tensor, qb: Tensor) -> Tensor:
     """``qa @ qb`` for int8 ``qa`` (n, k) and ``qb`` (k, j), in float32, on oneDNN's u8 x s8
-    linear: ``qa`` shifted into u8 (its zero point 128), ``qb`` the weight, prepacked."""
+    linear: ``qa`` shifted into u8 (its zero point 128), ``qb`` the weight, prepacked. Both
+    dense: the kernel reads a transposed view as if it were dense, silently."""
     ua = (qa.view(torch.uint8) ^ 128).contiguous()
     w = qb.t().contiguous()
-    packed = torch.ops.onednn.qlinear_prepack(w, list(ua.shape))
-    ones, zeros = torch.ones(w.shape[0]), torch.zeros(w.shape[0], dtype=torch.long)
+    return _u8s8_packed(ua, torch.ops.onednn.qlinear_prepack(w, list(ua.shape)), w.shape[0])
+
+
+def _u8s8_packed(ua: Tensor, packed: Tensor, j: int) -> Tensor:
+    """``(ua - 128) @ w.T`` in float32 for the u8 matrix ``ua`` and ``j`` output columns of
+    a weight ``w`` prepacked by ``torch.ops.onednn.qlinear_prepack``."""
+    ones, zeros = torch.ones(j), torch.zeros(j, dtype=torch.long)
     return torch.ops.onednn.qlinear_pointwise(  # type: ignore[no-any-return]
         ua, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
     )

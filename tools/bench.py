@@ -505,31 +505,26 @@ def _int8_slowdown(m: int, k: int, n: int, reps: int, budget_s: float) -> tuple[
 
 def _u8s8_kernel(m: int, k: int, n: int, reps: int) -> str:
     """What the CPU's u8 x s8 kernel (oneDNN's ``qlinear_pointwise``, the x86 quantised
-    backend's linear) does with an (m, k) x (k, n) product on this machine: its time against
-    an fp32 ``mm``, and its largest error against the exact integer product on random codes
-    with 8-bit and 7-bit weights. Without VNNI it sums pairs of u8 x s8 products in 16 bits,
-    which 8-bit weights can overflow; an empty string where the operator is missing."""
+    backend's linear, as ``dpc_fx.int8`` calls it) does with an (m, k) x (k, n) product on
+    this machine: its time against an fp32 ``mm`` (the weight prepacked beforehand), and its
+    largest error against the exact integer product on random codes with 8-bit and 7-bit
+    weights. Without VNNI it sums pairs of u8 x s8 products in 16 bits, which 8-bit weights
+    can overflow; an empty string where the operator is missing."""
+    from dpc_fx import int8
+
+    qa = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    errors = []
     try:
-        prepack, linear = torch.ops.onednn.qlinear_prepack, torch.ops.onednn.qlinear_pointwise
+        for half in (128, 64):  # 8-bit and 7-bit weight codes
+            qb = torch.randint(-half, half, (k, n), dtype=torch.int8)
+            exact = qa.double() @ qb.double()
+            errors.append(float((int8._u8s8_product(qa, qb).double() - exact).abs().max()))
+        ua = (qa.view(torch.uint8) ^ 128).contiguous()
+        packed = torch.ops.onednn.qlinear_prepack(qb.t().contiguous(), [m, k])
     except (AttributeError, RuntimeError):
         return ""
-    xu = torch.randint(0, 256, (m, k), dtype=torch.uint8)
-    a, b = torch.randn(m, k), torch.randn(k, n)
-
-    def run(w: Tensor) -> Tensor:  # (xu - 128) @ w.T in float32, scale 1
-        packed = prepack(w, [m, k])
-        ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)
-        return linear(xu, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], "")  # fmt: skip
-
-    errors = []
-    for half in (128, 64):  # 8-bit and 7-bit weight codes
-        w = torch.randint(-half, half, (n, k), dtype=torch.int8)
-        exact = (xu.double() - 128) @ w.double().t()
-        errors.append(float((run(w).double() - exact).abs().max()))
-    w = torch.randint(-64, 64, (n, k), dtype=torch.int8)
-    packed = prepack(w, [m, k])
-    ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)
-    call = functools.partial(linear, xu, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], "")  # fmt: skip
+    call = functools.partial(int8._u8s8_packed, ua, packed, n)
     call()
     _, _, ratio = paired(functools.partial(torch.mm, a, b), call, reps, warmup=1)
     return (

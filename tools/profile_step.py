@@ -19,7 +19,8 @@ step columns: medians, no profiler). Then a few steps of each run under
   step and in DPC's: the same ops, on quantised values;
 - under ``torch.compile``, the compiled graphs' own time (inductor's kernels, profiled one
   by one), and among it the kernels that write or read a ReLU's one-byte mask, with a
-  measurement of what such a mask costs inductor's code on this machine.
+  measurement of what such a mask costs inductor's code on this machine. (Inductor then
+  compiles a profiler record into every kernel, on both sides, for the step columns too.)
 
 The profiler adds a little to every op it records, on both sides alike. Read the loops
 against docs/BENCHMARKS.md's kernel table, which puts each quantiser against a range pass

@@ -93,6 +93,12 @@ struct Place {
   }
 };
 
+// What forward keeps for backward: the input's packed codes, its range and its
+// non-finite flag (the weight parameter is kept by the caller).
+struct Kept {
+  Tensor codes, lo, hi, bad;
+};
+
 // Layers that read the same tensor at the same bits (a transformer's q, k and v
 // projections; its gate and up projections) quantise it once: forward keeps the last
 // input's codes and quantised floats, backward the last codes' dequantised floats, and the
@@ -104,12 +110,12 @@ struct Shared {
   std::optional<Place> place;
   int64_t bits = 0;
   Tensor floats;  // the quantised (forward) or dequantised (backward) input, a pool buffer
-  std::array<Tensor, 4> kept;  // forward: the codes, lo, hi and flag
+  Kept kept;      // forward: the codes, their range and flag
 
   bool holds(const std::optional<Place>& p, int64_t b) const {
     return p && place && bits == b && place->same(*p);
   }
-  void set(std::optional<Place> p, int64_t b, Tensor f, std::array<Tensor, 4> k = {}) {
+  void set(std::optional<Place> p, int64_t b, Tensor f, Kept k = {}) {
     clear();
     place = std::move(p);
     bits = b;
@@ -188,12 +194,6 @@ Tensor product(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bi
   }
 }
 
-// What forward keeps for backward: the input's packed codes, its range and its
-// non-finite flag (the weight parameter is kept by the caller).
-struct Kept {
-  Tensor codes, lo, hi, bad;
-};
-
 // The running range updated as ActQuantizer._observe does.
 void observe(const Kept& kept, const Tensor& running_min, const Tensor& running_max,
              const Tensor& seen, double weight_of_batch) {
@@ -229,8 +229,7 @@ Tensor forward_step(const Tensor& x, const Tensor& weight, const std::optional<T
                       {codes, at::scalar_tensor(range[0], at::kFloat),
                        at::scalar_tensor(range[1], at::kFloat), at::scalar_tensor(bad, at::kBool)});
   }
-  const auto& k = forward_input.kept;
-  kept = Kept{k[0], k[1], k[2], k[3]};
+  kept = forward_input.kept;
   return product(forward_input.floats.view(x.sizes()), weight_rows(weight, w_bits), bias, stride,
                  padding, dilation, groups);
 }
