@@ -65,19 +65,25 @@ def _working(x: Tensor) -> Tensor:
 
 
 def _flat(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """``x`` as a 1-D view (a copy only if its memory is not dense) and the way back.
+    """``x`` as a 1-D view in memory order (a copy only if its memory is not dense) and the
+    way back.
 
     Per-tensor kernels do not care about shape; giving them one rank keeps the number of
-    compiled variants small.
+    compiled variants small. The way back gives a dense ``x``'s own strides, as an
+    elementwise torch op would: a tensor with dimensions of size one is both contiguous
+    and channels-last, and the convolution after a quantiser picks its algorithm (and so
+    its rounding) from those strides.
     """
     if torch.compiler.is_compiling():  # the outer compiler traces shapes; nothing to save
         return x, lambda out: out
+    size, stride = x.shape, x.stride()
     if x.is_contiguous():
-        return x.view(-1), lambda out: out.view(x.shape)
-    order = sorted(range(x.dim()), key=lambda d: -x.stride()[d])
+        return x.view(-1), lambda out: out.as_strided(size, stride)
+    order = sorted(range(x.dim()), key=lambda d: -stride[d])
     dense = x.permute(order)
-    if not dense.is_contiguous():
-        dense = dense.contiguous()
+    if dense.is_contiguous():
+        return dense.view(-1), lambda out: out.as_strided(size, stride)
+    dense = dense.contiguous()
     inverse = [order.index(d) for d in range(x.dim())]
     shape = dense.shape
     return dense.view(-1), lambda out: out.view(shape).permute(inverse)

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import examples, reloaded
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -432,6 +433,37 @@ def test_training_act_quantiser_is_quantising_over_the_batch_range(layout: str) 
     assert out.shape == x.shape
     assert torch.equal(out, fake_quantize(x, 5, lo, hi))
     assert q.running_min == lo and q.running_max == hi
+
+
+def _strided_inputs() -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "channels_last": torch.randn(2, 4, 3, 3, generator=g).to(memory_format=torch.channels_last),
+        "transposed": torch.randn(2, 4, 3, 3, generator=g).transpose(1, 3),
+        # max-pooling a channels-last map down to 1x1: contiguous and channels-last at
+        # once, and a convolution reads the strides as channels-last
+        "pooled to 1x1": F.max_pool2d(
+            torch.randn(2, 2, 2, 2, generator=g).to(memory_format=torch.channels_last), 2
+        ),
+    }
+
+
+@pytest.mark.parametrize("layout", list(_strided_inputs()))
+def test_quantisers_keep_the_strides_of_a_dense_input(layout: str) -> None:
+    """An elementwise torch op keeps a dense input's strides, and so do the quantisers: the
+    convolution after one picks its algorithm, and so its summation order, from them."""
+    x = _strided_inputs()[layout]
+    lo, hi = tensor_range(x)
+    outputs = {
+        "measured": fake_quantize(x, 3),
+        "given range": fake_quantize(x, 3, lo, hi),
+        "stochastic": fake_quantize(x, 3, stochastic=True),
+        "training": ActQuantizer(3).train()(x),
+        "eval": ActQuantizer(3).eval()(x),
+    }
+    for name, out in outputs.items():
+        assert out.stride() == (x * 2).stride() == x.stride(), name
+    assert torch.equal(outputs["measured"], fake_quantize(x.contiguous(), 3, lo, hi))
 
 
 @pytest.mark.usefixtures("fused_kernels")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from helpers import compile_quiet
 from hypothesis import example, given, settings
-from strategies import CNNSpec, Conv, Dense, MLPSpec, SpecCNN, SpecMLP, planned_models
+from strategies import CNNSpec, Conv, Dense, MLPSpec, Pool, SpecCNN, SpecMLP, planned_models
 from torch import Tensor, fx, nn
 from torch.func import functional_call
 
@@ -278,6 +278,23 @@ _CNN = CNNSpec(
 )
 
 
+# Max-pooling leaves a 1x1 map with channels-last strides; the next layer's quantiser must
+# keep them, or its convolution sums in another order than the reference's (seed 17 did).
+_POOLED_TO_ONE = CNNSpec(
+    2,
+    3,
+    3,
+    (
+        conv(3, 2, kernel=1, padding=0, transposed=True, act="relu"),
+        Pool("max"),
+        conv(2, 2, padding_mode="replicate", act="relu"),
+    ),
+    2,
+    1,
+    3,
+)
+
+
 @settings(max_examples=40, deadline=None)
 @given(planned_models())
 @example((SpecMLP(_MLP, seed=1), torch.randn(3, 3), (Bits(2, 3, 4),) * 4))
@@ -286,6 +303,13 @@ _CNN = CNNSpec(
         SpecCNN(_CNN, seed=2),
         torch.randn(2, 2, 5, 5),
         (Bits(3, 4, 5), Bits(2, None, 6), Bits(4, 4, None), Bits(None, 5, 8)),
+    )
+)
+@example(
+    (
+        SpecCNN(_POOLED_TO_ONE, seed=17),
+        torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(17)),
+        (Bits(1, None, None), Bits(None, 1, None), Bits(None, None, None)),
     )
 )
 def test_compiled_module_matches_an_independent_reference(
