@@ -83,20 +83,22 @@ def _dequantised_product(
     sb: Tensor,
     mb: Tensor,
     bias: Tensor | None,
-    bad: Tensor,
+    bad: tuple[Tensor, Tensor],
 ) -> Tensor:
     """The float product (plus ``bias``) from the integer product ``acc = qa @ qb`` (int32,
-    or float32 that this takes over); ``nan`` where ``bad`` (broadcast against the product)
-    says an operand's row or column held ``inf``/``nan``, as the float product would be
-    non-finite there: an overflow stays visible. The codes' row and column sums run on the
-    native loops where they can (ATen casts a whole int8 matrix before it sums it)."""
+    or float32 that this takes over); ``nan`` in the rows and columns that ``bad`` (a
+    column and a row of flags, broadcast against the product) says held ``inf``/``nan`` in an
+    operand, as the float product would be non-finite there: an overflow stays visible. The
+    codes' row and column sums run on the native loops where they can (ATen casts a whole
+    int8 matrix before it sums it)."""
     y = acc if acc.dtype == torch.float32 else acc.float()
     rows, cols = _sums(qa, 1), _sums(qb, 0)
     _combine(y, rows, cols, sa, ma, sb, mb, qa.shape[1], bias)
+    bad_rows, bad_cols = bad
     if torch.compiler.is_compiling():  # no branch on values in a trace
-        return torch.where(bad, float("nan"), y)
-    if bad.any():
-        y.masked_fill_(bad, float("nan"))
+        return torch.where(bad_rows | bad_cols, float("nan"), y)
+    if bad_rows.any() or bad_cols.any():  # two vectors: no (n, j) mask on the clean path
+        y.masked_fill_(bad_rows | bad_cols, float("nan"))
     return y
 
 
@@ -142,12 +144,23 @@ def _u8s8_exact(bits: int) -> bool:
     return _U8S8[bits]
 
 
+def _dense(q: Tensor, flip: int = 0) -> Tensor:
+    """The int8 matrix ``q`` made dense, each byte XOR-ed with ``flip``: a transposed view
+    in one native pass where the loops take it."""
+    if q.is_contiguous():
+        return q if flip == 0 else (q.view(torch.uint8) ^ flip).view(torch.int8)
+    dense = native.int8_transpose(q.t(), flip)
+    if dense is not None:
+        return dense
+    return (q if flip == 0 else (q.view(torch.uint8) ^ flip).view(torch.int8)).contiguous()
+
+
 def _u8s8_product(qa: Tensor, qb: Tensor) -> Tensor:
     """``qa @ qb`` for int8 ``qa`` (n, k) and ``qb`` (k, j), in float32, on oneDNN's u8 x s8
     linear: ``qa`` shifted into u8 (its zero point 128), ``qb`` the weight, prepacked. Both
     dense: the kernel reads a transposed view as if it were dense, silently."""
-    ua = (qa.view(torch.uint8) ^ 128).contiguous()
-    w = qb.t().contiguous()
+    ua = _dense(qa, 128).view(torch.uint8)
+    w = _dense(qb.t())
     return _u8s8_packed(ua, torch.ops.onednn.qlinear_prepack(w, list(ua.shape)), w.shape[0])
 
 
@@ -167,12 +180,13 @@ def _product(
     qb: Tensor,
     sb: Tensor,
     mb: Tensor,
-    bad: Tensor,
+    bad: tuple[Tensor, Tensor],
     bias: Tensor | None = None,
     b_bits: int = 8,
 ) -> Tensor:
     """``(sa*qa + ma) @ (sb*qb + mb) + bias`` for int8 codes ``qa`` (n, k) and ``qb`` (k, j),
-    ``qb`` of ``b_bits`` bits; ``nan`` where ``bad`` (broadcast to (n, j)) is set. The
+    ``qb`` of ``b_bits`` bits; ``nan`` in the rows and columns that ``bad`` (flags of shape
+    (n, 1) and (1, j), or anything that broadcasts so) marks. The
     integer product is exact either way: on oneDNN's u8 x s8 kernel where that is exact at
     ``b_bits`` on this CPU, else on ``torch._int_mm``."""
     # (Not inside a torch.compile trace: the probe runs kernels, and _int_mm traces.)
@@ -199,7 +213,7 @@ class _Int8LinearFn(torch.autograd.Function):
         w_codes = _weight_codes(weight, w_bits)
         qw, sw, mw, bad_w = w_codes
         b = None if bias is None else bias.float()
-        y = _product(qx, sx, mx, qw.t(), sw, mw, bad_x | bad_w.t(), b, w_bits)
+        y = _product(qx, sx, mx, qw.t(), sw, mw, (bad_x, bad_w.t()), b, w_bits)
         # A parameter is kept anyway: backward quantises it again (nearest rounding is
         # deterministic, so the same codes) rather than keep its codes beside it. Autograd's
         # version check still catches a parameter changed in place before backward.
@@ -217,9 +231,9 @@ class _Int8LinearFn(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1]).float().contiguous()
         qg, sg, mg, g_rows, g_cols = _codes_stochastic(g, ctx.g_bits)
         # A bad input row spoils every column of dw, a bad weight row every column of dx.
-        dx = _product(qg, sg, mg, qw, sw, mw, g_rows | bad_w.any(), b_bits=ctx.w_bits)
+        dx = _product(qg, sg, mg, qw, sw, mw, (g_rows, bad_w.any()), b_bits=ctx.w_bits)
         dx = dx.reshape(ctx.x_shape).to(ctx.dtypes[0])
-        dw = _product(qg.t(), sg, mg, qx, sx, mx, g_cols.t() | bad_x.any(), b_bits=ctx.a_bits)
+        dw = _product(qg.t(), sg, mg, qx, sx, mx, (g_cols.t(), bad_x.any()), b_bits=ctx.a_bits)
         dw = dw.to(ctx.dtypes[1])
         db = None
         if ctx.has_bias:

@@ -46,6 +46,7 @@ __all__ = [
     "dequantize",
     "fake_quant_rows",
     "int8_sums",
+    "int8_transpose",
     "layers",
     "library",
     "pool",
@@ -84,6 +85,7 @@ _SIGNATURES = {
     "dpc_stochastic_measured": (None, [_p, _i64, _f, _i64, _p, _i32]),
     "dpc_int8_row_sums": (None, [_p, _i64, _i64, _p, _i32]),
     "dpc_int8_col_sums": (None, [_p, _i64, _i64, _p, _i32]),
+    "dpc_int8_transpose": (None, [_p, _i64, _i64, _i32, _p, _i32]),
 }
 
 _state: dict[str, object] = {}  # "lib": the loaded library, or "error": why there is none
@@ -320,6 +322,23 @@ def int8_sums(q: Tensor, dim: int) -> Tensor | None:
     out = torch.empty(rows if dim == 1 else cols, dtype=torch.int32)
     fn = _lib().dpc_int8_row_sums if dim == 1 else _lib().dpc_int8_col_sums
     fn(q.data_ptr(), rows, cols, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def int8_transpose(q: Tensor, flip: int = 0) -> Tensor | None:
+    """``q.t()`` of a dense int8 matrix ``q`` on the CPU, made dense, each byte XOR-ed with
+    ``flip`` (128: int8 codes as the u8 codes of a kernel whose zero point is 128), in one
+    tiled pass; ``None`` where the loops cannot take it. (ATen's copy of a transposed int8
+    view moves a byte at a time down columns, and the XOR would be a pass more.)"""
+    if torch.compiler.is_compiling() or q.dtype != torch.int8 or q.device.type != "cpu":
+        return None
+    if q.dim() != 2 or not q.is_contiguous() or library() is None:
+        return None
+    rows, cols = q.shape
+    out = torch.empty(cols, rows, dtype=torch.int8)
+    _lib().dpc_int8_transpose(
+        q.data_ptr(), rows, cols, flip, out.data_ptr(), torch.get_num_threads()
+    )
     return out
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
@@ -201,6 +201,21 @@ def test_int8_row_and_column_sums_match_aten(
         assert sums is not None and torch.equal(sums, q.sum(dim, dtype=torch.int32))
     strided = torch.zeros(4, 6, dtype=torch.int8)[:, ::2]  # neither layout dense
     assert native.int8_sums(strided, 0) is None and native.int8_sums(q.float(), 0) is None
+
+
+@given(st.integers(1, 70), st.integers(1, 70), st.sampled_from([0, 128]), st.integers(0, 2**16))
+@example(520, 130, 128, 0)  # several threads, bands and blocks, with ragged edges
+def test_int8_transpose_matches_aten(rows: int, cols: int, flip: int, seed: int) -> None:
+    """The dense layouts of the integer kernels: an int8 matrix transposed (16 x 16 blocks
+    in registers, the ragged edges byte by byte), its bytes XOR-ed with 0 or 128."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-128, 128, (rows, cols), dtype=torch.int8, generator=g)
+    out = native.int8_transpose(q, flip)
+    want = (q.view(torch.uint8) ^ flip).view(torch.int8).t().contiguous()
+    assert out is not None and out.is_contiguous() and torch.equal(out, want)
+    strided = torch.zeros(4, 6, dtype=torch.int8)[:, ::2]  # not dense: the caller copies
+    assert native.int8_transpose(strided, flip) is None
+    assert native.int8_transpose(q.float(), flip) is None
 
 
 def test_without_a_compiler_the_torch_kernels_run(

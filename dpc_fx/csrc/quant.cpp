@@ -18,6 +18,9 @@
 #include <limits>
 
 #include <omp.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace {
 
@@ -239,6 +242,46 @@ void rows_span(const float* __restrict__ x, float* __restrict__ out, int64_t col
   }
 }
 
+// The 16 x 16 byte block at src (rows `sstride` apart) transposed into dst (rows
+// `dstride` apart), XOR-ed with `flip`: four rounds of interleaving, 8-, 16-, 32- and 64-bit.
+#if defined(__SSE2__)
+inline void transpose16(const int8_t* src, int64_t sstride, int8_t* dst, int64_t dstride,
+                        int flip) {
+  __m128i r[16], a[16], b[16], c[16];
+  for (int i = 0; i < 16; ++i)
+    r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * sstride));
+  for (int k = 0; k < 8; ++k) {  // a[8h + k]: columns 8h..8h+7, rows 2k and 2k+1
+    a[k] = _mm_unpacklo_epi8(r[2 * k], r[2 * k + 1]);
+    a[8 + k] = _mm_unpackhi_epi8(r[2 * k], r[2 * k + 1]);
+  }
+  for (int h = 0; h < 2; ++h)  // b[4g + m]: columns 4g..4g+3, rows 4m..4m+3
+    for (int m = 0; m < 4; ++m) {
+      b[4 * (2 * h) + m] = _mm_unpacklo_epi16(a[8 * h + 2 * m], a[8 * h + 2 * m + 1]);
+      b[4 * (2 * h + 1) + m] = _mm_unpackhi_epi16(a[8 * h + 2 * m], a[8 * h + 2 * m + 1]);
+    }
+  for (int g = 0; g < 4; ++g)  // c[2p + n]: columns 2p and 2p+1, rows 8n..8n+7
+    for (int n = 0; n < 2; ++n) {
+      c[2 * (2 * g) + n] = _mm_unpacklo_epi32(b[4 * g + 2 * n], b[4 * g + 2 * n + 1]);
+      c[2 * (2 * g + 1) + n] = _mm_unpackhi_epi32(b[4 * g + 2 * n], b[4 * g + 2 * n + 1]);
+    }
+  const __m128i mask = _mm_set1_epi8(static_cast<char>(flip));
+  for (int p = 0; p < 8; ++p) {  // column 2p, then 2p+1: rows 0..15
+    __m128i lo = _mm_unpacklo_epi64(c[2 * p], c[2 * p + 1]);
+    __m128i hi = _mm_unpackhi_epi64(c[2 * p], c[2 * p + 1]);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * p) * dstride), _mm_xor_si128(lo, mask));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * p + 1) * dstride),
+                     _mm_xor_si128(hi, mask));
+  }
+}
+#else
+inline void transpose16(const int8_t* src, int64_t sstride, int8_t* dst, int64_t dstride,
+                        int flip) {
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j)
+      dst[j * dstride + i] = static_cast<int8_t>(src[i * sstride + j] ^ flip);
+}
+#endif
+
 }  // namespace
 
 extern "C" {
@@ -364,6 +407,36 @@ void dpc_int8_col_sums(const int8_t* q, int64_t rows, int64_t cols, int32_t* out
     for (int64_t r = 0; r < rows; ++r) {
       const int8_t* __restrict__ row = q + r * cols;
       for (int64_t c = b; c < e; ++c) sums[c] += row[c];
+    }
+  });
+}
+
+// dst (cols x rows) = the transpose of the int8 matrix src (rows x cols), every byte
+// XOR-ed with `flip` (128 turns int8 codes into the u8 codes of a kernel whose zero point
+// is 128; 0 copies them as they are): the dense layouts an integer kernel reads, in one
+// pass. Blocks of 16 x 16 bytes are transposed in registers; a thread takes bands of
+// kBand rows and walks them 16 columns at a time, so each line it writes is filled
+// while it is still in cache.
+void dpc_int8_transpose(const int8_t* src, int64_t rows, int64_t cols, int flip, int8_t* dst,
+                        int nthreads) {
+  constexpr int64_t kBand = 64;
+  const int64_t bands = (rows + kBand - 1) / kBand;
+  split(bands, threads_for(rows * cols, nthreads), [=](int64_t b, int64_t e) {
+    const int64_t r_end = std::min(e * kBand, rows);
+    for (int64_t r0 = b * kBand; r0 < r_end; r0 += kBand) {
+      const int64_t r1 = std::min(r0 + kBand, rows);
+      int64_t c0 = 0;
+      for (; c0 + 16 <= cols; c0 += 16) {
+        int64_t r = r0;
+        for (; r + 16 <= r1; r += 16)
+          transpose16(src + r * cols + c0, cols, dst + c0 * rows + r, rows, flip);
+        for (; r < r1; ++r)  // the band's last rows, fewer than 16
+          for (int64_t c = c0; c < c0 + 16; ++c)
+            dst[c * rows + r] = static_cast<int8_t>(src[r * cols + c] ^ flip);
+      }
+      for (int64_t r = r0; r < r1; ++r)  // the last columns, fewer than 16
+        for (int64_t c = c0; c < cols; ++c)
+          dst[c * rows + r] = static_cast<int8_t>(src[r * cols + c] ^ flip);
     }
   });
 }
