@@ -26,6 +26,7 @@ namespace {
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 // Below this many elements a loop runs on the calling thread: waking the pool costs more.
@@ -212,16 +213,41 @@ void fake_quant_span(const float* __restrict__ x, float* __restrict__ xhat, floa
     xhat[i] = value_of(x[i], code_of(x[i], lo, scale, top), lo, scale);
 }
 
+// kernels._uniform's noise: a murmur3-style mix of the element's index and the seed, its
+// top 24 bits as a float in [0, 1). Written once for a lane type: uint32_t, or eight lanes.
+template <class U>
+inline U mix(U index, uint32_t seed) {
+  U h = (index ^ seed) * 0x9E3779B1u;
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h >> 8;
+}
+
 void stochastic_span(const float* __restrict__ x, float* __restrict__ out, float lo,
                      float scale, float top, uint32_t seed, int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
-    uint32_t h = (static_cast<uint32_t>(i) ^ seed) * 0x9E3779B1u;
-    h ^= h >> 16;
-    h *= 0x85EBCA6Bu;
-    h ^= h >> 13;
-    h *= 0xC2B2AE35u;
-    h ^= h >> 16;
-    float u = static_cast<float>(static_cast<int32_t>(h >> 8)) * (1.0f / 16777216.0f);
+  // Eight lanes by hand: left to itself gcc carries the 64-bit index in vectors and
+  // narrows it for the hash every step (0.58 against 0.42 ns an element on one core).
+  const v8f lo8 = splat(lo), scale8 = splat(scale), top8 = splat(top), one8 = splat(1.0f);
+  v8u index;
+  for (int k = 0; k < 8; ++k) index[k] = static_cast<uint32_t>(begin + k);
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8, index += 8u) {
+    v8f u = __builtin_convertvector(reinterpret_cast<v8i>(mix(index, seed)), v8f) *
+            (1.0f / 16777216.0f);
+    v8f v;
+    std::memcpy(&v, x + i, sizeof v);
+    v8f q = (v - lo8) / scale8 + u;
+    for (int k = 0; k < 8; ++k) q[k] = std::floor(q[k]);
+    q = q - reinterpret_cast<v8f>(reinterpret_cast<v8i>(q > top8) & reinterpret_cast<v8i>(one8));
+    v = q * scale8 + lo8;
+    std::memcpy(out + i, &v, sizeof v);
+  }
+  for (; i < end; ++i) {
+    float u = static_cast<float>(static_cast<int32_t>(mix(static_cast<uint32_t>(i), seed))) *
+              (1.0f / 16777216.0f);
     float q = std::floor((x[i] - lo) / scale + u);
     q = q - (q > top ? 1.0f : 0.0f);
     out[i] = q * scale + lo;
