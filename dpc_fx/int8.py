@@ -102,14 +102,39 @@ def _dequantised_product(
     return y
 
 
+# The codes come from the native loops where they can take the matrix (a dense float32 one
+# on the CPU, outside a torch.compile trace, free of inf and nan), else from the compiled
+# torch kernels; both give the same codes, scale and offset (tests/test_lower.py).
+
+
+def _native(x: Tensor) -> bool:
+    return not torch.compiler.is_compiling() and x.dtype == torch.float32 and native.usable(x)
+
+
+def _scale_mid(lo: Tensor, hi: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
+    """The kernels' ``scale`` and ``mid`` (``x_hat = scale * code + mid``) of a range."""
+    scale = kernels._scale(lo, hi, levels)
+    return scale, lo + scale * torch.floor(levels / 2 + 0.5)
+
+
 def _codes(x: Tensor, lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, ...]:
     """``(codes, scale, mid, bad rows)`` of the matrix ``x``."""
-    return kernels.quantize_int8(x, lo, hi, kernels.levels_tensor(bits, x))
+    levels = kernels.levels_tensor(bits, x)
+    if _native(x):
+        codes = native.int8_codes(x, float(lo), float(hi), bits)
+        if codes is not None:
+            clean = torch.zeros(x.shape[0], 1, dtype=torch.bool)
+            return codes, *_scale_mid(lo, hi, levels), clean
+    return kernels.quantize_int8(x, lo, hi, levels)
 
 
 def _weight_codes(weight: Tensor, bits: int) -> tuple[Tensor, ...]:
     """``(codes, scale, mid, bad rows)`` of ``weight`` over its own per-tensor range."""
     w = weight.detach().float().contiguous()
+    if _native(w):
+        span, bad = native.range_of(w.view(-1))
+        if not bad:
+            return _codes(w, span[0], span[1], bits)
     lo, hi = kernels.tensor_range(w.view(-1))
     return _codes(w, lo, hi, bits)
 
@@ -117,7 +142,15 @@ def _weight_codes(weight: Tensor, bits: int) -> tuple[Tensor, ...]:
 def _codes_stochastic(x: Tensor, bits: int) -> tuple[Tensor, ...]:
     """``(codes, scale, mid, bad rows, bad columns)`` of the matrix ``x``."""
     levels = kernels.levels_tensor(bits, x)
-    return kernels.quantize_int8_stochastic(x, levels, kernels.new_seed())
+    seed = kernels.new_seed()
+    if _native(x):
+        found = native.int8_stochastic(x, bits, int(seed))
+        if found is not None:
+            codes, span = found
+            rows = torch.zeros(x.shape[0], 1, dtype=torch.bool)
+            cols = torch.zeros(1, x.shape[1], dtype=torch.bool)
+            return codes, *_scale_mid(span[0], span[1], levels), rows, cols
+    return kernels.quantize_int8_stochastic(x, levels, seed)
 
 
 # The x86 CPU's own int8 kernel, oneDNN's u8 x s8 linear (the quantised backend's), is

@@ -45,6 +45,8 @@ from dpc_fx.kernels import packed_bytes
 __all__ = [
     "dequantize",
     "fake_quant_rows",
+    "int8_codes",
+    "int8_stochastic",
     "int8_sums",
     "int8_transpose",
     "layers",
@@ -86,6 +88,8 @@ _SIGNATURES = {
     "dpc_int8_row_sums": (None, [_p, _i64, _i64, _p, _i32]),
     "dpc_int8_col_sums": (None, [_p, _i64, _i64, _p, _i32]),
     "dpc_int8_transpose": (None, [_p, _i64, _i64, _i32, _p, _i32]),
+    "dpc_int8_codes": (_i32, [_p, _i64, _f, _f, _f, _p, _i32]),
+    "dpc_int8_stochastic": (_i32, [_p, _i64, _f, _i64, _p, _p, _i32]),
 }
 
 _state: dict[str, object] = {}  # "lib": the loaded library, or "error": why there is none
@@ -323,6 +327,46 @@ def int8_sums(q: Tensor, dim: int) -> Tensor | None:
     fn = _lib().dpc_int8_row_sums if dim == 1 else _lib().dpc_int8_col_sums
     fn(q.data_ptr(), rows, cols, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def int8_codes(x: Tensor, lo: float, hi: float, bits: int) -> Tensor | None:
+    """The int8 codes of :func:`dpc_fx.kernels.quantize_int8` for a dense float32 ``x`` on
+    the CPU (nearest rounding over ``[lo, hi]``, shifted by ``2**(bits-1)``), in one pass;
+    ``None`` where the loops cannot take ``x`` or it holds an ``inf`` or ``nan`` (the torch
+    kernel then flags the rows that do)."""
+    if bits > 8 or x.dtype != torch.float32 or not usable(x):
+        return None
+    codes = torch.empty(x.shape, dtype=torch.int8)
+    bad = _lib().dpc_int8_codes(
+        x.data_ptr(),
+        x.numel(),
+        lo,
+        hi,
+        float(2**bits - 1),
+        codes.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return None if bad else codes
+
+
+def int8_stochastic(x: Tensor, bits: int, seed: int) -> tuple[Tensor, Tensor] | None:
+    """``(codes, [lo, hi])``: the finite range of a dense float32 ``x`` on the CPU and the int8
+    codes of :func:`dpc_fx.kernels.quantize_int8_stochastic` over it (the same noise);
+    ``None`` where the loops cannot take ``x`` or it holds an ``inf`` or ``nan``."""
+    if bits > 8 or x.dtype != torch.float32 or not usable(x):
+        return None
+    codes = torch.empty(x.shape, dtype=torch.int8)
+    span = torch.empty(2)
+    bad = _lib().dpc_int8_stochastic(
+        x.data_ptr(),
+        x.numel(),
+        float(2**bits - 1),
+        seed,
+        codes.data_ptr(),
+        span.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return None if bad else (codes, span)
 
 
 def int8_transpose(q: Tensor, flip: int = 0) -> Tensor | None:

@@ -184,6 +184,34 @@ def test_the_u8s8_kernel_gives_the_int_mm_products_bit_for_bit(
     assert all(torch.equal(a, b) for a, b in zip(g_u8s8, g_int_mm, strict=True))
 
 
+@pytest.mark.parametrize("bits", [4, 7, 8])
+def test_the_native_codes_give_the_torch_kernels_steps_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch, bits: int
+) -> None:
+    """A lowered layer's codes (input, weight, and the gradient's stochastic ones) come from
+    the native loops where they can; every output and gradient equals the compiled torch
+    kernels', bit for bit, the stochastic rounding's noise included."""
+    from dpc_fx import int8, native
+
+    if native.library() is None:
+        pytest.skip(f"native kernels unavailable: {native.unavailable()}")
+    model = mlp()
+    x = torch.randn(16, 32)
+    config = LOWER.replace(b_min=bits, b_max=bits, grad_bits=bits)
+    _, low = simulated_and_lowered(model, x, config)
+    calls: list[str] = []
+    for name in ("int8_codes", "int8_stochastic"):
+        fn = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, n=name, f=fn: calls.append(n) or f(*a))
+    y_native, g_native = grads(model, low, x)
+    # 3 layers: the input's codes, the weight's, the weight's again; the gradient's
+    assert sorted(calls) == ["int8_codes"] * 9 + ["int8_stochastic"] * 3
+    monkeypatch.setattr(int8, "_native", lambda x: False)
+    y_torch, g_torch = grads(model, low, x)
+    assert torch.equal(y_native, y_torch)
+    assert all(torch.equal(a, b) for a, b in zip(g_native, g_torch, strict=True))
+
+
 def test_the_u8s8_kernel_is_asked_whether_it_is_exact_on_the_overflowing_products(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -203,6 +203,31 @@ def test_int8_row_and_column_sums_match_aten(
     assert native.int8_sums(strided, 0) is None and native.int8_sums(q.float(), 0) is None
 
 
+@given(vectors(), bits, st.integers(1, 5), st.integers(0, 2**31 - 2), st.floats(0.25, 1.5))
+def test_int8_codes_match_the_torch_kernels(
+    x: Tensor, b: int, rows: int, seed: int, shrink: float
+) -> None:
+    """The lowered layers' codes: nearest rounding over a given range (clamped into it) and
+    stochastic rounding over the matrix's own, the int8 codes of the torch kernels bit for
+    bit; a matrix holding ``inf`` or ``nan`` is left to the torch kernels, which flag its
+    rows."""
+    x = x[: x.numel() // rows * rows].view(rows, -1) if x.numel() >= rows else x.view(1, -1)
+    levels = kernels.levels_tensor(b, x)
+    lo, hi = kernels.tensor_range(x.reshape(-1))
+    lo, hi = lo * shrink, hi * shrink  # a running range narrower or wider than the batch's
+    finite = bool(torch.isfinite(x).all())
+    codes = native.int8_codes(x, float(lo), float(hi), b)
+    assert (codes is not None) == finite
+    if codes is not None:
+        assert torch.equal(codes, eager(kernels.quantize_int8)(x, lo, hi, levels)[0])
+    found = native.int8_stochastic(x, b, seed)
+    assert (found is not None) == finite
+    if found is not None:
+        want = eager(kernels.quantize_int8_stochastic)(x, levels, torch.tensor(seed))
+        assert torch.equal(found[0], want[0])
+        assert found[1].tolist() == [v.item() for v in kernels.tensor_range(x.reshape(-1))]
+
+
 @given(st.integers(1, 70), st.integers(1, 70), st.sampled_from([0, 128]), st.integers(0, 2**16))
 @example(520, 130, 128, 0)  # several threads, bands and blocks, with ragged edges
 def test_int8_transpose_matches_aten(rows: int, cols: int, flip: int, seed: int) -> None:

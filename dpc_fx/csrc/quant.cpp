@@ -254,6 +254,52 @@ void stochastic_span(const float* __restrict__ x, float* __restrict__ out, float
   }
 }
 
+// int8 codes of x[begin, end) for the integer kernels (dpc_fx/int8.py): nearest rounding
+// over [lo, lo + top * scale] as code_of, shifted down by `offset`. Returns whether a value
+// was not finite (its code is then meaningless: the caller takes the torch kernel).
+bool int8_codes_span(const float* __restrict__ x, int8_t* __restrict__ codes, float lo,
+                     float scale, float top, float offset, int64_t begin, int64_t end) {
+  int odd = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    float q = std::nearbyint((x[i] - lo) / scale);
+    q = q > 0.0f ? q : 0.0f;
+    q = q > top ? top : q;
+    codes[i] = static_cast<int8_t>(static_cast<int32_t>(q - offset));
+    odd |= !(std::fabs(x[i]) < kInf);
+  }
+  return odd != 0;
+}
+
+// The same with stochastic rounding (stochastic_span's noise and arithmetic), for a
+// range measured over finite values: x - lo is never negative.
+void int8_stochastic_span(const float* __restrict__ x, int8_t* __restrict__ codes, float lo,
+                          float scale, float top, float offset, uint32_t seed, int64_t begin,
+                          int64_t end) {
+  const v8f lo8 = splat(lo), scale8 = splat(scale), top8 = splat(top), one8 = splat(1.0f);
+  const v8f offset8 = splat(offset);
+  v8u index;
+  for (int k = 0; k < 8; ++k) index[k] = static_cast<uint32_t>(begin + k);
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8, index += 8u) {
+    v8f u = __builtin_convertvector(reinterpret_cast<v8i>(mix(index, seed)), v8f) *
+            (1.0f / 16777216.0f);
+    v8f v;
+    std::memcpy(&v, x + i, sizeof v);
+    v8f q = (v - lo8) / scale8 + u;
+    for (int k = 0; k < 8; ++k) q[k] = std::floor(q[k]);
+    q = q - reinterpret_cast<v8f>(reinterpret_cast<v8i>(q > top8) & reinterpret_cast<v8i>(one8));
+    v8i c = __builtin_convertvector(q - offset8, v8i);
+    for (int k = 0; k < 8; ++k) codes[i + k] = static_cast<int8_t>(c[k]);
+  }
+  for (; i < end; ++i) {
+    float u = static_cast<float>(static_cast<int32_t>(mix(static_cast<uint32_t>(i), seed))) *
+              (1.0f / 16777216.0f);
+    float q = std::floor((x[i] - lo) / scale + u);
+    q = q - (q > top ? 1.0f : 0.0f);
+    codes[i] = static_cast<int8_t>(static_cast<int32_t>(q - offset));
+  }
+}
+
 void rows_span(const float* __restrict__ x, float* __restrict__ out, int64_t cols, float levels,
                int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
@@ -465,6 +511,42 @@ void dpc_int8_transpose(const int8_t* src, int64_t rows, int64_t cols, int flip,
           dst[c * rows + r] = static_cast<int8_t>(src[r * cols + c] ^ flip);
     }
   });
+}
+
+// int8 codes of x[0, n) over [lo, hi] (nearest rounding) for the integer kernels:
+// kernels.quantize_int8's codes, for levels <= 255. Returns 1 if x holds an inf or a nan:
+// the codes are then not to be used (the torch kernel flags the rows that held one).
+int dpc_int8_codes(const float* x, int64_t n, float lo, float hi, float levels, int8_t* codes,
+                   int nthreads) {
+  const float scale = scale_of(lo, hi, levels);
+  const float top = hi > lo ? levels : 0.0f;
+  const float offset = std::floor(levels / 2.0f + 0.5f);
+  const int t = threads_for(n, nthreads);
+  int bad = 0;
+#pragma omp parallel num_threads(t) if (t > 1) reduction(| : bad)
+  {
+    int64_t k = omp_get_thread_num(), parts = omp_get_num_threads();
+    bad |= int8_codes_span(x, codes, lo, scale, top, offset, n * k / parts,
+                           n * (k + 1) / parts);
+  }
+  return bad;
+}
+
+// The range of x[0, n) into range[0..1], then its int8 codes with stochastic rounding:
+// kernels.quantize_int8_stochastic's codes. Returns 1 (and writes no code) if x holds an
+// inf or a nan.
+int dpc_int8_stochastic(const float* x, int64_t n, float levels, int64_t seed, int8_t* codes,
+                        float* range, int nthreads) {
+  if (dpc_range(x, n, range, nthreads)) return 1;
+  const float lo = range[0], hi = range[1];
+  const float scale = scale_of(lo, hi, levels);
+  const float top = hi > lo ? levels : 0.0f;
+  const float offset = std::floor(levels / 2.0f + 0.5f);
+  const uint32_t s = static_cast<uint32_t>(seed);
+  split(n, threads_for(n, nthreads), [=](int64_t b, int64_t e) {
+    int8_stochastic_span(x, codes, lo, scale, top, offset, s, b, e);
+  });
+  return 0;
 }
 
 }  // extern "C"
