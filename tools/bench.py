@@ -945,9 +945,11 @@ def main() -> int:
         "an fp32 matmul on the machine that made this file. A lowered layer's products run on "
         "the CPU's u8 x s8 kernel (oneDNN's) where a probe finds it exact at the operand's "
         "bits: without VNNI it sums pairs of products in 16 bits, exact for 7-bit codes and "
-        "fewer (the 7-bit rows). Around its products a lowered step still quantises in "
-        "compiled torch kernels, transposes int8 codes into the dense layouts the kernel "
-        "needs, and prepacks each weight operand, every step.",
+        "fewer (the 7-bit rows). Around its products a lowered step makes its int8 codes "
+        "in native loops, transposes them into the dense layouts the kernel needs (a tiled "
+        "native pass), prepacks each weight operand, and makes the float product out of the "
+        "integer one in a pass over it (the corrections for the codes' offsets), every "
+        "step.",
         "- *Compile*: linear layers and convolutions are sized by arithmetic; the rest of the "
         "shape propagation runs on fake tensors (attention, reshapes), and FX generates code "
         "once per pass.",
