@@ -226,10 +226,14 @@ inline U mix(U index, uint32_t seed) {
   return h >> 8;
 }
 
-void stochastic_span(const float* __restrict__ x, float* __restrict__ out, float lo,
-                     float scale, float top, uint32_t seed, int64_t begin, int64_t end) {
-  // Eight lanes by hand: left to itself gcc carries the 64-bit index in vectors and
-  // narrows it for the hash every step (0.58 against 0.42 ns an element on one core).
+// Stochastic rounding of x[begin, end) onto the levels of [lo, lo + top * scale]: each
+// element's level floor((v - lo) / scale + u), kept at or below top, handed to
+// `eight(i, q)` eight elements at a time and to `one(i, q)` for the last few. Eight lanes by
+// hand: left to itself gcc carries the 64-bit index in vectors and narrows it for the
+// noise's hash every step (0.58 against 0.42 ns an element on one core).
+template <class Eight, class One>
+inline void stochastic_levels(const float* __restrict__ x, float lo, float scale, float top,
+                              uint32_t seed, int64_t begin, int64_t end, Eight eight, One one) {
   const v8f lo8 = splat(lo), scale8 = splat(scale), top8 = splat(top), one8 = splat(1.0f);
   v8u index;
   for (int k = 0; k < 8; ++k) index[k] = static_cast<uint32_t>(begin + k);
@@ -241,17 +245,27 @@ void stochastic_span(const float* __restrict__ x, float* __restrict__ out, float
     std::memcpy(&v, x + i, sizeof v);
     v8f q = (v - lo8) / scale8 + u;
     for (int k = 0; k < 8; ++k) q[k] = std::floor(q[k]);
-    q = q - reinterpret_cast<v8f>(reinterpret_cast<v8i>(q > top8) & reinterpret_cast<v8i>(one8));
-    v = q * scale8 + lo8;
-    std::memcpy(out + i, &v, sizeof v);
+    eight(i, q - reinterpret_cast<v8f>(reinterpret_cast<v8i>(q > top8) &
+                                       reinterpret_cast<v8i>(one8)));
   }
   for (; i < end; ++i) {
     float u = static_cast<float>(static_cast<int32_t>(mix(static_cast<uint32_t>(i), seed))) *
               (1.0f / 16777216.0f);
     float q = std::floor((x[i] - lo) / scale + u);
-    q = q - (q > top ? 1.0f : 0.0f);
-    out[i] = q * scale + lo;
+    one(i, q - (q > top ? 1.0f : 0.0f));
   }
+}
+
+void stochastic_span(const float* __restrict__ x, float* __restrict__ out, float lo,
+                     float scale, float top, uint32_t seed, int64_t begin, int64_t end) {
+  const v8f lo8 = splat(lo), scale8 = splat(scale);
+  stochastic_levels(
+      x, lo, scale, top, seed, begin, end,
+      [=](int64_t i, v8f q) {
+        v8f v = q * scale8 + lo8;
+        std::memcpy(out + i, &v, sizeof v);
+      },
+      [=](int64_t i, float q) { out[i] = q * scale + lo; });
 }
 
 // int8 codes of x[begin, end) for the integer kernels (dpc_fx/int8.py): nearest rounding
@@ -275,29 +289,16 @@ bool int8_codes_span(const float* __restrict__ x, int8_t* __restrict__ codes, fl
 void int8_stochastic_span(const float* __restrict__ x, int8_t* __restrict__ codes, float lo,
                           float scale, float top, float offset, uint32_t seed, int64_t begin,
                           int64_t end) {
-  const v8f lo8 = splat(lo), scale8 = splat(scale), top8 = splat(top), one8 = splat(1.0f);
   const v8f offset8 = splat(offset);
-  v8u index;
-  for (int k = 0; k < 8; ++k) index[k] = static_cast<uint32_t>(begin + k);
-  int64_t i = begin;
-  for (; i + 8 <= end; i += 8, index += 8u) {
-    v8f u = __builtin_convertvector(reinterpret_cast<v8i>(mix(index, seed)), v8f) *
-            (1.0f / 16777216.0f);
-    v8f v;
-    std::memcpy(&v, x + i, sizeof v);
-    v8f q = (v - lo8) / scale8 + u;
-    for (int k = 0; k < 8; ++k) q[k] = std::floor(q[k]);
-    q = q - reinterpret_cast<v8f>(reinterpret_cast<v8i>(q > top8) & reinterpret_cast<v8i>(one8));
-    v8i c = __builtin_convertvector(q - offset8, v8i);
-    for (int k = 0; k < 8; ++k) codes[i + k] = static_cast<int8_t>(c[k]);
-  }
-  for (; i < end; ++i) {
-    float u = static_cast<float>(static_cast<int32_t>(mix(static_cast<uint32_t>(i), seed))) *
-              (1.0f / 16777216.0f);
-    float q = std::floor((x[i] - lo) / scale + u);
-    q = q - (q > top ? 1.0f : 0.0f);
-    codes[i] = static_cast<int8_t>(static_cast<int32_t>(q - offset));
-  }
+  stochastic_levels(
+      x, lo, scale, top, seed, begin, end,
+      [=](int64_t i, v8f q) {
+        v8i c = __builtin_convertvector(q - offset8, v8i);
+        for (int k = 0; k < 8; ++k) codes[i + k] = static_cast<int8_t>(c[k]);
+      },
+      [=](int64_t i, float q) {
+        codes[i] = static_cast<int8_t>(static_cast<int32_t>(q - offset));
+      });
 }
 
 void rows_span(const float* __restrict__ x, float* __restrict__ out, int64_t cols, float levels,
