@@ -69,7 +69,7 @@ from dpc_fx.quant import (
     is_active,
 )
 
-__all__ = ["FUSABLE", "FusedLayer", "pack", "packed_bytes", "unpack"]
+__all__ = ["FUSABLE", "FusedLayer", "pack", "packed_bytes", "relu", "unpack"]
 
 # The ops a fused layer runs, with their number of spatial dimensions. ``matmul`` is a
 # product of two activations (attention's ``q @ k^T`` and ``p @ v``): batched, with equal
@@ -500,6 +500,75 @@ def _matmul_backward(
 
 def _tuple(value: int | tuple[int, ...], n: int) -> list[int]:
     return list(value) if isinstance(value, (tuple, list)) else [int(value)] * n
+
+
+def relu(x: Tensor, module: nn.Module | None = None) -> Tensor:
+    """``torch.relu(x)`` keeping one bit an element for its backward, where ATen's relu
+    keeps its float output: the fuse pass calls it for a ReLU whose output only fused layers
+    keep (as codes), so that output is not kept in float for the ReLU alone. Values and
+    gradients are ATen's bit for bit (``-0.0`` and ``nan`` pass forward as they are, and the
+    gradient passes where ATen's does: where the output is not ``<= 0``). It runs as
+    ``torch.ops.dpc_fx.relu`` (a C++ autograd node; under ``torch.compile`` its halves,
+    opaque calls), on contiguous float32 CPU tensors that need a gradient; else as
+    ``torch.relu``.
+
+    ``module``: the ``nn.ReLU`` the graph called there, if any. Where it has hooks (its own
+    or global ones), it is called instead: its hooks run as they would have, and it keeps
+    its float output as before.
+
+    >>> x = torch.tensor([-1.0, 0.0, 2.0], requires_grad=True)
+    >>> relu(x).sum().backward()
+    >>> x.grad
+    tensor([0., 0., 1.])
+    """
+    if module is not None and _hooked(module):
+        return module(x)  # type: ignore[no-any-return]
+    compiling = torch.compiler.is_compiling()
+    if not (
+        x.requires_grad
+        and torch.is_grad_enabled()
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.is_contiguous()  # ATen's relu keeps a layout the next op reads its order from
+        and not torch.jit.is_tracing()
+        and (native.layers_loaded() if compiling else native.layers())
+    ):
+        return torch.relu(x)
+    if compiling:
+        return _CompiledRelu.apply(x)  # type: ignore[no-any-return]
+    return torch.ops.dpc_fx.relu.default(x)  # type: ignore[no-any-return]
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks, its own or global ones."""
+    from torch.nn.modules import module as hooks
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks
+        or hooks._global_backward_pre_hooks
+    )
+
+
+class _CompiledRelu(torch.autograd.Function):
+    """:func:`relu` under ``torch.compile``: ``torch.ops.dpc_fx.relu_forward`` and
+    ``relu_backward``, the halves of its C++ node, joined for dynamo to trace."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        y, bits = torch.ops.dpc_fx.relu_forward.default(x)
+        ctx.save_for_backward(bits)
+        return y  # type: ignore[no-any-return]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (bits,) = ctx.saved_tensors
+        return torch.ops.dpc_fx.relu_backward.default(grad, bits)  # type: ignore[no-any-return]
 
 
 class FusedLayer(nn.Module):

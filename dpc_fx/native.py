@@ -299,11 +299,22 @@ def _backward_fake(
     )
 
 
+def _relu_forward_fake(x: Tensor) -> tuple[Tensor, Tensor]:
+    bits = x.new_empty((x.numel() + 7) // 8, dtype=torch.uint8)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), bits
+
+
+def _relu_backward_fake(grad: Tensor, bits: Tensor) -> Tensor:
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
 def _for_compile() -> None:
     if _state.get("compile ops"):
         return
     torch.library.register_fake("dpc_fx::layer_forward", _forward_fake)
     torch.library.register_fake("dpc_fx::layer_backward", _backward_fake)
+    torch.library.register_fake("dpc_fx::relu_forward", _relu_forward_fake)
+    torch.library.register_fake("dpc_fx::relu_backward", _relu_backward_fake)
     _state["compile ops"] = True
 
 

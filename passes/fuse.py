@@ -13,6 +13,10 @@ Everything else (lowered linears, transposed convolutions, attention kernels, la
 full-precision input, convs with ``padding="same"``) is copied as it is; so is a product
 whose operands broadcast, which the fused layer declines at run time.
 
+A ReLU whose output nothing but fused layers keeps (they keep its codes; views of it and
+residual additions keep nothing) becomes a call of :func:`dpc_fx.fused.relu`, which keeps
+one bit an element for its backward rather than its float output.
+
 Invariant: the fused module computes what ``gm`` computes, forward and backward, bit for
 bit (the same kernels, the same stochastic-rounding stream).
 
@@ -27,6 +31,12 @@ After::
 
     dpc_conv1 = self.dpc.conv1(x, conv1_weight, None)
     # FusedLayer(conv2d, act_q=6, weight_q=6, grad_q=8, stride=(2, 2), padding=(3, 3))
+
+and a ReLU before a fused layer::
+
+    relu_1 = self.relu
+    relu = dpc_fx_fused_relu(bn1, relu_1)          # keeps a bit an element, not its output
+    dpc_conv2 = self.dpc.conv2(relu, conv2_weight, None)
 """
 
 from __future__ import annotations
@@ -36,9 +46,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
-from dpc_fx.fused import FusedLayer
+from dpc_fx.fused import FusedLayer, relu
 from dpc_fx.meta import QUANTIZERS, DPCState, layer_meta
 from dpc_fx.passes._graph import copy_graph_module, layer_nodes
 from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer
@@ -107,6 +117,7 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
             if dead is not None:
                 graph.erase_node(dead)
     new.add_module(QUANTIZERS, state)
+    _keep_bits(new, state)
     graph.lint()
     new.recompile()
     return new
@@ -160,3 +171,79 @@ def _ints(value: Any) -> bool:
     if isinstance(value, (tuple, list)):
         return all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ReLU in the forms a graph calls it (the in-place ones change their input, so they are
+# taken only where nothing else reads that input), and the users that keep nothing of their
+# input for backward: views, and additions (a residual connection).
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, aten.relu.default, aten.relu_.default}
+_INPLACE_RELU = {torch.relu_, aten.relu_.default}
+_VIEWS = {torch.flatten, torch.reshape, aten.view.default, aten.reshape.default,
+          aten._unsafe_view.default, aten.flatten.using_ints}  # fmt: skip
+_VIEW_METHODS = {"flatten", "view", "reshape"}
+_ADDS = {operator.add, torch.add, aten.add.Tensor}
+
+
+def _keep_bits(gm: fx.GraphModule, state: DPCState) -> None:
+    """Each ReLU whose output only fused layers keep (see :func:`_kept_as_codes`) made a call
+    of :func:`dpc_fx.fused.relu`, in place: the node keeps its name and meta; an ``nn.ReLU``
+    module goes with it (``relu(x, self.relu)``), so that its hooks still run."""
+    fused = {
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_module"
+        and str(n.target).startswith(f"{QUANTIZERS}.")
+        and isinstance(state._modules.get(str(n.target).removeprefix(f"{QUANTIZERS}.")), FusedLayer)
+    }
+    if not fused:
+        return
+    for node in list(gm.graph.nodes):
+        x = _relu_input(node, gm)
+        if x is None or not _kept_as_codes(node, fused, gm):
+            continue
+        args: tuple[Any, ...] = (x,)
+        if node.op == "call_module":  # the module stays: relu calls it where it has hooks
+            with gm.graph.inserting_before(node):
+                args = (x, gm.graph.get_attr(str(node.target)))
+        node.op, node.target, node.args, node.kwargs = "call_function", relu, args, {}
+        node.meta["is_wrapped"] = True  # a leaf when the code is traced again (torch.load)
+
+
+def _relu_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The input of ``node`` if it is a ReLU the fuse pass may replace."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        inplace = getattr(module, "inplace", False)
+        ok = type(module) is nn.ReLU and len(node.args) == 1 and not node.kwargs
+    elif node.op == "call_function":
+        inplace = node.target in _INPLACE_RELU or bool(
+            node.args[1] if len(node.args) > 1 else node.kwargs.get("inplace", False)
+        )
+        ok = node.target in _RELU_FUNCTIONS and len(node.args) + len(node.kwargs) <= 2
+    elif node.op == "call_method":
+        inplace = node.target == "relu_"
+        ok = node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs
+    else:
+        return None
+    x = node.args[0] if ok and node.args else None
+    if not isinstance(x, fx.Node):
+        return None
+    # An in-place ReLU changes x: the out-of-place one may stand in only where nothing else
+    # reads x.
+    return None if inplace and len(x.users) != 1 else x
+
+
+def _kept_as_codes(value: fx.Node, fused: set[fx.Node], gm: fx.GraphModule) -> bool:
+    """Whether every use of ``value`` is a fused layer's (which keeps codes), a view whose
+    uses all are, or an addition (which keeps nothing)."""
+    for user in value.users:
+        if user in fused or (user.op == "call_function" and user.target in _ADDS):
+            continue
+        view = (
+            (user.op == "call_function" and user.target in _VIEWS)
+            or (user.op == "call_method" and user.target in _VIEW_METHODS)
+            or (user.op == "call_module" and type(gm.get_submodule(str(user.target))) is nn.Flatten)
+        )
+        if not (view and user.args and user.args[0] is value and _kept_as_codes(user, fused, gm)):
+            return False
+    return bool(value.users)

@@ -10,11 +10,13 @@ gradients and running ranges are compared with ``torch.equal``.
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import compile_quiet, layer_node_list, quantizer_nodes
 from rich.console import Console
 from torch import Tensor, nn
@@ -245,6 +247,85 @@ def test_the_float_copy_check_sees_the_unfused_quantisers() -> None:
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         layer.grad_q(layer.product(layer.act_q(x), layer.weight_q(weight), None))
     assert any(t.is_floating_point() and t.shape == x.shape for t in kept)
+
+
+class _Relus(nn.Module):
+    """ReLUs the fuse pass makes keep bits (``a``: a fused conv reads it; ``d``: through a
+    flatten, a fused linear; ``e``: a fused conv and a residual addition) and ReLUs it
+    leaves (``b``: in place, on a tensor something else reads after it; ``c``: max-pooling
+    keeps its input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.relu_b = nn.ReLU(inplace=True)
+        self.head = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = torch.relu(self.conv0(x))
+        h = self.conv1(a)
+        h2 = h * 2
+        b = self.relu_b(h)  # changes h in place: the product below reads the new h
+        e = F.relu(b + h2 * h)
+        c = F.max_pool2d(torch.relu(self.conv2(e) + e), 2)
+        return self.head(F.relu(c).flatten(1))  # d
+
+
+def _kept_bytes(gm: nn.Module, x: Tensor) -> int:
+    """Bytes of the tensors one forward pass keeps for backward (a tensor kept twice counts
+    twice)."""
+    kept: list[Tensor] = []
+
+    def keep(t: Tensor) -> Tensor:
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        gm(x.clone().requires_grad_())
+    return sum(t.numel() * t.element_size() for t in kept)
+
+
+def test_a_relu_only_fused_layers_read_keeps_a_bit_an_element(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    model, x = _Relus(), torch.randn(2, 3, 8, 8)
+    plain = compile_quiet(model, x, config=CONFIG.replace(fuse=False))
+    fused = compile_quiet(copy.deepcopy(model), x, config=CONFIG)
+    inputs = {n.args[0].name for n in fused.graph.nodes if n.target is dpc_fx.fused.relu}
+    assert inputs == {"dpc_conv0", "add", "max_pool2d"}, fused.code  # a, e, d
+    for seed in (1, 2):  # the same numbers as the unfused chain, which runs torch.relu
+        for u, v in zip(_step(plain, x, seed), _step(fused, x, seed), strict=True):
+            assert torch.equal(u, v)
+    # Without the bit ReLUs each of a, e and d keeps its float output (2x8x8x8, 2x8x8x8,
+    # 2x128) for its backward; with them, a bit an element and nothing else.
+    pass_module = importlib.import_module("dpc_fx.passes.fuse")  # (the package exports
+    monkeypatch.setattr(pass_module, "_keep_bits", lambda gm, state: None)  # a function)
+    floats = compile_quiet(copy.deepcopy(model), x, config=CONFIG)
+    assert not any(n.target is dpc_fx.fused.relu for n in floats.graph.nodes)
+    numels = (1024, 1024, 256)
+    assert _kept_bytes(floats, x) - _kept_bytes(fused, x) == sum(4 * n - n // 8 for n in numels)
+
+
+def test_a_relu_module_keeping_bits_still_runs_its_hooks() -> None:
+    """A ReLU module the pass makes keep bits stays in the graph: with a hook on it, the
+    call goes through the module (the hook runs, and may change the output)."""
+    torch.manual_seed(0)
+    model, x = mlp(8, 16, 4), torch.randn(5, 8)
+    gm = compile_quiet(model, x, config=CONFIG)
+    (node,) = [n for n in gm.graph.nodes if n.target is dpc_fx.fused.relu]
+    assert node.args[1].op == "get_attr" and node.args[1].target == "1"
+    kept = _kept_bytes(gm, x)
+    seen: list[Tensor] = []
+    handle = gm.get_submodule("1").register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        assert _kept_bytes(gm, x) == kept + 4 * 5 * 16 - (5 * 16 + 7) // 8  # a float output
+        assert len(seen) == 1 and seen[0].shape == (5, 16)
+    finally:
+        handle.remove()
+    assert _kept_bytes(gm, x) == kept
 
 
 def test_cost_reports_what_each_layer_keeps_falling_with_its_bits() -> None:

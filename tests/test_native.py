@@ -130,6 +130,74 @@ def test_large_tensors_split_over_threads_agree() -> None:
         torch.set_num_threads(threads)
 
 
+_SPECIALS = torch.tensor([-0.0, 0.0, float("nan"), float("inf"), -float("inf"), 1e-45, -1e-45])
+
+
+def _relu_both(x: Tensor, seed: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """ATen's relu and :func:`fused.relu` on ``x``: each side's output and input gradient,
+    and what the bit ReLU kept for backward."""
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    grad[:: max(1, x.numel() // 3)] = float("nan")  # a nan gradient where the mask stops it
+    kept: list[Tensor] = []
+
+    def keep(t: Tensor) -> Tensor:
+        kept.append(t)
+        return t
+
+    out = []
+    for fn in (torch.relu, fused.relu):
+        leaf = x.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(
+            keep if fn is fused.relu else (lambda t: t), lambda t: t
+        ):
+            y = fn(leaf)
+        y.backward(grad)
+        assert leaf.grad is not None
+        out.append([y.detach(), leaf.grad])
+    return out[0], out[1], kept
+
+
+@given(vectors(), st.integers(0, 3000), st.integers(0, 2**16))
+def test_the_bit_relu_gives_atens_values_and_gradients_bit_for_bit(
+    x: Tensor, at: int, seed: int
+) -> None:
+    """``fused.relu`` (``torch.ops.dpc_fx.relu``) against ``torch.relu``: outputs and input
+    gradients equal to the bit, ``-0.0``, ``nan``, infinities and subnormals included, and
+    what it keeps is one bit an element."""
+    if not native.layers():
+        pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
+    at = min(at, x.numel())
+    x = torch.cat([x[:at], _SPECIALS, x[at:]])
+    aten, ours, kept = _relu_both(x, seed)
+    for a, b in zip(aten, ours, strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    assert [(t.dtype, t.numel()) for t in kept] == [(torch.uint8, (x.numel() + 7) // 8)]
+
+
+def test_the_bit_relu_agrees_on_several_threads_and_shapes() -> None:
+    if not native.layers():
+        pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(3, 100_003)
+        x.view(-1)[50_000 : 50_000 + len(_SPECIALS)] = _SPECIALS
+        aten, ours, _ = _relu_both(x, 0)
+        for a, b in zip(aten, ours, strict=True):
+            assert a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+    finally:
+        torch.set_num_threads(threads)
+    # Where it cannot keep bits (no gradient wanted, a channels-last input whose layout the
+    # next op reads, another dtype) it is torch.relu itself.
+    assert fused.relu(torch.randn(4)).grad_fn is None
+    nhwc = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last).requires_grad_()
+    assert fused.relu(nhwc).is_contiguous(memory_format=torch.channels_last)
+    assert (
+        type(fused.relu(torch.randn(4, dtype=torch.float64, requires_grad=True)).grad_fn).__name__
+        == "ReluBackward0"
+    )
+
+
 class _Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -516,6 +584,8 @@ def test_under_torch_compile_the_layers_run_the_operator_with_eager_numbers() ->
         assert identical(y_eager, y_fast)
     ran = [e.name for e in prof.events()]
     assert ran.count("dpc_fx::layer_forward") == ran.count("dpc_fx::layer_backward") == 3
+    # Both ReLUs feed fused layers only (the second through a flatten): they keep bits.
+    assert ran.count("dpc_fx::relu_forward") == ran.count("dpc_fx::relu_backward") == 2
     for (name, a), (_, b) in zip(eager.named_parameters(), twin.named_parameters(), strict=True):
         assert a.grad is not None and identical(a.grad, b.grad), name
     for (name, a), (_, b) in zip(eager.named_buffers(), twin.named_buffers(), strict=True):

@@ -359,6 +359,41 @@ std::tuple<Tensor, Tensor, Tensor> layer_backward(
   return {dx.defined() ? dx : empty, dw.defined() ? dw : empty, db.defined() ? db : empty};
 }
 
+// A ReLU whose output only fused layers keep (as codes): it keeps one bit an element for its
+// backward, where ATen's relu keeps its float output (passes/fuse.py; dpc_fx/fused.py,
+// relu). The values and gradients are ATen's bit for bit.
+std::tuple<Tensor, Tensor> relu_forward(const Tensor& x) {
+  const Tensor xc = x.contiguous();
+  const int64_t n = xc.numel();
+  Tensor y = at::empty_like(xc);
+  Tensor bits = at::empty({(n + 7) / 8}, xc.options().dtype(at::kByte));
+  dpc_relu_bits(xc.const_data_ptr<float>(), n, y.mutable_data_ptr<float>(),
+                bits.mutable_data_ptr<uint8_t>(), at::get_num_threads());
+  return {y, bits};
+}
+
+Tensor relu_backward(const Tensor& grad, const Tensor& bits) {
+  const Tensor g = grad.contiguous();
+  Tensor out = at::empty_like(g);
+  dpc_relu_grad(g.const_data_ptr<float>(), bits.const_data_ptr<uint8_t>(), g.numel(),
+                out.mutable_data_ptr<float>(), at::get_num_threads());
+  return out;
+}
+
+struct Relu : public torch::autograd::Function<Relu> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x) {
+    auto [y, bits] = relu_forward(x);
+    ctx->save_for_backward({bits});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {relu_backward(grads[0], ctx->get_saved_variables()[0])};
+  }
+};
+
+Tensor relu(const Tensor& x) { return Relu::apply(x); }
+
 }  // namespace
 
 TORCH_LIBRARY(dpc_fx, m) {
@@ -375,11 +410,20 @@ TORCH_LIBRARY(dpc_fx, m) {
       "Tensor weight, SymInt[] x_size, int a_bits, int w_bits, int grad_bits, int[] stride, "
       "int[] padding, int[] dilation, int groups, int rank, bool has_bias, bool[3] want) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def("relu(Tensor x) -> Tensor");
+  m.def("relu_forward(Tensor x) -> (Tensor, Tensor)");
+  m.def("relu_backward(Tensor grad, Tensor bits) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dpc_fx, Autograd, m) { m.impl("layer", layer); }
+TORCH_LIBRARY_IMPL(dpc_fx, Autograd, m) {
+  m.impl("layer", layer);
+  m.impl("relu", relu);
+}
 TORCH_LIBRARY_IMPL(dpc_fx, CPU, m) {
   m.impl("layer", layer);
   m.impl("layer_forward", layer_forward);
   m.impl("layer_backward", layer_backward);
+  m.impl("relu", relu);
+  m.impl("relu_forward", relu_forward);
+  m.impl("relu_backward", relu_backward);
 }

@@ -18,7 +18,9 @@
 #include <limits>
 
 #include <omp.h>
-#if defined(__SSE2__)
+#if defined(__AVX__)
+#include <immintrin.h>
+#elif defined(__SSE2__)
 #include <emmintrin.h>
 #endif
 
@@ -355,6 +357,51 @@ inline void transpose16(const int8_t* src, int64_t sstride, int8_t* dst, int64_t
 }
 #endif
 
+
+// ReLU keeping one bit an element for its backward: y = x < 0 ? 0 : x (ATen's relu: -0.0
+// and nan pass as they are) and bit i of bits[i / 8] set where backward passes the
+// gradient, where ATen's threshold_backward does: !(x <= 0), so for a nan too.
+const v8i kLaneBits = {1, 2, 4, 8, 16, 32, 64, 128};
+
+inline uint8_t lane_byte(v8i keep) {
+#if defined(__AVX__)
+  __m256 m;
+  std::memcpy(&m, &keep, sizeof m);
+  return static_cast<uint8_t>(_mm256_movemask_ps(m));
+#else
+  v8i b = keep & kLaneBits;
+  int out = 0;
+  for (int l = 0; l < 8; ++l) out |= b[l];
+  return static_cast<uint8_t>(out);
+#endif
+}
+
+// Elements [8 * b, 8 * e): whole bytes of bits.
+void relu_bits_span(const float* __restrict__ x, float* __restrict__ y, uint8_t* __restrict__ bits,
+                    int64_t b, int64_t e) {
+  const v8f zero = splat(0.0f);
+  for (int64_t k = b; k < e; ++k) {
+    v8f a;
+    std::memcpy(&a, x + 8 * k, sizeof a);
+    v8f out = a < zero ? zero : a;
+    std::memcpy(y + 8 * k, &out, sizeof out);
+    bits[k] = lane_byte(~(a <= zero));
+  }
+}
+
+void relu_grad_span(const float* __restrict__ g, const uint8_t* __restrict__ bits,
+                    float* __restrict__ out, int64_t b, int64_t e) {
+  const v8f zero = splat(0.0f);
+  for (int64_t k = b; k < e; ++k) {
+    v8f a;
+    std::memcpy(&a, g + 8 * k, sizeof a);
+    const int32_t byte = bits[k];
+    v8i on = v8i{byte, byte, byte, byte, byte, byte, byte, byte} & kLaneBits;
+    v8f r = on != 0 ? a : zero;
+    std::memcpy(out + 8 * k, &r, sizeof r);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -548,6 +595,30 @@ int dpc_int8_stochastic(const float* x, int64_t n, float levels, int64_t seed, i
     int8_stochastic_span(x, codes, lo, scale, top, offset, s, b, e);
   });
   return 0;
+}
+
+// ReLU of x[0, n) into y, and into bits ((n + 7) / 8 bytes) where its backward passes the
+// gradient (see relu_bits_span).
+void dpc_relu_bits(const float* x, int64_t n, float* y, uint8_t* bits, int nthreads) {
+  const int64_t whole = n / 8;
+  split(whole, threads_for(n, nthreads),
+        [=](int64_t b, int64_t e) { relu_bits_span(x, y, bits, b, e); });
+  if (n % 8 == 0) return;
+  int last = 0;
+  for (int64_t i = 8 * whole; i < n; ++i) {
+    y[i] = x[i] < 0.0f ? 0.0f : x[i];
+    if (!(x[i] <= 0.0f)) last |= 1 << (i - 8 * whole);
+  }
+  bits[whole] = static_cast<uint8_t>(last);
+}
+
+// ReLU's backward from its bits: out[i] = g[i] where bit i is set, else 0.
+void dpc_relu_grad(const float* g, const uint8_t* bits, int64_t n, float* out, int nthreads) {
+  const int64_t whole = n / 8;
+  split(whole, threads_for(n, nthreads),
+        [=](int64_t b, int64_t e) { relu_grad_span(g, bits, out, b, e); });
+  for (int64_t i = 8 * whole; i < n; ++i)
+    out[i] = (bits[whole] >> (i - 8 * whole)) & 1 ? g[i] : 0.0f;
 }
 
 }  // extern "C"
