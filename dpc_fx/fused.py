@@ -48,6 +48,7 @@ inductor compiles with the model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -69,7 +70,7 @@ from dpc_fx.quant import (
     is_active,
 )
 
-__all__ = ["FUSABLE", "FusedLayer", "pack", "packed_bytes", "relu", "unpack"]
+__all__ = ["FUSABLE", "FusedLayer", "pack", "packed_bytes", "relu", "relu6", "unpack"]
 
 # The ops a fused layer runs, with their number of spatial dimensions. ``matmul`` is a
 # product of two activations (attention's ``q @ k^T`` and ``p @ v``): batched, with equal
@@ -521,6 +522,25 @@ def relu(x: Tensor, module: nn.Module | None = None) -> Tensor:
     >>> x.grad
     tensor([0., 0., 1.])
     """
+    return _bit_relu(x, module, math.inf, torch.relu)
+
+
+def relu6(x: Tensor, module: nn.Module | None = None) -> Tensor:
+    """``F.relu6(x)`` keeping one bit an element for its backward, where ATen's keeps its
+    float input: as :func:`relu`, with the gradient passing where ATen's ``hardtanh_backward``
+    passes it (where the input is neither ``<= 0`` nor ``>= 6``).
+
+    >>> x = torch.tensor([-1.0, 3.0, 6.0, 7.0], requires_grad=True)
+    >>> relu6(x).sum().backward()
+    >>> x.grad
+    tensor([0., 1., 0., 0.])
+    """
+    return _bit_relu(x, module, 6.0, F.relu6)
+
+
+def _bit_relu(
+    x: Tensor, module: nn.Module | None, top: float, plain: Callable[[Tensor], Tensor]
+) -> Tensor:
     if module is not None and _hooked(module):
         return module(x)  # type: ignore[no-any-return]
     compiling = torch.compiler.is_compiling()
@@ -529,14 +549,14 @@ def relu(x: Tensor, module: nn.Module | None = None) -> Tensor:
         and torch.is_grad_enabled()
         and x.dtype == torch.float32
         and x.device.type == "cpu"
-        and x.is_contiguous()  # ATen's relu keeps a layout the next op reads its order from
+        and x.is_contiguous()  # ATen's keeps a layout the next op reads its order from
         and not torch.jit.is_tracing()
         and (native.layers_loaded() if compiling else native.layers())
     ):
-        return torch.relu(x)
+        return plain(x)
     if compiling:
-        return _CompiledRelu.apply(x)  # type: ignore[no-any-return]
-    return torch.ops.dpc_fx.relu.default(x)  # type: ignore[no-any-return]
+        return _CompiledRelu.apply(x, top)  # type: ignore[no-any-return]
+    return torch.ops.dpc_fx.relu.default(x, top)  # type: ignore[no-any-return]
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -556,19 +576,19 @@ def _hooked(module: nn.Module) -> bool:
 
 
 class _CompiledRelu(torch.autograd.Function):
-    """:func:`relu` under ``torch.compile``: ``torch.ops.dpc_fx.relu_forward`` and
+    """:func:`relu` and :func:`relu6` under ``torch.compile``: ``torch.ops.dpc_fx.relu_forward`` and
     ``relu_backward``, the halves of its C++ node, joined for dynamo to trace."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        y, bits = torch.ops.dpc_fx.relu_forward.default(x)
+    def forward(ctx: Any, x: Tensor, top: float) -> Tensor:
+        y, bits = torch.ops.dpc_fx.relu_forward.default(x, top)
         ctx.save_for_backward(bits)
         return y  # type: ignore[no-any-return]
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (bits,) = ctx.saved_tensors
-        return torch.ops.dpc_fx.relu_backward.default(grad, bits)  # type: ignore[no-any-return]
+        return torch.ops.dpc_fx.relu_backward.default(grad, bits), None
 
 
 class FusedLayer(nn.Module):

@@ -299,7 +299,7 @@ def _backward_fake(
     )
 
 
-def _relu_forward_fake(x: Tensor) -> tuple[Tensor, Tensor]:
+def _relu_forward_fake(x: Tensor, top: float) -> tuple[Tensor, Tensor]:
     bits = x.new_empty((x.numel() + 7) // 8, dtype=torch.uint8)
     return torch.empty_like(x, memory_format=torch.contiguous_format), bits
 

@@ -13,9 +13,10 @@ Everything else (lowered linears, transposed convolutions, attention kernels, la
 full-precision input, convs with ``padding="same"``) is copied as it is; so is a product
 whose operands broadcast, which the fused layer declines at run time.
 
-A ReLU whose output nothing but fused layers keeps (they keep its codes; views of it and
-residual additions keep nothing) becomes a call of :func:`dpc_fx.fused.relu`, which keeps
-one bit an element for its backward rather than its float output.
+A ReLU or ReLU6 whose output nothing but fused layers keeps (they keep its codes; views of it
+and residual additions keep nothing) becomes a call of :func:`dpc_fx.fused.relu` or
+:func:`~dpc_fx.fused.relu6`, which keep one bit an element for their backward rather than a
+float tensor.
 
 Invariant: the fused module computes what ``gm`` computes, forward and backward, bit for
 bit (the same kernels, the same stochastic-rounding stream).
@@ -34,8 +35,8 @@ After::
 
 and a ReLU before a fused layer::
 
-    relu_1 = self.relu
-    relu = dpc_fx_fused_relu(bn1, relu_1)          # keeps a bit an element, not its output
+    relu_module = self.relu
+    relu = dpc_fx_fused_relu(bn1, relu_module)     # keeps a bit an element, not its output
     dpc_conv2 = self.dpc.conv2(relu, conv2_weight, None)
 """
 
@@ -48,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from dpc_fx.fused import FusedLayer, relu
+from dpc_fx.fused import FusedLayer, relu, relu6
 from dpc_fx.meta import QUANTIZERS, DPCState, layer_meta
 from dpc_fx.passes._graph import copy_graph_module, layer_nodes
 from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer
@@ -173,11 +174,21 @@ def _ints(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-# ReLU in the forms a graph calls it (the in-place ones change their input, so they are
-# taken only where nothing else reads that input), and the users that keep nothing of their
-# input for backward: views, and additions (a residual connection).
-_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, aten.relu.default, aten.relu_.default}
-_INPLACE_RELU = {torch.relu_, aten.relu_.default}
+# ReLU and ReLU6 in the forms a graph calls them, as the bit-keeping function that stands
+# in; the in-place forms change their input, so they are taken only where nothing else reads
+# it. Captured graphs call ReLU6 as hardtanh(x, 0, 6).
+_RELU_FUNCTIONS: dict[Any, Any] = {
+    F.relu: relu, torch.relu: relu, torch.relu_: relu, aten.relu.default: relu,
+    aten.relu_.default: relu, F.relu6: relu6, torch._C._nn.relu6: relu6,
+    torch._C._nn.relu6_: relu6, aten.relu6.default: relu6,
+    aten.hardtanh.default: relu6, aten.hardtanh_.default: relu6,
+}  # fmt: skip
+_RELU_MODULES: dict[type, Any] = {nn.ReLU: relu, nn.ReLU6: relu6}
+_RELU_METHODS: dict[str, Any] = {"relu": relu, "relu_": relu}
+_INPLACE = {torch.relu_, aten.relu_.default, torch._C._nn.relu6_, aten.hardtanh_.default}
+_HARDTANH = {aten.hardtanh.default, aten.hardtanh_.default}
+# The users that keep nothing of their input for backward: views, and additions (a
+# residual connection).
 _VIEWS = {torch.flatten, torch.reshape, aten.view.default, aten.reshape.default,
           aten._unsafe_view.default, aten.flatten.using_ints}  # fmt: skip
 _VIEW_METHODS = {"flatten", "view", "reshape"}
@@ -185,9 +196,10 @@ _ADDS = {operator.add, torch.add, aten.add.Tensor}
 
 
 def _keep_bits(gm: fx.GraphModule, state: DPCState) -> None:
-    """Each ReLU whose output only fused layers keep (see :func:`_kept_as_codes`) made a call
-    of :func:`dpc_fx.fused.relu`, in place: the node keeps its name and meta; an ``nn.ReLU``
-    module goes with it (``relu(x, self.relu)``), so that its hooks still run."""
+    """Each ReLU or ReLU6 whose output only fused layers keep (see :func:`_kept_as_codes`)
+    made a call of :func:`dpc_fx.fused.relu` or :func:`~dpc_fx.fused.relu6`, in place: the
+    node keeps its name and meta; an ``nn.ReLU``/``nn.ReLU6`` module goes with it
+    (``relu(x, self.relu)``), so that its hooks still run."""
     fused = {
         n
         for n in gm.graph.nodes
@@ -198,39 +210,48 @@ def _keep_bits(gm: fx.GraphModule, state: DPCState) -> None:
     if not fused:
         return
     for node in list(gm.graph.nodes):
-        x = _relu_input(node, gm)
-        if x is None or not _kept_as_codes(node, fused, gm):
+        found = _relu_of(node, gm)
+        if found is None or not _kept_as_codes(node, fused, gm):
             continue
+        x, fn = found
         args: tuple[Any, ...] = (x,)
         if node.op == "call_module":  # the module stays: relu calls it where it has hooks
             with gm.graph.inserting_before(node):
-                args = (x, gm.graph.get_attr(str(node.target)))
-        node.op, node.target, node.args, node.kwargs = "call_function", relu, args, {}
+                module = gm.graph.create_node("get_attr", node.target, name=f"{node.name}_module")
+            args = (x, module)
+        node.op, node.target, node.args, node.kwargs = "call_function", fn, args, {}
         node.meta["is_wrapped"] = True  # a leaf when the code is traced again (torch.load)
 
 
-def _relu_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
-    """The input of ``node`` if it is a ReLU the fuse pass may replace."""
+def _relu_of(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, Any] | None:
+    """The input of ``node`` and the function to call there, if it is a ReLU or ReLU6 the
+    fuse pass may replace."""
+    args = list(node.args) + list(node.kwargs.values())
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
+        fn = _RELU_MODULES.get(type(module))
         inplace = getattr(module, "inplace", False)
-        ok = type(module) is nn.ReLU and len(node.args) == 1 and not node.kwargs
+        ok = len(node.args) == 1 and not node.kwargs
     elif node.op == "call_function":
-        inplace = node.target in _INPLACE_RELU or bool(
-            node.args[1] if len(node.args) > 1 else node.kwargs.get("inplace", False)
-        )
-        ok = node.target in _RELU_FUNCTIONS and len(node.args) + len(node.kwargs) <= 2
-    elif node.op == "call_method":
+        fn = _RELU_FUNCTIONS.get(node.target)
+        inplace = node.target in _INPLACE or node.kwargs.get("inplace") is True
+        if node.target in _HARDTANH:  # hardtanh(x, 0, 6): ReLU6
+            ok = len(args) == 3 and args[1:] == [0.0, 6.0]
+        else:
+            inplace = inplace or (len(node.args) > 1 and node.args[1] is True)
+            ok = len(args) <= 2 and all(isinstance(a, bool) for a in args[1:])
+    elif node.op == "call_method" and isinstance(node.target, str):
+        fn = _RELU_METHODS.get(node.target)
         inplace = node.target == "relu_"
-        ok = node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs
+        ok = len(node.args) == 1 and not node.kwargs
     else:
         return None
-    x = node.args[0] if ok and node.args else None
+    x = node.args[0] if fn is not None and ok and node.args else None
     if not isinstance(x, fx.Node):
         return None
     # An in-place ReLU changes x: the out-of-place one may stand in only where nothing else
     # reads x.
-    return None if inplace and len(x.users) != 1 else x
+    return None if inplace and len(x.users) != 1 else (x, fn)
 
 
 def _kept_as_codes(value: fx.Node, fused: set[fx.Node], gm: fx.GraphModule) -> bool:

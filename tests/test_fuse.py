@@ -309,6 +309,31 @@ def test_a_relu_only_fused_layers_read_keeps_a_bit_an_element(
     assert _kept_bytes(floats, x) - _kept_bytes(fused, x) == sum(4 * n - n // 8 for n in numels)
 
 
+def test_a_relu6_only_fused_layers_read_keeps_a_bit_an_element(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ReLU6 (MobileNetV2's, in place after batch norm) keeps its float input for backward;
+    before fused layers it keeps a bit an element instead, with the same numbers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU6(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5),
+    )  # fmt: skip
+    x = torch.randn(2, 3, 6, 6)
+    plain = compile_quiet(model, x, config=CONFIG.replace(fuse=False))
+    fused = compile_quiet(copy.deepcopy(model), x, config=CONFIG)
+    calls = [n.target for n in fused.graph.nodes if n.op == "call_function"]
+    assert calls == [dpc_fx.fused.relu6] * 2, fused.code
+    for seed in (1, 2):
+        for u, v in zip(_step(plain, x, seed), _step(fused, x, seed), strict=True):
+            assert torch.equal(u, v)
+    pass_module = importlib.import_module("dpc_fx.passes.fuse")
+    monkeypatch.setattr(pass_module, "_keep_bits", lambda gm, state: None)
+    floats = compile_quiet(copy.deepcopy(model), x, config=CONFIG)
+    n = 2 * 8 * 6 * 6
+    assert _kept_bytes(floats, x) - _kept_bytes(fused, x) == 2 * (4 * n - n // 8)
+
+
 def test_a_relu_module_keeping_bits_still_runs_its_hooks() -> None:
     """A ReLU module the pass makes keep bits stays in the graph: with a hook on it, the
     call goes through the module (the hook runs, and may change the output)."""

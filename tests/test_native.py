@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -130,14 +131,23 @@ def test_large_tensors_split_over_threads_agree() -> None:
         torch.set_num_threads(threads)
 
 
-_SPECIALS = torch.tensor([-0.0, 0.0, float("nan"), float("inf"), -float("inf"), 1e-45, -1e-45])
+_SPECIALS = torch.tensor(
+    [-0.0, 0.0, float("nan"), float("inf"), -float("inf"), 1e-45, -1e-45, 6.0, 6.5, 5.999]
+)
 
 
-def _relu_both(x: Tensor, seed: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """ATen's relu and :func:`fused.relu` on ``x``: each side's output and input gradient,
-    and what the bit ReLU kept for backward."""
+def _grad(x: Tensor, seed: int) -> Tensor:
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
-    grad[:: max(1, x.numel() // 3)] = float("nan")  # a nan gradient where the mask stops it
+    grad.view(-1)[:: max(1, x.numel() // 3)] = float("nan")  # where the mask stops it, too
+    return grad
+
+
+def _relu_both(
+    x: Tensor, seed: int, six: bool = False
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """ATen's relu (or relu6) and :func:`fused.relu` (or ``relu6``) on ``x``: each side's
+    output and input gradient, and what the bit ReLU kept for backward."""
+    grad = _grad(x, seed)
     kept: list[Tensor] = []
 
     def keep(t: Tensor) -> Tensor:
@@ -145,11 +155,11 @@ def _relu_both(x: Tensor, seed: int) -> tuple[list[Tensor], list[Tensor], list[T
         return t
 
     out = []
-    for fn in (torch.relu, fused.relu):
+    ours = fused.relu6 if six else fused.relu
+    for fn in (F.relu6 if six else torch.relu, ours):
         leaf = x.clone().requires_grad_()
-        with torch.autograd.graph.saved_tensors_hooks(
-            keep if fn is fused.relu else (lambda t: t), lambda t: t
-        ):
+        hook = keep if fn is ours else (lambda t: t)
+        with torch.autograd.graph.saved_tensors_hooks(hook, lambda t: t):
             y = fn(leaf)
         y.backward(grad)
         assert leaf.grad is not None
@@ -157,45 +167,58 @@ def _relu_both(x: Tensor, seed: int) -> tuple[list[Tensor], list[Tensor], list[T
     return out[0], out[1], kept
 
 
-@given(vectors(), st.integers(0, 3000), st.integers(0, 2**16))
-def test_the_bit_relu_gives_atens_values_and_gradients_bit_for_bit(
-    x: Tensor, at: int, seed: int
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@given(vectors(), st.integers(0, 3000), st.integers(0, 2**16), st.booleans())
+def test_the_bit_relus_give_atens_values_and_gradients_bit_for_bit(
+    x: Tensor, at: int, seed: int, six: bool
 ) -> None:
-    """``fused.relu`` (``torch.ops.dpc_fx.relu``) against ``torch.relu``: outputs and input
-    gradients equal to the bit, ``-0.0``, ``nan``, infinities and subnormals included, and
-    what it keeps is one bit an element."""
+    """``fused.relu`` and ``fused.relu6`` (``torch.ops.dpc_fx.relu``) against ATen's:
+    outputs and input gradients equal to the bit, ``-0.0``, ``nan``, infinities, 6 and
+    subnormals included, and what they keep is one bit an element.
+
+    One exception: at a ``nan`` input ATen's relu6 gradient depends on where the element
+    falls (its vector loop stops the gradient there, its scalar loop passes it); ours passes
+    it, as ATen's relu does."""
     if not native.layers():
         pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
     at = min(at, x.numel())
     x = torch.cat([x[:at], _SPECIALS, x[at:]])
-    aten, ours, kept = _relu_both(x, seed)
-    for a, b in zip(aten, ours, strict=True):
-        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    (y_aten, g_aten), (y, g), kept = _relu_both(x, seed, six)
+    assert _same_bits(y_aten, y)
+    if six:
+        nan = torch.isnan(x)
+        assert identical(g[nan], _grad(x, seed)[nan])  # ours passes it
+        g_aten, g = g_aten[~nan], g[~nan]
+    assert _same_bits(g_aten, g)
     assert [(t.dtype, t.numel()) for t in kept] == [(torch.uint8, (x.numel() + 7) // 8)]
 
 
-def test_the_bit_relu_agrees_on_several_threads_and_shapes() -> None:
+def test_the_bit_relus_agree_on_several_threads_and_shapes() -> None:
     if not native.layers():
         pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        x = torch.randn(3, 100_003)
+        x = torch.randn(3, 100_003) * 4
         x.view(-1)[50_000 : 50_000 + len(_SPECIALS)] = _SPECIALS
-        aten, ours, _ = _relu_both(x, 0)
-        for a, b in zip(aten, ours, strict=True):
-            assert a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+        x.view(-1)[2] = float("nan")  # (relu6's gradient at a nan: see above)
+        for six in (False, True):
+            aten, ours, _ = _relu_both(x, 0, six)
+            keep = ~torch.isnan(x) if six else torch.ones_like(x, dtype=torch.bool)
+            assert _same_bits(aten[0], ours[0]) and aten[0].shape == ours[0].shape
+            assert _same_bits(aten[1][keep], ours[1][keep])
     finally:
         torch.set_num_threads(threads)
-    # Where it cannot keep bits (no gradient wanted, a channels-last input whose layout the
-    # next op reads, another dtype) it is torch.relu itself.
+    # Where they cannot keep bits (no gradient wanted, a channels-last input whose layout
+    # the next op reads, another dtype) they are ATen's own.
     assert fused.relu(torch.randn(4)).grad_fn is None
     nhwc = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last).requires_grad_()
-    assert fused.relu(nhwc).is_contiguous(memory_format=torch.channels_last)
-    assert (
-        type(fused.relu(torch.randn(4, dtype=torch.float64, requires_grad=True)).grad_fn).__name__
-        == "ReluBackward0"
-    )
+    assert fused.relu6(nhwc).is_contiguous(memory_format=torch.channels_last)
+    double = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert type(fused.relu(double).grad_fn).__name__ == "ReluBackward0"
 
 
 class _Net(nn.Module):

@@ -359,16 +359,18 @@ std::tuple<Tensor, Tensor, Tensor> layer_backward(
   return {dx.defined() ? dx : empty, dw.defined() ? dw : empty, db.defined() ? db : empty};
 }
 
-// A ReLU whose output only fused layers keep (as codes): it keeps one bit an element for its
-// backward, where ATen's relu keeps its float output (passes/fuse.py; dpc_fx/fused.py,
-// relu). The values and gradients are ATen's bit for bit.
-std::tuple<Tensor, Tensor> relu_forward(const Tensor& x) {
+// A ReLU (top = inf) or ReLU6 (top = 6) whose output only fused layers keep (as codes): it
+// keeps one bit an element for its backward, where ATen's relu keeps its float output and
+// relu6 its float input (passes/fuse.py; dpc_fx/fused.py, relu). The values and gradients
+// are ATen's bit for bit.
+std::tuple<Tensor, Tensor> relu_forward(const Tensor& x, double top) {
   const Tensor xc = x.contiguous();
   const int64_t n = xc.numel();
   Tensor y = at::empty_like(xc);
   Tensor bits = at::empty({(n + 7) / 8}, xc.options().dtype(at::kByte));
-  dpc_relu_bits(xc.const_data_ptr<float>(), n, y.mutable_data_ptr<float>(),
-                bits.mutable_data_ptr<uint8_t>(), at::get_num_threads());
+  dpc_relu_bits(xc.const_data_ptr<float>(), n, static_cast<float>(top),
+                y.mutable_data_ptr<float>(), bits.mutable_data_ptr<uint8_t>(),
+                at::get_num_threads());
   return {y, bits};
 }
 
@@ -381,18 +383,18 @@ Tensor relu_backward(const Tensor& grad, const Tensor& bits) {
 }
 
 struct Relu : public torch::autograd::Function<Relu> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x) {
-    auto [y, bits] = relu_forward(x);
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, double top) {
+    auto [y, bits] = relu_forward(x, top);
     ctx->save_for_backward({bits});
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return {relu_backward(grads[0], ctx->get_saved_variables()[0])};
+    return {relu_backward(grads[0], ctx->get_saved_variables()[0]), Tensor()};
   }
 };
 
-Tensor relu(const Tensor& x) { return Relu::apply(x); }
+Tensor relu(const Tensor& x, double top) { return Relu::apply(x, top); }
 
 }  // namespace
 
@@ -410,8 +412,8 @@ TORCH_LIBRARY(dpc_fx, m) {
       "Tensor weight, SymInt[] x_size, int a_bits, int w_bits, int grad_bits, int[] stride, "
       "int[] padding, int[] dilation, int groups, int rank, bool has_bias, bool[3] want) "
       "-> (Tensor, Tensor, Tensor)");
-  m.def("relu(Tensor x) -> Tensor");
-  m.def("relu_forward(Tensor x) -> (Tensor, Tensor)");
+  m.def("relu(Tensor x, float top) -> Tensor");
+  m.def("relu_forward(Tensor x, float top) -> (Tensor, Tensor)");
   m.def("relu_backward(Tensor grad, Tensor bits) -> Tensor");
 }
 

@@ -358,9 +358,11 @@ inline void transpose16(const int8_t* src, int64_t sstride, int8_t* dst, int64_t
 #endif
 
 
-// ReLU keeping one bit an element for its backward: y = x < 0 ? 0 : x (ATen's relu: -0.0
-// and nan pass as they are) and bit i of bits[i / 8] set where backward passes the
-// gradient, where ATen's threshold_backward does: !(x <= 0), so for a nan too.
+// ReLU (top = inf) or ReLU6 (top = 6) keeping one bit an element for its backward:
+// y = x < 0 ? 0 : x, then top < y ? top : y (ATen's relu and hardtanh(0, top): -0.0 and nan
+// pass as they are), and bit i of bits[i / 8] set where backward passes the gradient, where
+// ATen's does: for ReLU where !(y <= 0) (threshold_backward on its output), for ReLU6 where
+// !(x <= 0 || x >= top) (hardtanh_backward on its input); both for a nan.
 const v8i kLaneBits = {1, 2, 4, 8, 16, 32, 64, 128};
 
 inline uint8_t lane_byte(v8i keep) {
@@ -376,16 +378,28 @@ inline uint8_t lane_byte(v8i keep) {
 #endif
 }
 
+inline float relu_of(float x, float top, bool& keep) {
+  float y = x < 0.0f ? 0.0f : x;
+  keep = !(x <= 0.0f) && !(top < kInf && x >= top);
+  return top < y ? top : y;
+}
+
 // Elements [8 * b, 8 * e): whole bytes of bits.
-void relu_bits_span(const float* __restrict__ x, float* __restrict__ y, uint8_t* __restrict__ bits,
-                    int64_t b, int64_t e) {
-  const v8f zero = splat(0.0f);
+template <bool kTop>
+void relu_bits_span(const float* __restrict__ x, float* __restrict__ y,
+                    uint8_t* __restrict__ bits, float top, int64_t b, int64_t e) {
+  const v8f zero = splat(0.0f), tops = splat(top);
   for (int64_t k = b; k < e; ++k) {
     v8f a;
     std::memcpy(&a, x + 8 * k, sizeof a);
     v8f out = a < zero ? zero : a;
+    v8i keep = ~(a <= zero);
+    if constexpr (kTop) {
+      out = tops < out ? tops : out;
+      keep &= ~(a >= tops);
+    }
     std::memcpy(y + 8 * k, &out, sizeof out);
-    bits[k] = lane_byte(~(a <= zero));
+    bits[k] = lane_byte(keep);
   }
 }
 
@@ -597,17 +611,23 @@ int dpc_int8_stochastic(const float* x, int64_t n, float levels, int64_t seed, i
   return 0;
 }
 
-// ReLU of x[0, n) into y, and into bits ((n + 7) / 8 bytes) where its backward passes the
-// gradient (see relu_bits_span).
-void dpc_relu_bits(const float* x, int64_t n, float* y, uint8_t* bits, int nthreads) {
+// ReLU (top = inf) or ReLU6 (top = 6) of x[0, n) into y, and into bits ((n + 7) / 8 bytes)
+// where its backward passes the gradient (see relu_of).
+void dpc_relu_bits(const float* x, int64_t n, float top, float* y, uint8_t* bits,
+                   int nthreads) {
   const int64_t whole = n / 8;
-  split(whole, threads_for(n, nthreads),
-        [=](int64_t b, int64_t e) { relu_bits_span(x, y, bits, b, e); });
+  const int t = threads_for(n, nthreads);
+  if (top < kInf) {
+    split(whole, t, [=](int64_t b, int64_t e) { relu_bits_span<true>(x, y, bits, top, b, e); });
+  } else {
+    split(whole, t, [=](int64_t b, int64_t e) { relu_bits_span<false>(x, y, bits, top, b, e); });
+  }
   if (n % 8 == 0) return;
   int last = 0;
   for (int64_t i = 8 * whole; i < n; ++i) {
-    y[i] = x[i] < 0.0f ? 0.0f : x[i];
-    if (!(x[i] <= 0.0f)) last |= 1 << (i - 8 * whole);
+    bool keep;
+    y[i] = relu_of(x[i], top, keep);
+    if (keep) last |= 1 << (i - 8 * whole);
   }
   bits[whole] = static_cast<uint8_t>(last);
 }
