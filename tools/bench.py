@@ -920,20 +920,23 @@ def main() -> int:
         "projections, its gate and up) quantise it once and keep one set of codes.",
         "- *Under `torch.compile`* the operator's layers run its two halves "
         "(`torch.ops.dpc_fx.layer_forward`, `layer_backward`) as opaque calls between "
-        "inductor's kernels, keeping codes. Where such a layer's input is a ReLU's output, "
-        "nothing else keeps that output, so the compiled graph keeps ReLU's one-byte mask for "
-        "its backward; fp32's graph keeps the output for the next convolution instead. On this "
-        "CPU inductor's code writes such masks slowly (docs/PROFILE.md measures it): most of "
-        "the compiled demo's ratio.",
+        "inductor's kernels, keeping codes. A ReLU before them keeps a bit an element in an "
+        "opaque call too (left to inductor, it would keep a one-byte mask, which inductor's "
+        "code writes slowly on this CPU: docs/PROFILE.md). What the compiled demo pays beyond "
+        "fp32 is then mostly the quantiser loops inside the two layers' calls (the layer "
+        "operators column of docs/PROFILE.md).",
         "- *Captured models*: a Hugging Face model is captured by `torch.export` and runs as an "
         "ATen graph, op by op; the reference row under the Llama decoder times that graph with "
         "no layer quantised, the part of the decoder's ratio that is not quantisation.",
         "- *Saved for backward*: a fused layer keeps its input's integer codes packed to the "
         "bits (two a byte at 4 bits or fewer, four in three bytes at 5 or 6, one a byte at 7 or "
         "8) and its range; a weight that is a parameter is quantised again in backward, any "
-        "other operand (attention's second matrix) is kept as codes too. What stays in float is "
-        "what fp32 keeps for other ops (batch norm's and GELU's inputs, the loss's). Unfused, a "
-        "quantised layer keeps its quantised input in float beside the original.",
+        "other operand (attention's second matrix) is kept as codes too. A ReLU or ReLU6 "
+        "whose output only such layers read (through views and residual additions) keeps a "
+        "bit an element for its backward, not its float output (ReLU) or input (ReLU6). What "
+        "stays in float is what fp32 keeps for other ops (batch norm's, GELU's and SiLU's "
+        "inputs, the loss's). Unfused, a quantised layer keeps its quantised input in float "
+        "beside the original.",
         "- *The lowered MLP's floor*: GELU keeps its 4096-wide input and the loss its output, "
         "in float, as fp32 does: 0.50x of fp32's saved memory before any code is kept; the two "
         "layers' 8-bit input codes add 0.125x, so 0.63x is that floor.",

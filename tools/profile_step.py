@@ -8,6 +8,8 @@ For each model, fp32 and dpc_fx (default config) steps run interleaved in one pr
 step columns: medians, no profiler). Then a few steps of each run under
 ``torch.profiler``, which splits the time by who spends it (self time, per step):
 
+- the ReLUs that keep a bit an element (``torch.ops.dpc_fx.relu`` and its C++ node; their
+  halves under ``torch.compile``): ReLU's own pass, a bit written beside each output;
 - the layer operator (``torch.ops.dpc_fx.layer`` in forward, its C++ autograd node in
   backward), whose own time is the quantiser loops: the input's range and codes, the weight
   per channel, the gradient's stochastic rounding, the codes dequantised;
@@ -18,9 +20,10 @@ step columns: medians, no profiler). Then a few steps of each run under
 - ATen ops (``aten::*``: the products, their backward and the rest of the model), in fp32's
   step and in DPC's: the same ops, on quantised values;
 - under ``torch.compile``, the compiled graphs' own time (inductor's kernels, profiled one
-  by one), and among it the kernels that write or read a ReLU's one-byte mask, with a
-  measurement of what such a mask costs inductor's code on this machine. (Inductor then
-  compiles a profiler record into every kernel, on both sides, for the step columns too.)
+  by one), and among it the kernels that write or read a ReLU's one-byte mask (where a
+  ReLU does not keep bits), with a measurement of what such a mask costs inductor's code
+  on this machine. (Inductor then compiles a profiler record into every kernel, on both
+  sides, for the step columns too.)
 
 The profiler adds a little to every op it records, on both sides alike. Read the loops
 against docs/BENCHMARKS.md's kernel table, which puts each quantiser against a range pass
@@ -60,6 +63,8 @@ warnings.filterwarnings("ignore")
 
 # (column, who): who is a predicate on a profiler event's name
 PARTS: list[tuple[str, Callable[[str], bool]]] = [
+    # ReLUs keeping bits (torch.ops.dpc_fx.relu, its C++ node, its halves under compile)
+    ("bit ReLUs", lambda n: n.startswith("dpc_fx::relu") or "::Relu>" in n),
     # the operator's forward, and its C++ autograd node's backward
     ("layer operators: quantiser loops", lambda n: n.startswith("dpc_fx::") or "::Layer>" in n),
     ("fused layers' autograd nodes (Python)", lambda n: n.startswith("_FusedFn")),
@@ -236,12 +241,13 @@ def main() -> int:
         "|" + " --- |" * len(header),
         *("| " + " | ".join(r) + " |" for r in rows),
         "",
-        "Under `torch.compile` a fused layer is an opaque call that keeps its input's codes, "
-        "so where that input is a ReLU's output nothing else keeps it, and the compiled graph "
-        "keeps ReLU's mask for its backward instead: a one-byte tensor, which inductor's "
-        "kernels write and read (the mask column: kernels named for `threshold_backward`). "
-        "fp32's graph keeps a ReLU's output for the next convolution and needs a mask only "
-        "where no convolution follows. "
+        "Under `torch.compile` a fused layer is an opaque call that keeps its input's codes. "
+        "Where that input is a ReLU's output and nothing else keeps it, the ReLU keeps a bit "
+        "an element for its backward, in an opaque call of its own (the bit ReLUs column); "
+        "left to inductor, the compiled graph would keep ReLU's mask instead, a one-byte "
+        "tensor, which inductor's kernels write and read slowly on this CPU (the mask column "
+        "counts the kernels named for `threshold_backward` that remain: ReLUs before layers "
+        "that are not fused, on both sides). "
         f"On this machine: {mask_note}",
         "",
     ]
