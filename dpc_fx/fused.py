@@ -35,6 +35,11 @@ small layer pays no Python per step beyond the call (:func:`_native_step`). Laye
 operator that read the same tensor at the same bits (a transformer's q, k and v
 projections) quantise it once and keep one set of codes between them.
 
+A ReLU or ReLU6 whose output only such layers read (the fuse pass finds them) runs as
+:func:`relu` or :func:`relu6`: ATen's values and gradients, keeping one bit an element for
+its backward rather than a float tensor, so the activation between two fused layers is kept
+as codes and bits alone.
+
 Under ``torch.compile`` the same layers run the operator's two halves,
 ``torch.ops.dpc_fx.layer_forward`` and ``layer_backward``, joined by :class:`_CompiledFn`:
 opaque calls that inductor places between its own kernels, with the eager operator's
@@ -503,7 +508,7 @@ def _tuple(value: int | tuple[int, ...], n: int) -> list[int]:
     return list(value) if isinstance(value, (tuple, list)) else [int(value)] * n
 
 
-def relu(x: Tensor, module: nn.Module | None = None) -> Tensor:
+def relu(x: Tensor, module: nn.Module | None = None, inplace: bool = False) -> Tensor:
     """``torch.relu(x)`` keeping one bit an element for its backward, where ATen's relu
     keeps its float output: the fuse pass calls it for a ReLU whose output only fused layers
     keep (as codes), so that output is not kept in float for the ReLU alone. Values and
@@ -515,34 +520,43 @@ def relu(x: Tensor, module: nn.Module | None = None) -> Tensor:
 
     ``module``: the ``nn.ReLU`` the graph called there, if any. Where it has hooks (its own
     or global ones), it is called instead: its hooks run as they would have, and it keeps
-    its float output as before.
+    its float output as before. ``inplace`` (or the module's): write the output over ``x``,
+    as ``F.relu(x, inplace=True)`` does, rather than into a new tensor.
 
     >>> x = torch.tensor([-1.0, 0.0, 2.0], requires_grad=True)
     >>> relu(x).sum().backward()
     >>> x.grad
     tensor([0., 0., 1.])
     """
-    return _bit_relu(x, module, math.inf, torch.relu)
+    return _bit_relu(x, module, inplace, math.inf, F.relu)
 
 
-def relu6(x: Tensor, module: nn.Module | None = None) -> Tensor:
+def relu6(x: Tensor, module: nn.Module | None = None, inplace: bool = False) -> Tensor:
     """``F.relu6(x)`` keeping one bit an element for its backward, where ATen's keeps its
     float input: as :func:`relu`, with the gradient passing where ATen's ``hardtanh_backward``
-    passes it (where the input is neither ``<= 0`` nor ``>= 6``).
+    passes it (where the input is neither ``<= 0`` nor ``>= 6``). At a ``nan`` input ATen's
+    own gradient depends on where the element falls (its vector loop stops it, its scalar
+    loop passes it); this one passes it, as ATen's relu does.
 
     >>> x = torch.tensor([-1.0, 3.0, 6.0, 7.0], requires_grad=True)
     >>> relu6(x).sum().backward()
     >>> x.grad
     tensor([0., 1., 0., 0.])
     """
-    return _bit_relu(x, module, 6.0, F.relu6)
+    return _bit_relu(x, module, inplace, 6.0, F.relu6)
 
 
 def _bit_relu(
-    x: Tensor, module: nn.Module | None, top: float, plain: Callable[[Tensor], Tensor]
+    x: Tensor,
+    module: nn.Module | None,
+    inplace: bool,
+    top: float,
+    plain: Callable[..., Tensor],
 ) -> Tensor:
-    if module is not None and _hooked(module):
-        return module(x)  # type: ignore[no-any-return]
+    if module is not None:
+        if _hooked(module):
+            return module(x)  # type: ignore[no-any-return]
+        inplace = inplace or bool(getattr(module, "inplace", False))
     compiling = torch.compiler.is_compiling()
     if not (
         x.requires_grad
@@ -553,10 +567,11 @@ def _bit_relu(
         and not torch.jit.is_tracing()
         and (native.layers_loaded() if compiling else native.layers())
     ):
-        return plain(x)
-    if compiling:
+        return plain(x, inplace=inplace)
+    if compiling:  # (functional there: inductor places the buffers)
         return _CompiledRelu.apply(x, top)  # type: ignore[no-any-return]
-    return torch.ops.dpc_fx.relu.default(x, top)  # type: ignore[no-any-return]
+    op = torch.ops.dpc_fx.relu_ if inplace else torch.ops.dpc_fx.relu
+    return op.default(x, top)  # type: ignore[no-any-return]
 
 
 def _hooked(module: nn.Module) -> bool:

@@ -213,19 +213,20 @@ def _keep_bits(gm: fx.GraphModule, state: DPCState) -> None:
         found = _relu_of(node, gm)
         if found is None or not _kept_as_codes(node, fused, gm):
             continue
-        x, fn = found
+        x, fn, inplace = found
         args: tuple[Any, ...] = (x,)
         if node.op == "call_module":  # the module stays: relu calls it where it has hooks
             with gm.graph.inserting_before(node):
                 module = gm.graph.create_node("get_attr", node.target, name=f"{node.name}_module")
-            args = (x, module)
-        node.op, node.target, node.args, node.kwargs = "call_function", fn, args, {}
+            args, inplace = (x, module), False  # (relu reads the module's inplace)
+        kwargs = {"inplace": True} if inplace else {}
+        node.op, node.target, node.args, node.kwargs = "call_function", fn, args, kwargs
         node.meta["is_wrapped"] = True  # a leaf when the code is traced again (torch.load)
 
 
-def _relu_of(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, Any] | None:
-    """The input of ``node`` and the function to call there, if it is a ReLU or ReLU6 the
-    fuse pass may replace."""
+def _relu_of(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, Any, bool] | None:
+    """The input of ``node``, the function to call there and whether it runs in place, if
+    ``node`` is a ReLU or ReLU6 the fuse pass may replace."""
     args = list(node.args) + list(node.kwargs.values())
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
@@ -251,7 +252,7 @@ def _relu_of(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, Any] | None:
         return None
     # An in-place ReLU changes x: the out-of-place one may stand in only where nothing else
     # reads x.
-    return None if inplace and len(x.users) != 1 else (x, fn)
+    return None if inplace and len(x.users) != 1 else (x, fn, inplace)
 
 
 def _kept_as_codes(value: fx.Node, fused: set[fx.Node], gm: fx.GraphModule) -> bool:

@@ -6,6 +6,7 @@ model on the eager kernels."""
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import warnings
 from collections.abc import Callable
@@ -143,10 +144,11 @@ def _grad(x: Tensor, seed: int) -> Tensor:
 
 
 def _relu_both(
-    x: Tensor, seed: int, six: bool = False
+    x: Tensor, seed: int, six: bool = False, inplace: bool = False
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """ATen's relu (or relu6) and :func:`fused.relu` (or ``relu6``) on ``x``: each side's
-    output and input gradient, and what the bit ReLU kept for backward."""
+    output and input gradient, and what the bit ReLU kept for backward. ``inplace``: both
+    run in place, on a tensor computed from the leaf (as a graph's ReLU after batch norm)."""
     grad = _grad(x, seed)
     kept: list[Tensor] = []
 
@@ -156,14 +158,18 @@ def _relu_both(
 
     out = []
     ours = fused.relu6 if six else fused.relu
-    for fn in (F.relu6 if six else torch.relu, ours):
+    for fn in (F.relu6 if six else F.relu, ours):
         leaf = x.clone().requires_grad_()
         hook = keep if fn is ours else (lambda t: t)
         with torch.autograd.graph.saved_tensors_hooks(hook, lambda t: t):
-            y = fn(leaf)
+            h = leaf * 1 if inplace else leaf
+            y = fn(h, inplace=inplace)
+        assert (y is h) == inplace
         y.backward(grad)
         assert leaf.grad is not None
         out.append([y.detach(), leaf.grad])
+    if inplace and x.numel():  # (ATen's ran in place too; ours is the C++ in-place node)
+        assert "ReluInPlace" in y.grad_fn.name()
     return out[0], out[1], kept
 
 
@@ -171,9 +177,9 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
-@given(vectors(), st.integers(0, 3000), st.integers(0, 2**16), st.booleans())
+@given(vectors(), st.integers(0, 3000), st.integers(0, 2**16), st.booleans(), st.booleans())
 def test_the_bit_relus_give_atens_values_and_gradients_bit_for_bit(
-    x: Tensor, at: int, seed: int, six: bool
+    x: Tensor, at: int, seed: int, six: bool, inplace: bool
 ) -> None:
     """``fused.relu`` and ``fused.relu6`` (``torch.ops.dpc_fx.relu``) against ATen's:
     outputs and input gradients equal to the bit, ``-0.0``, ``nan``, infinities, 6 and
@@ -186,7 +192,7 @@ def test_the_bit_relus_give_atens_values_and_gradients_bit_for_bit(
         pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
     at = min(at, x.numel())
     x = torch.cat([x[:at], _SPECIALS, x[at:]])
-    (y_aten, g_aten), (y, g), kept = _relu_both(x, seed, six)
+    (y_aten, g_aten), (y, g), kept = _relu_both(x, seed, six, inplace)
     assert _same_bits(y_aten, y)
     if six:
         nan = torch.isnan(x)
@@ -205,8 +211,8 @@ def test_the_bit_relus_agree_on_several_threads_and_shapes() -> None:
         x = torch.randn(3, 100_003) * 4
         x.view(-1)[50_000 : 50_000 + len(_SPECIALS)] = _SPECIALS
         x.view(-1)[2] = float("nan")  # (relu6's gradient at a nan: see above)
-        for six in (False, True):
-            aten, ours, _ = _relu_both(x, 0, six)
+        for six, inplace in itertools.product((False, True), repeat=2):
+            aten, ours, _ = _relu_both(x, 0, six, inplace)
             keep = ~torch.isnan(x) if six else torch.ones_like(x, dtype=torch.bool)
             assert _same_bits(aten[0], ours[0]) and aten[0].shape == ours[0].shape
             assert _same_bits(aten[1][keep], ours[1][keep])

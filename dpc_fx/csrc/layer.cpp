@@ -363,14 +363,21 @@ std::tuple<Tensor, Tensor, Tensor> layer_backward(
 // keeps one bit an element for its backward, where ATen's relu keeps its float output and
 // relu6 its float input (passes/fuse.py; dpc_fx/fused.py, relu). The values and gradients
 // are ATen's bit for bit.
-std::tuple<Tensor, Tensor> relu_forward(const Tensor& x, double top) {
-  const Tensor xc = x.contiguous();
-  const int64_t n = xc.numel();
-  Tensor y = at::empty_like(xc);
-  Tensor bits = at::empty({(n + 7) / 8}, xc.options().dtype(at::kByte));
-  dpc_relu_bits(xc.const_data_ptr<float>(), n, static_cast<float>(top),
+// The output into y (x itself for the in-place form: the pass reads each element before it
+// writes it), and the bits.
+Tensor relu_into(const Tensor& x, const Tensor& y, double top) {
+  const int64_t n = x.numel();
+  Tensor bits = at::empty({(n + 7) / 8}, x.options().dtype(at::kByte));
+  dpc_relu_bits(x.const_data_ptr<float>(), n, static_cast<float>(top),
                 y.mutable_data_ptr<float>(), bits.mutable_data_ptr<uint8_t>(),
                 at::get_num_threads());
+  return bits;
+}
+
+std::tuple<Tensor, Tensor> relu_forward(const Tensor& x, double top) {
+  const Tensor xc = x.contiguous();
+  Tensor y = at::empty_like(xc);
+  Tensor bits = relu_into(xc, y, top);
   return {y, bits};
 }
 
@@ -394,7 +401,25 @@ struct Relu : public torch::autograd::Function<Relu> {
   }
 };
 
+// In place, as nn.ReLU(inplace=True) runs: no new output buffer (x contiguous: the caller
+// checks).
+struct ReluInPlace : public torch::autograd::Function<ReluInPlace> {
+  static Tensor forward(AutogradContext* ctx, Tensor x, double top) {
+    TORCH_CHECK(x.is_contiguous(), "dpc_fx::relu_: x must be contiguous");
+    Tensor bits = relu_into(x, x, top);
+    ctx->mark_dirty({x});
+    ctx->save_for_backward({bits});
+    return x;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {relu_backward(grads[0], ctx->get_saved_variables()[0]), Tensor()};
+  }
+};
+
 Tensor relu(const Tensor& x, double top) { return Relu::apply(x, top); }
+
+Tensor relu_(Tensor& x, double top) { return ReluInPlace::apply(x, top); }
 
 }  // namespace
 
@@ -413,6 +438,7 @@ TORCH_LIBRARY(dpc_fx, m) {
       "int[] padding, int[] dilation, int groups, int rank, bool has_bias, bool[3] want) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("relu(Tensor x, float top) -> Tensor");
+  m.def("relu_(Tensor(a!) x, float top) -> Tensor(a!)");
   m.def("relu_forward(Tensor x, float top) -> (Tensor, Tensor)");
   m.def("relu_backward(Tensor grad, Tensor bits) -> Tensor");
 }
@@ -420,12 +446,14 @@ TORCH_LIBRARY(dpc_fx, m) {
 TORCH_LIBRARY_IMPL(dpc_fx, Autograd, m) {
   m.impl("layer", layer);
   m.impl("relu", relu);
+  m.impl("relu_", relu_);
 }
 TORCH_LIBRARY_IMPL(dpc_fx, CPU, m) {
   m.impl("layer", layer);
   m.impl("layer_forward", layer_forward);
   m.impl("layer_backward", layer_backward);
   m.impl("relu", relu);
+  m.impl("relu_", relu_);
   m.impl("relu_forward", relu_forward);
   m.impl("relu_backward", relu_backward);
 }

@@ -384,10 +384,11 @@ inline float relu_of(float x, float top, bool& keep) {
   return top < y ? top : y;
 }
 
-// Elements [8 * b, 8 * e): whole bytes of bits.
+// Elements [8 * b, 8 * e): whole bytes of bits. y may be x (in place): each block of eight
+// is read before it is written.
 template <bool kTop>
-void relu_bits_span(const float* __restrict__ x, float* __restrict__ y,
-                    uint8_t* __restrict__ bits, float top, int64_t b, int64_t e) {
+void relu_bits_span(const float* x, float* y, uint8_t* __restrict__ bits, float top, int64_t b,
+                    int64_t e) {
   const v8f zero = splat(0.0f), tops = splat(top);
   for (int64_t k = b; k < e; ++k) {
     v8f a;
