@@ -60,6 +60,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
 
 from dpc_fx import kernels, native
 from dpc_fx.kernels import _grouping, packed_bytes
@@ -515,17 +516,17 @@ def relu(x: Tensor, module: nn.Module | None = None, inplace: bool = False) -> T
     gradients are ATen's bit for bit (``-0.0`` and ``nan`` pass forward as they are, and the
     gradient passes where ATen's does: where the output is not ``<= 0``). It runs as
     ``torch.ops.dpc_fx.relu`` (a C++ autograd node; under ``torch.compile`` its halves,
-    opaque calls), on contiguous float32 CPU tensors that need a gradient; else as
-    ``torch.relu``.
+    opaque calls), on contiguous float32 CPU tensors of 1024 elements or more that need a
+    gradient; else as ``torch.relu``.
 
     ``module``: the ``nn.ReLU`` the graph called there, if any. Where it has hooks (its own
     or global ones), it is called instead: its hooks run as they would have, and it keeps
     its float output as before. ``inplace`` (or the module's): write the output over ``x``,
     as ``F.relu(x, inplace=True)`` does, rather than into a new tensor.
 
-    >>> x = torch.tensor([-1.0, 0.0, 2.0], requires_grad=True)
+    >>> x = torch.tensor([-1.0, 0.0, 2.0]).repeat(400).requires_grad_()
     >>> relu(x).sum().backward()
-    >>> x.grad
+    >>> x.grad[:3]
     tensor([0., 0., 1.])
     """
     return _bit_relu(x, module, inplace, math.inf, F.relu)
@@ -538,9 +539,9 @@ def relu6(x: Tensor, module: nn.Module | None = None, inplace: bool = False) -> 
     own gradient depends on where the element falls (its vector loop stops it, its scalar
     loop passes it); this one passes it, as ATen's relu does.
 
-    >>> x = torch.tensor([-1.0, 3.0, 6.0, 7.0], requires_grad=True)
+    >>> x = torch.tensor([-1.0, 3.0, 6.0, 7.0]).repeat(300).requires_grad_()
     >>> relu6(x).sum().backward()
-    >>> x.grad
+    >>> x.grad[:4]
     tensor([0., 1., 0., 0.])
     """
     return _bit_relu(x, module, inplace, 6.0, F.relu6)
@@ -553,31 +554,44 @@ def _bit_relu(
     top: float,
     plain: Callable[..., Tensor],
 ) -> Tensor:
+    # (Per call on every ReLU of a model: the cheap checks first, the operators looked up
+    # once.)
     if module is not None:
         if _hooked(module):
             return module(x)  # type: ignore[no-any-return]
         inplace = inplace or bool(getattr(module, "inplace", False))
-    compiling = torch.compiler.is_compiling()
-    if not (
+    if (
         x.requires_grad
-        and torch.is_grad_enabled()
-        and x.dtype == torch.float32
-        and x.device.type == "cpu"
+        and not torch.jit.is_tracing()  # (before numel: a tracer would record that)
+        and x.numel() >= _FEWEST_BITS
+        and x.dtype is torch.float32
+        and x.is_cpu
         and x.is_contiguous()  # ATen's keeps a layout the next op reads its order from
-        and not torch.jit.is_tracing()
-        and (native.layers_loaded() if compiling else native.layers())
+        and torch.is_grad_enabled()
     ):
-        return plain(x, inplace=inplace)
-    if compiling:  # (functional there: inductor places the buffers)
-        return _CompiledRelu.apply(x, top)  # type: ignore[no-any-return]
-    op = torch.ops.dpc_fx.relu_ if inplace else torch.ops.dpc_fx.relu
-    return op.default(x, top)  # type: ignore[no-any-return]
+        if torch.compiler.is_compiling():  # (functional there: inductor places the buffers)
+            if native.layers_loaded():  # a trace must not start a build
+                return _CompiledRelu.apply(x, top)  # type: ignore[no-any-return]
+        elif native.layers_loaded() or native.layers():
+            op = _RELU_OPS.get(inplace)
+            if op is None:
+                op = _RELU_OPS[inplace] = getattr(
+                    torch.ops.dpc_fx, "relu_" if inplace else "relu"
+                ).default
+            return op(x, top)  # type: ignore[no-any-return]
+    return plain(x, inplace=inplace)
+
+
+_RELU_OPS: dict[bool, Any] = {}  # inplace: torch.ops.dpc_fx.relu_ or relu, looked up once
+# Below this many elements a ReLU stays ATen's: its float output is a few KiB, and the
+# operator's autograd node costs some microseconds more than ATen's (a squeeze-and-excite
+# block's ReLU on a few hundred channels, say).
+_FEWEST_BITS = 1024
 
 
 def _hooked(module: nn.Module) -> bool:
     """Whether calling ``module`` would run hooks, its own or global ones."""
-    from torch.nn.modules import module as hooks
-
+    hooks = _module_hooks
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks

@@ -261,7 +261,7 @@ class _Relus(nn.Module):
         self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
         self.relu_b = nn.ReLU(inplace=True)
-        self.head = nn.Linear(8 * 4 * 4, 5)
+        self.head = nn.Linear(8 * 8 * 8, 5)
 
     def forward(self, x: Tensor) -> Tensor:
         a = torch.relu(self.conv0(x))
@@ -291,7 +291,7 @@ def test_a_relu_only_fused_layers_read_keeps_a_bit_an_element(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     torch.manual_seed(0)
-    model, x = _Relus(), torch.randn(2, 3, 8, 8)
+    model, x = _Relus(), torch.randn(2, 3, 16, 16)  # (ReLUs of 1024 elements or more)
     plain = compile_quiet(model, x, config=CONFIG.replace(fuse=False))
     fused = compile_quiet(copy.deepcopy(model), x, config=CONFIG)
     inputs = {n.args[0].name for n in fused.graph.nodes if n.target is dpc_fx.fused.relu}
@@ -299,13 +299,13 @@ def test_a_relu_only_fused_layers_read_keeps_a_bit_an_element(
     for seed in (1, 2):  # the same numbers as the unfused chain, which runs torch.relu
         for u, v in zip(_step(plain, x, seed), _step(fused, x, seed), strict=True):
             assert torch.equal(u, v)
-    # Without the bit ReLUs each of a, e and d keeps its float output (2x8x8x8, 2x8x8x8,
-    # 2x128) for its backward; with them, a bit an element and nothing else.
+    # Without the bit ReLUs each of a, e and d keeps its float output (2x8x16x16,
+    # 2x8x16x16, 2x512) for its backward; with them, a bit an element and nothing else.
     pass_module = importlib.import_module("dpc_fx.passes.fuse")  # (the package exports
     monkeypatch.setattr(pass_module, "_keep_bits", lambda gm, state: None)  # a function)
     floats = compile_quiet(copy.deepcopy(model), x, config=CONFIG)
     assert not any(n.target is dpc_fx.fused.relu for n in floats.graph.nodes)
-    numels = (1024, 1024, 256)
+    numels = (4096, 4096, 1024)
     assert _kept_bytes(floats, x) - _kept_bytes(fused, x) == sum(4 * n - n // 8 for n in numels)
 
 
@@ -317,9 +317,9 @@ def test_a_relu6_only_fused_layers_read_keeps_a_bit_an_element(
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(inplace=True),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU6(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU6(), nn.Flatten(), nn.Linear(8 * 8 * 8, 5),
     )  # fmt: skip
-    x = torch.randn(2, 3, 6, 6)
+    x = torch.randn(2, 3, 8, 8)
     plain = compile_quiet(model, x, config=CONFIG.replace(fuse=False))
     fused = compile_quiet(copy.deepcopy(model), x, config=CONFIG)
     calls = [n.target for n in fused.graph.nodes if n.op == "call_function"]
@@ -330,7 +330,7 @@ def test_a_relu6_only_fused_layers_read_keeps_a_bit_an_element(
     pass_module = importlib.import_module("dpc_fx.passes.fuse")
     monkeypatch.setattr(pass_module, "_keep_bits", lambda gm, state: None)
     floats = compile_quiet(copy.deepcopy(model), x, config=CONFIG)
-    n = 2 * 8 * 6 * 6
+    n = 2 * 8 * 8 * 8
     assert _kept_bytes(floats, x) - _kept_bytes(fused, x) == 2 * (4 * n - n // 8)
 
 
@@ -338,7 +338,7 @@ def test_a_relu_module_keeping_bits_still_runs_its_hooks() -> None:
     """A ReLU module the pass makes keep bits stays in the graph: with a hook on it, the
     call goes through the module (the hook runs, and may change the output)."""
     torch.manual_seed(0)
-    model, x = mlp(8, 16, 4), torch.randn(5, 8)
+    model, x = mlp(8, 256, 4), torch.randn(5, 8)
     gm = compile_quiet(model, x, config=CONFIG)
     (node,) = [n for n in gm.graph.nodes if n.target is dpc_fx.fused.relu]
     assert node.args[1].op == "get_attr" and node.args[1].target == "1"
@@ -346,8 +346,8 @@ def test_a_relu_module_keeping_bits_still_runs_its_hooks() -> None:
     seen: list[Tensor] = []
     handle = gm.get_submodule("1").register_forward_hook(lambda m, a, out: seen.append(out))
     try:
-        assert _kept_bytes(gm, x) == kept + 4 * 5 * 16 - (5 * 16 + 7) // 8  # a float output
-        assert len(seen) == 1 and seen[0].shape == (5, 16)
+        assert _kept_bytes(gm, x) == kept + 4 * 5 * 256 - 5 * 256 // 8  # a float output
+        assert len(seen) == 1 and seen[0].shape == (5, 256)
     finally:
         handle.remove()
     assert _kept_bytes(gm, x) == kept

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -146,8 +147,8 @@ def _grad(x: Tensor, seed: int) -> Tensor:
 def _relu_both(
     x: Tensor, seed: int, six: bool = False, inplace: bool = False
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """ATen's relu (or relu6) and :func:`fused.relu` (or ``relu6``) on ``x``: each side's
-    output and input gradient, and what the bit ReLU kept for backward. ``inplace``: both
+    """ATen's relu (or relu6) and ours (``torch.ops.dpc_fx.relu``, or ``relu_``) on ``x``:
+    each side's output and input gradient, and what the bit ReLU kept for backward. ``inplace``: both
     run in place, on a tensor computed from the leaf (as a graph's ReLU after batch norm)."""
     grad = _grad(x, seed)
     kept: list[Tensor] = []
@@ -157,7 +158,11 @@ def _relu_both(
         return t
 
     out = []
-    ours = fused.relu6 if six else fused.relu
+    top = 6.0 if six else math.inf
+
+    def ours(h: Tensor, inplace: bool) -> Tensor:  # the operators, at any size
+        return getattr(torch.ops.dpc_fx, "relu_" if inplace else "relu").default(h, top)  # type: ignore[no-any-return]
+
     for fn in (F.relu6 if six else F.relu, ours):
         leaf = x.clone().requires_grad_()
         hook = keep if fn is ours else (lambda t: t)
@@ -218,12 +223,25 @@ def test_the_bit_relus_agree_on_several_threads_and_shapes() -> None:
             assert _same_bits(aten[1][keep], ours[1][keep])
     finally:
         torch.set_num_threads(threads)
+    # In place, the version moves as ATen's would: a tensor saved from before is caught.
+    leaf = torch.randn(2048, requires_grad=True)
+    h = leaf * 1
+    kept = h * leaf  # keeps h
+    torch.ops.dpc_fx.relu_.default(h, math.inf)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        kept.sum().backward()
+    # The functions the graph calls, on the operators above where they take the tensor.
+    y = fused.relu6(torch.randn(2048).requires_grad_() * 1, inplace=True)
+    assert "ReluInPlace" in y.grad_fn.name()  # type: ignore[union-attr]
+    assert "Relu" in fused.relu(torch.randn(2048, requires_grad=True)).grad_fn.name()  # type: ignore[union-attr]
     # Where they cannot keep bits (no gradient wanted, a channels-last input whose layout
-    # the next op reads, another dtype) they are ATen's own.
-    assert fused.relu(torch.randn(4)).grad_fn is None
-    nhwc = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last).requires_grad_()
+    # the next op reads, another dtype, fewer than 1024 elements) they are ATen's own.
+    assert fused.relu(torch.randn(4096)).grad_fn is None
+    small = torch.randn(1023, requires_grad=True)
+    assert type(fused.relu(small).grad_fn).__name__ == "ReluBackward0"
+    nhwc = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last).requires_grad_()
     assert fused.relu6(nhwc).is_contiguous(memory_format=torch.channels_last)
-    double = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    double = torch.randn(4096, dtype=torch.float64, requires_grad=True)
     assert type(fused.relu(double).grad_fn).__name__ == "ReluBackward0"
 
 
@@ -598,7 +616,7 @@ def test_under_torch_compile_the_layers_run_the_operator_with_eager_numbers() ->
         nn.Conv1d(2, 6, 3, stride=2, padding=1), nn.ReLU(), nn.Conv1d(6, 4, 3, groups=2),
         nn.ReLU(), nn.Flatten(), nn.Linear(24, 5),
     )  # fmt: skip
-    x = torch.randn(8, 2, 16)
+    x = torch.randn(48, 2, 16)  # (its ReLUs' outputs: 48x6x8 and 48x4x6 elements)
     eager = dpc_fx.compile(model, x, config=DPCConfig(pin_first_last=False)).train()
     twin = copy.deepcopy(eager)
     fast = torch.compile(twin)

@@ -407,6 +407,9 @@ struct ReluInPlace : public torch::autograd::Function<ReluInPlace> {
   static Tensor forward(AutogradContext* ctx, Tensor x, double top) {
     TORCH_CHECK(x.is_contiguous(), "dpc_fx::relu_: x must be contiguous");
     Tensor bits = relu_into(x, x, top);
+    // Written through its pointer, not by an ATen op: move its version as one would, so
+    // that a tensor saved from before (and the layers' shared codes) see the change.
+    x.unsafeGetTensorImpl()->bump_version();
     ctx->mark_dirty({x});
     ctx->save_for_backward({bits});
     return x;
