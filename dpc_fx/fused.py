@@ -517,7 +517,7 @@ def relu(x: Tensor, module: nn.Module | None = None, inplace: bool = False) -> T
     gradient passes where ATen's does: where the output is not ``<= 0``). It runs as
     ``torch.ops.dpc_fx.relu`` (a C++ autograd node; under ``torch.compile`` its halves,
     opaque calls), on contiguous float32 CPU tensors of 1024 elements or more that need a
-    gradient; else as ``torch.relu``.
+    gradient; else as ``F.relu``.
 
     ``module``: the ``nn.ReLU`` the graph called there, if any. Where it has hooks (its own
     or global ones), it is called instead: its hooks run as they would have, and it keeps

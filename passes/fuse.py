@@ -250,8 +250,8 @@ def _relu_of(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, Any, bool] | N
     x = node.args[0] if fn is not None and ok and node.args else None
     if not isinstance(x, fx.Node):
         return None
-    # An in-place ReLU changes x: the out-of-place one may stand in only where nothing else
-    # reads x.
+    # An in-place ReLU changes x, and other readers of x would see it; the bit ReLU runs
+    # out of place under torch.compile, so it stands in only where nothing else reads x.
     return None if inplace and len(x.users) != 1 else (x, fn, inplace)
 
 
