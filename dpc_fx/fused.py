@@ -554,8 +554,7 @@ def _bit_relu(
     top: float,
     plain: Callable[..., Tensor],
 ) -> Tensor:
-    # (Per call on every ReLU of a model: the cheap checks first, the operators looked up
-    # once.)
+    # (Per call on every ReLU of a model: the cheap checks first.)
     if module is not None:
         if _hooked(module):
             return module(x)  # type: ignore[no-any-return]
@@ -573,16 +572,11 @@ def _bit_relu(
             if native.layers_loaded():  # a trace must not start a build
                 return _CompiledRelu.apply(x, top)  # type: ignore[no-any-return]
         elif native.layers_loaded() or native.layers():
-            op = _RELU_OPS.get(inplace)
-            if op is None:
-                op = _RELU_OPS[inplace] = getattr(
-                    torch.ops.dpc_fx, "relu_" if inplace else "relu"
-                ).default
-            return op(x, top)  # type: ignore[no-any-return]
+            op = torch.ops.dpc_fx.relu_ if inplace else torch.ops.dpc_fx.relu
+            return op.default(x, top)  # type: ignore[no-any-return]
     return plain(x, inplace=inplace)
 
 
-_RELU_OPS: dict[bool, Any] = {}  # inplace: torch.ops.dpc_fx.relu_ or relu, looked up once
 # Below this many elements a ReLU stays ATen's: its float output is a few KiB, and the
 # operator's autograd node costs some microseconds more than ATen's (a squeeze-and-excite
 # block's ReLU on a few hundred channels, say).

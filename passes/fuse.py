@@ -88,6 +88,7 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
     for name, child in old_state.named_children():
         state.add_module(name, child)
     graph = new.graph
+    fused_calls: set[fx.Node] = set()
     for node in layer_nodes(new):
         layer_meta(node, needed_by="fuse", bits=True)  # a clear error if its bits are missing
         chain = _chain(node, new)
@@ -113,12 +114,13 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
                 f"{QUANTIZERS}.{node.name}", (act_q.args[0], weight_q.args[0], bias)
             )
         fused.meta = dict(node.meta)
+        fused_calls.add(fused)
         (node if grad_q is None else grad_q).replace_all_uses_with(fused)
         for dead in (grad_q, node, weight_q, act_q):
             if dead is not None:
                 graph.erase_node(dead)
     new.add_module(QUANTIZERS, state)
-    _keep_bits(new, state)
+    _keep_bits(new, fused_calls)
     graph.lint()
     new.recompile()
     return new
@@ -195,18 +197,12 @@ _VIEW_METHODS = {"flatten", "view", "reshape"}
 _ADDS = {operator.add, torch.add, aten.add.Tensor}
 
 
-def _keep_bits(gm: fx.GraphModule, state: DPCState) -> None:
-    """Each ReLU or ReLU6 whose output only fused layers keep (see :func:`_kept_as_codes`)
-    made a call of :func:`dpc_fx.fused.relu` or :func:`~dpc_fx.fused.relu6`, in place: the
-    node keeps its name and meta; an ``nn.ReLU``/``nn.ReLU6`` module goes with it
-    (``relu(x, self.relu)``), so that its hooks still run."""
-    fused = {
-        n
-        for n in gm.graph.nodes
-        if n.op == "call_module"
-        and str(n.target).startswith(f"{QUANTIZERS}.")
-        and isinstance(state._modules.get(str(n.target).removeprefix(f"{QUANTIZERS}.")), FusedLayer)
-    }
+def _keep_bits(gm: fx.GraphModule, fused: set[fx.Node]) -> None:
+    """Each ReLU or ReLU6 whose output only the ``fused`` layer calls keep (see
+    :func:`_kept_as_codes`) made a call of :func:`dpc_fx.fused.relu` or
+    :func:`~dpc_fx.fused.relu6`, in place: the node keeps its name and meta; an
+    ``nn.ReLU``/``nn.ReLU6`` module goes with it (``relu(x, self.relu)``), so that its hooks
+    still run."""
     if not fused:
         return
     for node in list(gm.graph.nodes):

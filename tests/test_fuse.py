@@ -302,7 +302,7 @@ def test_a_relu_only_fused_layers_read_keeps_a_bit_an_element(
     # Without the bit ReLUs each of a, e and d keeps its float output (2x8x16x16,
     # 2x8x16x16, 2x512) for its backward; with them, a bit an element and nothing else.
     pass_module = importlib.import_module("dpc_fx.passes.fuse")  # (the package exports
-    monkeypatch.setattr(pass_module, "_keep_bits", lambda gm, state: None)  # a function)
+    monkeypatch.setattr(pass_module, "_keep_bits", lambda gm, fused: None)  # a function)
     floats = compile_quiet(copy.deepcopy(model), x, config=CONFIG)
     assert not any(n.target is dpc_fx.fused.relu for n in floats.graph.nodes)
     numels = (4096, 4096, 1024)
@@ -328,7 +328,7 @@ def test_a_relu6_only_fused_layers_read_keeps_a_bit_an_element(
         for u, v in zip(_step(plain, x, seed), _step(fused, x, seed), strict=True):
             assert torch.equal(u, v)
     pass_module = importlib.import_module("dpc_fx.passes.fuse")
-    monkeypatch.setattr(pass_module, "_keep_bits", lambda gm, state: None)
+    monkeypatch.setattr(pass_module, "_keep_bits", lambda gm, fused: None)
     floats = compile_quiet(copy.deepcopy(model), x, config=CONFIG)
     n = 2 * 8 * 8 * 8
     assert _kept_bytes(floats, x) - _kept_bytes(fused, x) == 2 * (4 * n - n // 8)

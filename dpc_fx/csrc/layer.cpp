@@ -363,8 +363,9 @@ std::tuple<Tensor, Tensor, Tensor> layer_backward(
 // keeps one bit an element for its backward, where ATen's relu keeps its float output and
 // relu6 its float input (passes/fuse.py; dpc_fx/fused.py, relu). The values and gradients
 // are ATen's bit for bit.
-// The output into y (x itself for the in-place form: the pass reads each element before it
-// writes it), and the bits.
+
+// The output into y (x itself for the in-place form: the loop reads each element before it
+// writes it); returns the bits.
 Tensor relu_into(const Tensor& x, const Tensor& y, double top) {
   const int64_t n = x.numel();
   Tensor bits = at::empty({(n + 7) / 8}, x.options().dtype(at::kByte));
