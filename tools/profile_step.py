@@ -64,7 +64,7 @@ warnings.filterwarnings("ignore")
 # (column, who): who is a predicate on a profiler event's name
 PARTS: list[tuple[str, Callable[[str], bool]]] = [
     # ReLUs keeping bits (torch.ops.dpc_fx.relu, its C++ node, its halves under compile)
-    ("bit ReLUs", lambda n: n.startswith("dpc_fx::relu") or "::Relu>" in n),
+    ("bit ReLUs", lambda n: n.startswith("dpc_fx::relu") or "::Relu" in n),  # ReluInPlace too
     # the operator's forward, and its C++ autograd node's backward
     ("layer operators: quantiser loops", lambda n: n.startswith("dpc_fx::") or "::Layer>" in n),
     ("fused layers' autograd nodes (Python)", lambda n: n.startswith("_FusedFn")),
