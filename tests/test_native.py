@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from dpc_fx import fused, kernels, native
+from dpc_fx.quant import fake_quantize
 
 pytestmark = pytest.mark.skipif(
     native.library() is None, reason=f"native kernels unavailable: {native.unavailable()}"
@@ -518,6 +519,76 @@ def test_the_layer_operators_equal_the_python_path_and_the_eager_kernels(
     assert not calls and strided  # the Python path on the native loops met a strided gradient
     for a, b, c in zip(with_ops, python_path, eager_run, strict=True):
         assert identical(a, b) and identical(a, c)
+
+
+def _layer_op(x: Tensor, running: tuple[Tensor, Tensor, Tensor], weight_of_batch: float) -> Tensor:
+    """A linear layer's step on the operator (4-bit input and weight, 8-bit gradient)."""
+    w = torch.linspace(-1, 1, 3 * x.shape[1]).view(3, -1).requires_grad_()
+    return torch.ops.dpc_fx.layer.default(  # type: ignore[no-any-return]
+        x, w, None, 4, 4, 8, [], [], [], 1, *running, weight_of_batch, 0
+    )
+
+
+@given(
+    st.floats(-1e6, 1e6, width=32),
+    st.floats(0, 1e6, width=32),
+    st.floats(-1e6, 1e6, width=32),
+    st.floats(0, 1e6, width=32),
+    st.floats(0.001, 0.999),
+)
+def test_the_operator_updates_the_running_range_as_foreach_lerp_does(
+    lo: float, span: float, old_lo: float, old_span: float, weight: float
+) -> None:
+    """The layer operator writes the running range in place, without ATen ops: its values are
+    ``torch._foreach_lerp_``'s bit for bit (a fused multiply-add, from ``self`` for a weight
+    under a half and from ``end`` above), the first batch's range is copied, each buffer's
+    version moves as an in-place op's would, and buffers of another dtype take the ATen
+    ops."""
+    if not native.layers():
+        pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
+    x = torch.tensor([[lo, lo + span], [lo, lo]], dtype=torch.float32)
+    batch_lo, batch_hi = x.min(), x.max()
+    for dtype in (torch.float32, torch.float64):
+        running = (
+            torch.tensor(old_lo, dtype=dtype),
+            torch.tensor(old_lo + old_span, dtype=dtype),
+            torch.tensor(False),
+        )
+        versions = [t._version for t in running]
+        _layer_op(x, running, weight)
+        assert [t._version for t in running] > versions
+        assert running[2].item()
+        assert torch.equal(running[0], batch_lo.to(dtype))  # the first batch: copied
+        assert torch.equal(running[1], batch_hi.to(dtype))
+        running[0].fill_(old_lo)  # seen: the next batch moves the range from here
+        running[1].fill_(old_lo + old_span)
+        want = [running[0].clone(), running[1].clone()]
+        torch._foreach_lerp_(want, [batch_lo.to(dtype), batch_hi.to(dtype)], weight)
+        _layer_op(x, running, weight)
+        assert torch.equal(running[0], want[0]) and torch.equal(running[1], want[1])
+
+
+def test_the_operators_seeds_are_torch_randints_draws() -> None:
+    """The operator draws its stochastic rounding's seed from torch's default generator as
+    ``kernels.new_seed`` does (``torch.randint``), without making a tensor: one draw a
+    backward, and the same gradient as rounding with that seed."""
+    if not native.layers():
+        pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
+    x = torch.randn(64, 8)
+    running = (torch.zeros(()), torch.zeros(()), torch.tensor(False))
+    w = torch.linspace(-1, 1, 24).view(3, 8).requires_grad_()
+    grad = torch.randn(64, 3)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        want_seed = int(kernels.new_seed())
+        after = torch.rand(())  # where the generator stands after one draw
+        torch.manual_seed(seed)
+        w.grad = None
+        y = torch.ops.dpc_fx.layer.default(x, w, None, 8, 8, 8, [], [], [], 1, *running, 0.1, 0)
+        y.backward(grad)
+        assert torch.equal(torch.rand(()), after)
+        g_hat = native.stochastic(grad.reshape(-1), 8, want_seed).view(64, 3)
+        assert identical(w.grad, g_hat.t().mm(fake_quantize(x, 8)))
 
 
 class _SharedInput(nn.Module):

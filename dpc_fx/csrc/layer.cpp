@@ -11,6 +11,8 @@
 // dpc_fx/native.py builds this file against the installed torch's headers on first use.
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/DistributionsHelper.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -43,17 +45,20 @@ class Pool {
       pass_ = pass;
     }
   }
-  Tensor take(int64_t n) {
+  // A contiguous float buffer of these sizes: one given back with as many elements (viewed
+  // to them if it had others), else a new one.
+  Tensor take(at::IntArrayRef sizes) {
+    const int64_t n = c10::multiply_integers(sizes);
     if (n >= kSmallest) {
       for (auto it = free_.begin(); it != free_.end(); ++it) {
         if (it->numel() == n) {
           Tensor t = *it;
           free_.erase(it);
-          return t;
+          return t.sizes() == sizes ? t : t.view(sizes);
         }
       }
     }
-    return at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+    return at::empty(sizes, at::TensorOptions().dtype(at::kFloat));
   }
   void give(const Tensor& t) {
     if (t.numel() < kSmallest) return;
@@ -140,7 +145,7 @@ void enter(int pass) {
 
 // The weight quantised per output channel (dim 0), as fake_quantize's native branch does.
 Tensor weight_rows(const Tensor& w, int64_t bits) {
-  Tensor out = at::empty_like(w);
+  Tensor out = at::empty(w.sizes(), w.options());  // w is contiguous
   const int64_t rows = w.size(0), cols = w.numel() / rows;
   dpc_fake_quant_rows(w.const_data_ptr<float>(), rows, cols, levels_of(bits),
                       out.mutable_data_ptr<float>(), at::get_num_threads());
@@ -148,11 +153,20 @@ Tensor weight_rows(const Tensor& w, int64_t bits) {
 }
 
 // kernels.new_seed: a draw from torch's default generator, offset by the process's rank.
+// The draw is torch.randint(0, 2**31 - 1, ())'s own: the distribution ATen's random_from_to
+// samples (from this torch's headers), under the generator's lock, without a tensor made
+// and read back.
 int64_t new_seed(int64_t rank) {
   constexpr int64_t kTop = (int64_t{1} << 31) - 1, kRankStride = 0x2545F491;
-  Tensor seed = at::randint(0, kTop, {}, at::TensorOptions().dtype(at::kLong));
+  at::Generator gen = at::detail::getDefaultCPUGenerator();
+  int64_t seed;
+  {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    seed = at::uniform_int_from_to_distribution<int64_t>(kTop, 0)(
+        at::check_generator<at::CPUGeneratorImpl>(gen));
+  }
   if (rank) seed = (seed + rank * kRankStride) % kTop;
-  return seed.item<int64_t>();
+  return seed;
 }
 
 // quant._quantize_grad: the gradient rounded stochastically over its own range, as a flat
@@ -172,11 +186,10 @@ Tensor round_gradient(const Tensor& grad, int64_t bits, int64_t rank, Tensor& bu
     if (!dense.is_contiguous()) dense = dense.contiguous();
     for (int64_t d = 0; d < grad.dim(); ++d) inverse[order[d]] = d;
   }
-  buffer = pool.take(grad.numel());
+  buffer = pool.take(dense.sizes());
   dpc_stochastic_measured(dense.const_data_ptr<float>(), dense.numel(), levels_of(bits), seed,
                           buffer.mutable_data_ptr<float>(), at::get_num_threads());
-  Tensor out = buffer.view(dense.sizes());
-  return contiguous ? out : out.permute(inverse);
+  return contiguous ? buffer : buffer.permute(inverse);
 }
 
 Tensor product(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
@@ -194,16 +207,67 @@ Tensor product(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bi
   }
 }
 
-// The running range updated as ActQuantizer._observe does.
+// A one-element CPU tensor's value read in place (item() is a dispatched op and a copy:
+// microseconds a call, several a layer).
+template <class T>
+T value_in(const Tensor& t) {
+  if (t.device().is_cpu() && t.scalar_type() == c10::CppTypeToScalarType<T>::value &&
+      t.numel() == 1)
+    return *t.const_data_ptr<T>();
+  return t.item<T>();
+}
+
+// ATen's lerp of one float (at::lerp: weight below a half from self, else from end), with
+// the fused multiply-add its CPU kernels compute it with.
+float lerp_of(float self, float end, float weight) {
+  return std::fabs(weight) < 0.5f ? std::fma(weight, end - self, self)
+                                  : std::fma(weight - 1.0f, end - self, end);
+}
+
+// Marks a tensor written through its pointer as an ATen op writing it would.
+void written(const Tensor& t) {
+  if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
+// The running range updated as ActQuantizer._observe does (the first batch's range as it
+// is, then a lerp towards each batch's), in place on the three scalars: their values are
+// torch._foreach_lerp_'s and copy_'s, bit for bit, without the half-dozen dispatched ops.
+// Buffers of another type or device take those ops, the range cast to theirs as
+// _observe casts it.
 void observe(const Kept& kept, const Tensor& running_min, const Tensor& running_max,
              const Tensor& seen, double weight_of_batch) {
-  if (seen.item<bool>()) {
-    at::_foreach_lerp_({running_min, running_max}, {kept.lo, kept.hi}, weight_of_batch);
-  } else {
-    running_min.copy_(kept.lo);
-    running_max.copy_(kept.hi);
+  const bool plain = running_min.scalar_type() == at::kFloat &&
+                     running_max.scalar_type() == at::kFloat && seen.scalar_type() == at::kBool &&
+                     running_min.numel() == 1 && running_max.numel() == 1 &&
+                     seen.numel() == 1 && running_min.device().is_cpu() &&
+                     running_max.device().is_cpu() && seen.device().is_cpu();
+  if (!plain) {
+    if (seen.item<bool>()) {
+      at::_foreach_lerp_({running_min, running_max},
+                         {kept.lo.to(running_min.scalar_type()),
+                          kept.hi.to(running_max.scalar_type())},
+                         weight_of_batch);
+    } else {
+      running_min.copy_(kept.lo);
+      running_max.copy_(kept.hi);
+    }
+    seen.fill_(true);
+    return;
   }
-  seen.fill_(true);
+  float* lo = running_min.mutable_data_ptr<float>();
+  float* hi = running_max.mutable_data_ptr<float>();
+  bool* was_seen = seen.mutable_data_ptr<bool>();
+  const float batch_lo = value_in<float>(kept.lo), batch_hi = value_in<float>(kept.hi);
+  if (*was_seen) {
+    const float weight = static_cast<float>(weight_of_batch);
+    *lo = lerp_of(*lo, batch_lo, weight);
+    *hi = lerp_of(*hi, batch_hi, weight);
+  } else {
+    *lo = batch_lo;
+    *hi = batch_hi;
+  }
+  *was_seen = true;
+  for (const Tensor* t : {&running_min, &running_max, &seen}) written(*t);
 }
 
 // Forward: the input's range, its codes (packed) and its quantised floats, the weight
@@ -217,7 +281,7 @@ Tensor forward_step(const Tensor& x, const Tensor& weight, const std::optional<T
   if (!forward_input.holds(place, a_bits)) {
     forward_input.clear();  // first: its buffer may serve this layer
     const int64_t n = x.numel();
-    Tensor x_hat = pool.take(n);
+    Tensor x_hat = pool.take(x.sizes());
     Tensor codes = at::empty({packed_bytes(n, static_cast<int>(a_bits))},
                              at::TensorOptions().dtype(at::kByte));
     float range[2];
@@ -230,7 +294,8 @@ Tensor forward_step(const Tensor& x, const Tensor& weight, const std::optional<T
                        at::scalar_tensor(range[1], at::kFloat), at::scalar_tensor(bad, at::kBool)});
   }
   kept = forward_input.kept;
-  return product(forward_input.floats.view(x.sizes()), weight_rows(weight, w_bits), bias, stride,
+  // (shared: the same place, so the same sizes)
+  return product(forward_input.floats, weight_rows(weight, w_bits), bias, stride,
                  padding, dilation, groups);
 }
 
@@ -250,14 +315,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_step(
   auto place = share ? Place::of(kept.codes) : std::nullopt;
   if (!backward_input.holds(place, a_bits)) {
     backward_input.clear();  // first: its buffer may serve this layer
-    Tensor x_hat = pool.take(n);
+    Tensor x_hat = pool.take(x_size);
     dpc_dequantize(kept.codes.const_data_ptr<uint8_t>(), n, static_cast<int>(a_bits),
-                   kept.lo.item<float>(), kept.hi.item<float>(), levels_of(a_bits),
-                   kept.bad.item<bool>() ? 1 : 0, x_hat.mutable_data_ptr<float>(),
+                   value_in<float>(kept.lo), value_in<float>(kept.hi), levels_of(a_bits),
+                   value_in<bool>(kept.bad) ? 1 : 0, x_hat.mutable_data_ptr<float>(),
                    at::get_num_threads());
     backward_input.set(std::move(place), a_bits, x_hat);
   }
-  Tensor x3 = backward_input.floats.view(x_size);
+  const Tensor& x3 = backward_input.floats;  // (shared: the same codes, of the same input)
   Tensor w_hat = weight_rows(weight, w_bits);
   want[2] = want[2] && has_bias;
   Tensor dx, dw, db;
