@@ -420,8 +420,10 @@ std::tuple<Tensor, Tensor, Tensor> layer_backward(
   auto [dx, dw, db] = backward_step(grad, Kept{codes, lo, hi, bad}, weight.contiguous(), x_size,
                                     a_bits, w_bits, grad_bits, stride, padding, dilation,
                                     groups, rank, has_bias, want, /*share=*/false);
-  const auto empty = at::empty({0}, grad.options());
-  return {dx.defined() ? dx : empty, dw.defined() ? dw : empty, db.defined() ? db : empty};
+  const auto or_empty = [&](const Tensor& t) {
+    return t.defined() ? t : at::empty({0}, grad.options());
+  };
+  return {or_empty(dx), or_empty(dw), or_empty(db)};
 }
 
 // A ReLU (top = inf) or ReLU6 (top = 6) whose output only fused layers keep (as codes): it
