@@ -15,7 +15,7 @@ Sections:
             vs dpc_fx with fused layers (DPCConfig(fuse=True), the default) vs unfused
   targets   step time of EfficientNet-B0 and MobileNetV3-Large at 96x96 (batch 32 and 2),
             the demo CNN, a 2-layer Llama-style decoder, and the demo CNN and ResNet-18 with
-            both sides under torch.compile
+            both sides under torch.compile; beside each, the copy floor (copy_floor)
   kernel    one activation quantiser against two memory passes over its tensor
   lower     8-bit integer kernels (DPCConfig(lower=True)) vs fp32: an MLP block, a small GPT;
             where torch._int_mm is slower than an fp32 matmul, both are cut to a time budget
@@ -121,6 +121,66 @@ def saved_bytes(model: nn.Module, *inputs: Tensor) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step_of(model, *inputs)()
     return sum(storages.values())
+
+
+# ---------------------------------------------------------------------- the copy floor
+
+
+def fused_paths(model: nn.Module, compiled: nn.Module) -> list[str]:
+    """The paths of ``model``'s modules whose layers ``compiled`` (``dpc_fx.compile`` of a
+    copy of it) runs as fused layers, found by the weight each fused call reads. (A product
+    of two activations, attention's, has no weight and no module: it is left out.)"""
+    named = dict(model.named_modules())
+    found = []
+    for node in compiled.graph.nodes:  # type: ignore[union-attr]
+        if node.op != "call_module" or not str(node.target).startswith("dpc."):
+            continue
+        weight = node.args[1] if len(node.args) > 1 else None
+        if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+            path = str(weight.target).removesuffix(".weight")
+            if path in named and path != str(weight.target):
+                found.append(path)
+    return found
+
+
+def copy_floor(model: nn.Module, compiled: nn.Module) -> nn.Module | None:
+    """A copy of ``model`` that runs, at each layer ``compiled`` fuses, the passes a fused
+    layer's quantisers make, as plain ATen reductions and copies of the same tensors:
+    forward, the input's range and a copy of it (its codes and quantised floats), the
+    weight's range and a copy; backward, the output gradient's range and a copy (its
+    rounding), a copy of the input (the codes made floats again), the weight's range and
+    copy again. Its step against fp32's is the floor of a step whose quantisers run at the
+    memory's speed: what DPC costs on this machine however fast its loops, the products and
+    the rest unchanged. ``None`` where no fused layer has a module to hook."""
+    paths = fused_paths(model, compiled)
+    if not paths:
+        return None
+
+    def passes(t: Tensor) -> None:
+        t.aminmax()
+        t.clone()
+
+    def before(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        passes(args[0].detach())
+        passes(module.get_parameter("weight").detach())
+
+    def after(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+        x, weight = args[0].detach(), module.get_parameter("weight").detach()
+        if out.requires_grad:
+
+            def backward(grad: Tensor) -> None:
+                passes(grad)
+                x.clone()
+                passes(weight)
+
+            out.register_hook(backward)
+
+    floor = copy.deepcopy(model)
+    for path in paths:
+        module = floor.get_submodule(path)
+        module.register_forward_pre_hook(before)
+        module.register_forward_hook(after)
+    return floor
 
 
 def qat(model: nn.Module, x: Tensor) -> nn.Module:
@@ -723,6 +783,14 @@ def bench_targets(quick: bool) -> list[list[str]]:
         torch.manual_seed(0)
         model = build().train()
         dpc = dpc_fx.compile(copy.deepcopy(model), x)
+        # The copy floor (copy_floor), in eager mode; for a compiled row, its time beyond
+        # fp32's added to fp32's compiled step (inductor would drop copies nobody reads).
+        floor_model = copy_floor(model, dpc)
+        eager = None
+        if floor_model is not None:
+            eager = paired(
+                step_of(model, *x), step_of(floor_model, *x), reps, sample_s=STEP_SAMPLE_S
+            )
         base: nn.Module = model
         if compiled:
             base, dpc = torch.compile(base), torch.compile(dpc)
@@ -734,12 +802,16 @@ def bench_targets(quick: bool) -> list[list[str]]:
             warmup=3 if compiled else 2,
             sample_s=STEP_SAMPLE_S,
         )
+        floor = "-"
+        if eager is not None:
+            floor = f"{(ta + eager[1] - eager[0]) / ta if compiled else eager[2]:.2f}x"
         rows.append(
             [
                 label,
                 f"{ta * 1e3:.0f} ms",
                 f"{tb * 1e3:.0f} ms",
                 f"{ratio:.2f}x",
+                floor,
                 _verdict(ratio, target),
             ]
         )
@@ -759,7 +831,8 @@ def bench_targets(quick: bool) -> list[list[str]]:
         return step
 
     ta, tb, ratio = paired(llama_step(model), llama_step(dpc), reps, sample_s=STEP_SAMPLE_S)
-    rows.append(["Llama-style decoder, 2 layers, 16x128 tokens", f"{ta * 1e3:.0f} ms", f"{tb * 1e3:.0f} ms", f"{ratio:.2f}x", _verdict(ratio, 1.2)])  # fmt: skip
+    # (No copy floor: its q projections and attention's products have no module to hook.)
+    rows.append(["Llama-style decoder, 2 layers, 16x128 tokens", f"{ta * 1e3:.0f} ms", f"{tb * 1e3:.0f} ms", f"{ratio:.2f}x", "-", _verdict(ratio, 1.2)])  # fmt: skip
     # Hugging Face models are captured by torch.export: the same model with no layer
     # quantised shows what running the captured ATen graph costs by itself.
     console.print("targets: the same decoder captured, no layer quantised")
@@ -767,7 +840,7 @@ def bench_targets(quick: bool) -> list[list[str]]:
         copy.deepcopy(model), example_kwargs=kwargs, config=DPCConfig(overrides={"*": None})
     )
     ta, tb, ratio = paired(llama_step(model), llama_step(bare), reps, sample_s=STEP_SAMPLE_S)
-    rows.append(["the same decoder captured, no layer quantised (reference)", f"{ta * 1e3:.0f} ms", f"{tb * 1e3:.0f} ms", f"{ratio:.2f}x", ""])  # fmt: skip
+    rows.append(["the same decoder captured, no layer quantised (reference)", f"{ta * 1e3:.0f} ms", f"{tb * 1e3:.0f} ms", f"{ratio:.2f}x", "", ""])  # fmt: skip
     return rows
 
 
@@ -852,7 +925,7 @@ def main() -> int:
             table(
                 "Training step vs fp32: small and depthwise models, a Llama-style decoder, "
                 "the demo CNN, and torch.compile of both sides",
-                ["workload", "fp32", "dpc_fx", "ratio", "target"],
+                ["workload", "fp32", "dpc_fx", "ratio", "copy floor", "target"],
                 bench_targets(args.quick),
             )
         )
@@ -925,6 +998,15 @@ def main() -> int:
         "code writes slowly on this CPU: docs/PROFILE.md). What the compiled demo pays beyond "
         "fp32 is then mostly the quantiser loops inside the two layers' calls (the layer "
         "operators column of docs/PROFILE.md).",
+        "- *The copy floor* (the targets table): fp32's step with, at each layer dpc_fx fuses, "
+        "the passes its quantisers make done as plain ATen reductions (`aminmax`) and copies "
+        "(`clone`) of the same tensors, from Python hooks (a few microseconds a layer of their "
+        "own): what a DPC step would cost if its quantiser loops ran at the memory's speed, "
+        "the products and the rest as fp32's. Under `torch.compile` it is the eager floor's "
+        "time beyond fp32's added to fp32's compiled step: inductor drops copies that nothing "
+        "reads, so the floor itself cannot be compiled. The Llama decoder has none: its q "
+        "projections (which share k's and v's quantised input) and attention's products have "
+        "no module of their own to hook.",
         "- *Captured models*: a Hugging Face model is captured by `torch.export` and runs as an "
         "ATen graph, op by op; the reference row under the Llama decoder times that graph with "
         "no layer quantised, the part of the decoder's ratio that is not quantisation.",
