@@ -783,14 +783,7 @@ def bench_targets(quick: bool) -> list[list[str]]:
         torch.manual_seed(0)
         model = build().train()
         dpc = dpc_fx.compile(copy.deepcopy(model), x)
-        # The copy floor (copy_floor), in eager mode; for a compiled row, its time beyond
-        # fp32's added to fp32's compiled step (inductor would drop copies nobody reads).
         floor_model = copy_floor(model, dpc)
-        eager = None
-        if floor_model is not None:
-            eager = paired(
-                step_of(model, *x), step_of(floor_model, *x), reps, sample_s=STEP_SAMPLE_S
-            )
         base: nn.Module = model
         if compiled:
             base, dpc = torch.compile(base), torch.compile(dpc)
@@ -803,8 +796,14 @@ def bench_targets(quick: bool) -> list[list[str]]:
             sample_s=STEP_SAMPLE_S,
         )
         floor = "-"
-        if eager is not None:
-            floor = f"{(ta + eager[1] - eager[0]) / ta if compiled else eager[2]:.2f}x"
+        if floor_model is not None:
+            eager = (step_of(model, *x), step_of(floor_model, *x))
+            value = (
+                compiled_floor(*eager, step_of(base, *x), reps)
+                if compiled
+                else paired(*eager, reps, sample_s=STEP_SAMPLE_S)[2]
+            )
+            floor = f"{value:.2f}x"
         rows.append(
             [
                 label,
@@ -842,6 +841,27 @@ def bench_targets(quick: bool) -> list[list[str]]:
     ta, tb, ratio = paired(llama_step(model), llama_step(bare), reps, sample_s=STEP_SAMPLE_S)
     rows.append(["the same decoder captured, no layer quantised (reference)", f"{ta * 1e3:.0f} ms", f"{tb * 1e3:.0f} ms", f"{ratio:.2f}x", "", ""])  # fmt: skip
     return rows
+
+
+def compiled_floor(
+    fp32: Callable[[], None], floor: Callable[[], None], compiled: Callable[[], None], reps: int
+) -> float:
+    """The copy floor of a step under ``torch.compile``, which would drop copies that
+    nothing reads: the median over rounds of (``floor`` - ``fp32``) / ``compiled``, plus one,
+    the three timed in each round (the order flipping), so the machine's drift cancels:
+    the passes' time in eager, beyond fp32's, on fp32's compiled step."""
+    steps = (fp32, floor, compiled)
+    for step in steps:
+        step()
+        step()
+    times = max(1, round(STEP_SAMPLE_S / max(timed(compiled), 1e-6)))
+    values = []
+    for i in range(reps):
+        t = [0.0, 0.0, 0.0]
+        for k in (0, 1, 2) if i % 2 == 0 else (2, 1, 0):
+            t[k] = timed(steps[k], times)
+        values.append(1 + (t[1] - t[0]) / t[2])
+    return statistics.median(values)
 
 
 def _verdict(value: float, target: float | None, higher: bool = False) -> str:
