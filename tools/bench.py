@@ -143,22 +143,23 @@ def fused_paths(model: nn.Module, compiled: nn.Module) -> list[str]:
     return found
 
 
-def copy_floor(model: nn.Module, compiled: nn.Module) -> nn.Module | None:
+def copy_floor(model: nn.Module, compiled: nn.Module, empty: bool = False) -> nn.Module | None:
     """A copy of ``model`` that runs, at each layer ``compiled`` fuses, the passes a fused
-    layer's quantisers make, as plain ATen reductions and copies of the same tensors:
-    forward, the input's range and a copy of it (its codes and quantised floats), the
+    layer's quantisers make, as plain ATen reductions and copies of the same tensors, from
+    hooks: forward, the input's range and a copy of it (its codes and quantised floats), the
     weight's range and a copy; backward, the output gradient's range and a copy (its
     rounding), a copy of the input (the codes made floats again), the weight's range and
-    copy again. Its step against fp32's is the floor of a step whose quantisers run at the
-    memory's speed: what DPC costs on this machine however fast its loops, the products and
-    the rest unchanged. ``None`` where no fused layer has a module to hook."""
+    copy again. ``empty``: the same hooks doing nothing, whose own cost (tens of
+    microseconds a layer of Python) :func:`floor_ratio` takes off. ``None`` where no fused
+    layer has a module to hook."""
     paths = fused_paths(model, compiled)
     if not paths:
         return None
 
     def passes(t: Tensor) -> None:
-        t.aminmax()
-        t.clone()
+        if not empty:
+            t.aminmax()
+            t.clone()
 
     def before(module: nn.Module, args: tuple[Tensor, ...]) -> None:
         passes(args[0].detach())
@@ -170,7 +171,8 @@ def copy_floor(model: nn.Module, compiled: nn.Module) -> nn.Module | None:
 
             def backward(grad: Tensor) -> None:
                 passes(grad)
-                x.clone()
+                if not empty:
+                    x.clone()
                 passes(weight)
 
             out.register_hook(backward)
@@ -783,7 +785,7 @@ def bench_targets(quick: bool) -> list[list[str]]:
         torch.manual_seed(0)
         model = build().train()
         dpc = dpc_fx.compile(copy.deepcopy(model), x)
-        floor_model = copy_floor(model, dpc)
+        hooked = copy_floor(model, dpc, empty=True), copy_floor(model, dpc)
         base: nn.Module = model
         if compiled:
             base, dpc = torch.compile(base), torch.compile(dpc)
@@ -796,14 +798,9 @@ def bench_targets(quick: bool) -> list[list[str]]:
             sample_s=STEP_SAMPLE_S,
         )
         floor = "-"
-        if floor_model is not None:
-            eager = (step_of(model, *x), step_of(floor_model, *x))
-            value = (
-                compiled_floor(*eager, step_of(base, *x), reps)
-                if compiled
-                else paired(*eager, reps, sample_s=STEP_SAMPLE_S)[2]
-            )
-            floor = f"{value:.2f}x"
+        if hooked[0] is not None and hooked[1] is not None:
+            steps = (step_of(hooked[0], *x), step_of(hooked[1], *x))
+            floor = f"{floor_ratio(step_of(base, *x), *steps, reps):.2f}x"
         rows.append(
             [
                 label,
@@ -843,24 +840,30 @@ def bench_targets(quick: bool) -> list[list[str]]:
     return rows
 
 
-def compiled_floor(
-    fp32: Callable[[], None], floor: Callable[[], None], compiled: Callable[[], None], reps: int
+def floor_ratio(
+    reference: Callable[[], None],
+    empty: Callable[[], None],
+    copies: Callable[[], None],
+    reps: int,
 ) -> float:
-    """The copy floor of a step under ``torch.compile``, which would drop copies that
-    nothing reads: the median over rounds of (``floor`` - ``fp32``) / ``compiled``, plus one,
-    the three timed in each round (the order flipping), so the machine's drift cancels:
-    the passes' time in eager, beyond fp32's, on fp32's compiled step."""
-    steps = (fp32, floor, compiled)
+    """The copy floor: one plus the quantiser passes' time as plain copies (a step of the
+    model hooked with copies, less the same model with the hooks empty) over the
+    ``reference`` step (fp32's, eager or compiled), the median over rounds in which the
+    three are timed in turn (the order flipping), so the machine's drift cancels. What a
+    DPC step would cost if its loops ran at the memory's speed, the products and the rest as
+    fp32's. (Under ``torch.compile`` the hooked models run eager: inductor would drop copies
+    that nothing reads.)"""
+    steps = (reference, empty, copies)
     for step in steps:
         step()
         step()
-    times = max(1, round(STEP_SAMPLE_S / max(timed(compiled), 1e-6)))
+    times = max(1, round(STEP_SAMPLE_S / max(timed(reference), 1e-6)))
     values = []
     for i in range(reps):
         t = [0.0, 0.0, 0.0]
         for k in (0, 1, 2) if i % 2 == 0 else (2, 1, 0):
             t[k] = timed(steps[k], times)
-        values.append(1 + (t[1] - t[0]) / t[2])
+        values.append(1 + (t[2] - t[1]) / t[0])
     return statistics.median(values)
 
 
@@ -1018,15 +1021,17 @@ def main() -> int:
         "code writes slowly on this CPU: docs/PROFILE.md). What the compiled demo pays beyond "
         "fp32 is then mostly the quantiser loops inside the two layers' calls (the layer "
         "operators column of docs/PROFILE.md).",
-        "- *The copy floor* (the targets table): fp32's step with, at each layer dpc_fx fuses, "
-        "the passes its quantisers make done as plain ATen reductions (`aminmax`) and copies "
-        "(`clone`) of the same tensors, from Python hooks (a few microseconds a layer of their "
-        "own): what a DPC step would cost if its quantiser loops ran at the memory's speed, "
-        "the products and the rest as fp32's. Under `torch.compile` it is the eager floor's "
-        "time beyond fp32's added to fp32's compiled step: inductor drops copies that nothing "
-        "reads, so the floor itself cannot be compiled. The Llama decoder has none: its q "
-        "projections (which share k's and v's quantised input) and attention's products have "
-        "no module of their own to hook.",
+        "- *The copy floor* (the targets table): fp32's step plus the time the passes a fused "
+        "layer's quantisers make would take as plain ATen reductions (`aminmax`) and copies "
+        "(`clone`) of the same tensors: what a DPC step would cost if its quantiser loops ran "
+        "at the memory's speed, the products and the rest as fp32's. The passes run from "
+        "Python hooks on the fp32 model, and their time is that model's step less the same "
+        "model's with the hooks doing nothing (whose Python costs tens of microseconds a "
+        "layer), timed in the same rounds as the fp32 step. Under `torch.compile` the hooked "
+        "models run eager (inductor would drop copies that nothing reads) and the passes' "
+        "time goes on fp32's compiled step. The Llama decoder has none: its q projections "
+        "(which share k's and v's quantised input) and attention's products have no module "
+        "of their own to hook.",
         "- *Captured models*: a Hugging Face model is captured by `torch.export` and runs as an "
         "ATen graph, op by op; the reference row under the Llama decoder times that graph with "
         "no layer quantised, the part of the decoder's ratio that is not quantisation.",
