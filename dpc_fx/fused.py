@@ -585,16 +585,15 @@ _FEWEST_BITS = 1024
 
 def _hooked(module: nn.Module) -> bool:
     """Whether calling ``module`` would run hooks, its own or global ones."""
-    hooks = _module_hooks
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
         or module._backward_hooks
         or module._backward_pre_hooks
-        or hooks._global_forward_hooks
-        or hooks._global_forward_pre_hooks
-        or hooks._global_backward_hooks
-        or hooks._global_backward_pre_hooks
+        or _module_hooks._global_forward_hooks
+        or _module_hooks._global_forward_pre_hooks
+        or _module_hooks._global_backward_hooks
+        or _module_hooks._global_backward_pre_hooks
     )
 
 

@@ -541,31 +541,28 @@ def test_the_operator_updates_the_running_range_as_foreach_lerp_does(
 ) -> None:
     """The layer operator writes the running range in place, without ATen ops: its values are
     ``torch._foreach_lerp_``'s bit for bit (a fused multiply-add, from ``self`` for a weight
-    under a half and from ``end`` above), the first batch's range is copied, each buffer's
-    version moves as an in-place op's would, and buffers of another dtype take the ATen
-    ops."""
+    under a half and from ``end`` above), the first batch's range is copied, and each
+    buffer's version moves as an in-place op's would. Buffers other than ActQuantizer's kind
+    are refused with an error that says what it takes."""
     if not native.layers():
         pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
     x = torch.tensor([[lo, lo + span], [lo, lo]], dtype=torch.float32)
     batch_lo, batch_hi = x.min(), x.max()
-    for dtype in (torch.float32, torch.float64):
-        running = (
-            torch.tensor(old_lo, dtype=dtype),
-            torch.tensor(old_lo + old_span, dtype=dtype),
-            torch.tensor(False),
-        )
-        versions = [t._version for t in running]
-        _layer_op(x, running, weight)
-        assert [t._version for t in running] > versions
-        assert running[2].item()
-        assert torch.equal(running[0], batch_lo.to(dtype))  # the first batch: copied
-        assert torch.equal(running[1], batch_hi.to(dtype))
-        running[0].fill_(old_lo)  # seen: the next batch moves the range from here
-        running[1].fill_(old_lo + old_span)
-        want = [running[0].clone(), running[1].clone()]
-        torch._foreach_lerp_(want, [batch_lo.to(dtype), batch_hi.to(dtype)], weight)
-        _layer_op(x, running, weight)
-        assert torch.equal(running[0], want[0]) and torch.equal(running[1], want[1])
+    running = (torch.tensor(old_lo), torch.tensor(old_lo + old_span), torch.tensor(False))
+    versions = [t._version for t in running]
+    _layer_op(x, running, weight)
+    assert all(t._version > v for t, v in zip(running, versions, strict=True))
+    assert running[2].item()
+    assert torch.equal(running[0], batch_lo) and torch.equal(running[1], batch_hi)  # copied
+    running[0].fill_(old_lo)  # seen: the next batch moves the range from here
+    running[1].fill_(old_lo + old_span)
+    want = [running[0].clone(), running[1].clone()]
+    torch._foreach_lerp_(want, [batch_lo, batch_hi], weight)
+    _layer_op(x, running, weight)
+    assert torch.equal(running[0], want[0]) and torch.equal(running[1], want[1])
+    doubles = (running[0].double(), running[1].double(), running[2])
+    with pytest.raises(RuntimeError, match="float32 CPU tensors.*got Double"):
+        _layer_op(x, doubles, weight)
 
 
 def test_the_operators_seeds_are_torch_randints_draws() -> None:

@@ -232,27 +232,15 @@ void written(const Tensor& t) {
 // The running range updated as ActQuantizer._observe does (the first batch's range as it
 // is, then a lerp towards each batch's), in place on the three scalars: their values are
 // torch._foreach_lerp_'s and copy_'s, bit for bit, without the half-dozen dispatched ops.
-// Buffers of another type or device take those ops, the range cast to theirs as
-// _observe casts it.
+// (fused._native_layer sends only float32 CPU quantisers here.)
 void observe(const Kept& kept, const Tensor& running_min, const Tensor& running_max,
              const Tensor& seen, double weight_of_batch) {
-  const bool plain = running_min.scalar_type() == at::kFloat &&
-                     running_max.scalar_type() == at::kFloat && seen.scalar_type() == at::kBool &&
-                     running_min.numel() == 1 && running_max.numel() == 1 &&
-                     seen.numel() == 1 && running_min.device().is_cpu() &&
-                     running_max.device().is_cpu() && seen.device().is_cpu();
-  if (!plain) {
-    if (seen.item<bool>()) {
-      at::_foreach_lerp_({running_min, running_max},
-                         {kept.lo.to(running_min.scalar_type()),
-                          kept.hi.to(running_max.scalar_type())},
-                         weight_of_batch);
-    } else {
-      running_min.copy_(kept.lo);
-      running_max.copy_(kept.hi);
-    }
-    seen.fill_(true);
-    return;
+  for (const Tensor* t : {&running_min, &running_max, &seen}) {
+    TORCH_CHECK(t->device().is_cpu() && t->numel() == 1 &&
+                    t->scalar_type() == (t == &seen ? at::kBool : at::kFloat),
+                "dpc_fx::layer: the running range must be one-element float32 CPU tensors and "
+                "seen a one-element bool one, as ActQuantizer's buffers are; got ",
+                t->scalar_type(), " on ", t->device(), " with ", t->numel(), " elements");
   }
   float* lo = running_min.mutable_data_ptr<float>();
   float* hi = running_max.mutable_data_ptr<float>();
