@@ -150,11 +150,99 @@ void codes_span(const float* __restrict__ x, float* __restrict__ xhat, uint8_t* 
   }
 }
 
-// The loops, over [begin, end) of the plane index i. Each part's codes go, a block at a
-// time, through codes_span (one stream in, one out: the loop gcc vectorises best) into a
-// buffer on the stack, and the planes are then combined bytewise.
+#if defined(__AVX2__)
+// Thirty-two codes at a time, by hand: left to itself gcc narrows the codes to bytes one lane
+// at a time, which took longer than the arithmetic (the 8-bit loop 1.7x, the 6-bit one 3x
+// the time of the same loop writing floats alone).
+
+// code_of and value_of on eight lanes, in the same operations: maxps(q, 0) is `q > 0 ? q :
+// 0` and minps(top, q) is `q > top ? top : q`, lane by lane, a nan included.
+struct Grid8 {
+  __m256 lo, scale, top, inf, zero;
+  Grid8(float lo_, float scale_, float top_)
+      : lo(_mm256_set1_ps(lo_)), scale(_mm256_set1_ps(scale_)), top(_mm256_set1_ps(top_)),
+        inf(_mm256_set1_ps(kInf)), zero(_mm256_setzero_ps()) {}
+
+  // |v| < inf, as a lane mask.
+  __m256 finite(__m256 v) const {
+    const __m256 abs = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
+    return _mm256_cmp_ps(abs, inf, _CMP_LT_OQ);
+  }
+  // The codes of v, as floats, without code_of's last step (0 where v is not finite).
+  __m256 level(__m256 v) const {
+    __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(v, lo), scale),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm256_min_ps(top, _mm256_max_ps(q, zero));
+  }
+  // code_of's codes as int32, and value_of's floats written to xhat.
+  __m256i codes(const float* x, float* xhat) const {
+    const __m256 v = _mm256_loadu_ps(x), ok = finite(v);
+    const __m256 q = _mm256_and_ps(level(v), ok);
+    const __m256 value = _mm256_add_ps(_mm256_mul_ps(q, scale), lo);
+    _mm256_storeu_ps(xhat, _mm256_blendv_ps(v, value, ok));
+    return _mm256_cvttps_epi32(q);
+  }
+};
+
+// Four vectors of eight int32 in [0, 255] as 32 bytes, in order (packus works within each
+// 128-bit half; the permute puts the halves' quarters back in place).
+inline __m256i bytes32(__m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i words = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
+  return _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// The same for int32 in [-128, 127], as int8.
+inline __m256i signed_bytes32(__m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i words = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+  return _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// The 32 codes of x[i, i + 32) as bytes, their floats written to xhat.
+inline __m256i codes32(const Grid8& grid, const float* x, float* xhat) {
+  return bytes32(grid.codes(x, xhat), grid.codes(x + 8, xhat + 8), grid.codes(x + 16, xhat + 16),
+                 grid.codes(x + 24, xhat + 24));
+}
+
+// Bytes shifted left by k, only the top two bits kept (AVX2 shifts no single bytes: a 16-bit
+// shift carries the low byte's top bits into the high byte's low ones, which the mask drops).
+template <int k>
+inline __m256i top_bits(__m256i q, int mask) {
+  return _mm256_and_si256(_mm256_slli_epi16(q, k), _mm256_set1_epi8(static_cast<char>(mask)));
+}
+
+// quantize_planes' planes, 32 plane positions a step from begin; returns where it stopped.
+int64_t quantize_planes32(const float* x, float* xhat, uint8_t* __restrict__ packed, int64_t m,
+                          int parts, const Grid8& grid, int64_t begin, int64_t end) {
+  int64_t i = begin;
+  for (; i + 32 <= end; i += 32) {
+    __m256i q[4];
+    for (int p = 0; p < parts; ++p) q[p] = codes32(grid, x + p * m + i, xhat + p * m + i);
+    __m256i* out = reinterpret_cast<__m256i*>(packed + i);
+    if (parts == 1) {
+      _mm256_storeu_si256(out, q[0]);
+    } else if (parts == 2) {
+      _mm256_storeu_si256(out, _mm256_or_si256(q[0], top_bits<4>(q[1], 0xF0)));
+    } else {  // as the scalar loop: the fourth code's 2-bit pieces on top of the other three
+      _mm256_storeu_si256(out, _mm256_or_si256(q[0], top_bits<6>(q[3], 0xC0)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + m + i),
+                          _mm256_or_si256(q[1], top_bits<4>(q[3], 0xC0)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + 2 * m + i),
+                          _mm256_or_si256(q[2], top_bits<2>(q[3], 0xC0)));
+    }
+  }
+  return i;
+}
+#endif
+
+// The loops, over [begin, end) of the plane index i: 32 at a time in vector registers
+// where the CPU has AVX2, the rest (or all, without it) a block at a time through
+// codes_span (one stream in, one out: the loop gcc vectorises best) into a buffer on the
+// stack, the planes then combined bytewise.
 void quantize_planes(const float* x, float* xhat, uint8_t* __restrict__ packed, int64_t m,
                      int parts, float lo, float scale, float top, int64_t begin, int64_t end) {
+#if defined(__AVX2__)
+  begin = quantize_planes32(x, xhat, packed, m, parts, Grid8(lo, scale, top), begin, end);
+#endif
   if (parts == 1) {
     codes_span(x, xhat, packed + begin, lo, scale, top, begin, end);
     return;
@@ -276,7 +364,24 @@ void stochastic_span(const float* __restrict__ x, float* __restrict__ out, float
 bool int8_codes_span(const float* __restrict__ x, int8_t* __restrict__ codes, float lo,
                      float scale, float top, float offset, int64_t begin, int64_t end) {
   int odd = 0;
-  for (int64_t i = begin; i < end; ++i) {
+  int64_t i = begin;
+#if defined(__AVX2__)
+  const Grid8 grid(lo, scale, top);
+  const __m256 offset8 = _mm256_set1_ps(offset);
+  __m256 fine = _mm256_castsi256_ps(_mm256_set1_epi32(-1));  // lanes all finite so far
+  for (; i + 32 <= end; i += 32) {
+    __m256i c[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m256 v = _mm256_loadu_ps(x + i + 8 * k);
+      fine = _mm256_and_ps(fine, grid.finite(v));
+      c[k] = _mm256_cvttps_epi32(_mm256_sub_ps(grid.level(v), offset8));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i),
+                        signed_bytes32(c[0], c[1], c[2], c[3]));
+  }
+  odd |= _mm256_movemask_ps(fine) != 0xFF;
+#endif
+  for (; i < end; ++i) {
     float q = std::nearbyint((x[i] - lo) / scale);
     q = q > 0.0f ? q : 0.0f;
     q = q > top ? top : q;
@@ -296,7 +401,15 @@ void int8_stochastic_span(const float* __restrict__ x, int8_t* __restrict__ code
       x, lo, scale, top, seed, begin, end,
       [=](int64_t i, v8f q) {
         v8i c = __builtin_convertvector(q - offset8, v8i);
+#if defined(__AVX2__)  // eight int32 in [-128, 127] narrowed to eight bytes
+        __m256i wide;
+        std::memcpy(&wide, &c, sizeof wide);
+        const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(wide),
+                                              _mm256_extracti128_si256(wide, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packs_epi16(words, words));
+#else
         for (int k = 0; k < 8; ++k) codes[i + k] = static_cast<int8_t>(c[k]);
+#endif
       },
       [=](int64_t i, float q) {
         codes[i] = static_cast<int8_t>(static_cast<int32_t>(q - offset));
