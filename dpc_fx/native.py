@@ -88,6 +88,7 @@ _SIGNATURES = {
     "dpc_int8_row_sums": (None, [_p, _i64, _i64, _p, _i32]),
     "dpc_int8_col_sums": (None, [_p, _i64, _i64, _p, _i32]),
     "dpc_int8_transpose": (None, [_p, _i64, _i64, _i32, _p, _i32]),
+    "dpc_int8_combine": (None, [_p, _i64, _i64, _p, _p, _p, _f, _f, _f, _f, _i32]),
     "dpc_int8_codes": (_i32, [_p, _i64, _f, _f, _f, _p, _i32]),
     "dpc_int8_stochastic": (_i32, [_p, _i64, _f, _i64, _p, _p, _i32]),
 }
@@ -395,6 +396,40 @@ def int8_transpose(q: Tensor, flip: int = 0) -> Tensor | None:
         q.data_ptr(), rows, cols, flip, out.data_ptr(), torch.get_num_threads()
     )
     return out
+
+
+def int8_combine(
+    y: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    scales: tuple[float, float, float, float],
+    bias: Tensor | None,
+) -> bool:
+    """``y = a * y + r * rows[:, None] + c * cols[None, :] + k (+ bias)`` in place, for
+    ``scales = (a, r, c, k)``, in one pass: :func:`dpc_fx.int8._combine`'s arithmetic, in
+    its order. ``False`` (``y`` untouched) where the loops cannot take the tensors: ``y``
+    and ``bias`` dense float32, ``rows`` and ``cols`` dense int32, on the CPU."""
+    if not usable(y) or y.dim() != 2:
+        return False
+    n, j = y.shape
+    for t, size in ((rows, n), (cols, j)):
+        if t.dtype != torch.int32 or not t.is_contiguous() or t.numel() != size:
+            return False
+    if bias is not None and not (
+        usable(bias) and bias.dtype == torch.float32 and bias.numel() == j
+    ):
+        return False
+    _lib().dpc_int8_combine(
+        y.data_ptr(),
+        n,
+        j,
+        rows.data_ptr(),
+        cols.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        *scales,
+        torch.get_num_threads(),
+    )
+    return True
 
 
 def usable(*tensors: Tensor) -> bool:

@@ -319,6 +319,43 @@ def test_int8_row_and_column_sums_match_aten(
     assert native.int8_sums(strided, 0) is None and native.int8_sums(q.float(), 0) is None
 
 
+@given(
+    st.integers(1, 70),
+    st.integers(1, 70),
+    st.booleans(),
+    st.lists(st.floats(-3.0, 3.0, width=32), min_size=4, max_size=4),
+    st.integers(0, 2**16),
+)
+@example(300, 200, True, [0.013, 0.21, 0.0021, -0.0007], 0)  # several threads
+def test_the_integer_products_float_form_matches_the_torch_kernel(
+    rows: int, cols: int, with_bias: bool, scalars: list[float], seed: int
+) -> None:
+    """A lowered layer's float product from its integer one (scales, offsets, the codes' row
+    and column sums and a bias), written in place by the native loop: the eager torch
+    kernel's values bit for bit, and nothing where the loop cannot take the tensors."""
+    from dpc_fx import int8
+
+    gen = torch.Generator().manual_seed(seed)
+    acc = torch.randint(-(2**20), 2**20, (rows, cols), generator=gen).float()
+    row_sums = torch.randint(-(2**14), 2**14, (rows,), generator=gen, dtype=torch.int32)
+    col_sums = torch.randint(-(2**14), 2**14, (cols,), generator=gen, dtype=torch.int32)
+    bias = torch.randn(cols, generator=gen) if with_bias else None
+    sa, ma, sb, mb = (torch.tensor(v) for v in scalars)
+    k = int(torch.randint(1, 5000, (), generator=gen))
+    want = acc.clone()
+    eager(int8._combine)(want, row_sums, col_sums, sa, ma, sb, mb, k, bias)
+    got = acc.clone()
+    assert int8._native_combine(got, row_sums, col_sums, sa, ma, sb, mb, k, bias)
+    assert torch.equal(got, want)
+    # int64 sums, a strided product: left to the torch kernel, the product untouched
+    before = acc.clone()
+    assert not int8._native_combine(acc, row_sums.long(), col_sums, sa, ma, sb, mb, k, bias)
+    strided = torch.full((3, 8), 7.5)[:, ::2]
+    three, four = row_sums.new_zeros(3), col_sums.new_zeros(4)
+    assert not int8._native_combine(strided, three, four, sa, ma, sb, mb, k, None)
+    assert torch.equal(acc, before) and bool((strided == 7.5).all())
+
+
 @given(vectors(), bits, st.integers(1, 5), st.integers(0, 2**31 - 2), st.floats(0.25, 1.5))
 def test_int8_codes_match_the_torch_kernels(
     x: Tensor, b: int, rows: int, seed: int, shrink: float

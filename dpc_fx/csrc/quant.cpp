@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include <omp.h>
 #if defined(__AVX__)
@@ -655,6 +656,29 @@ void dpc_int8_col_sums(const int8_t* q, int64_t rows, int64_t cols, int32_t* out
     for (int64_t r = 0; r < rows; ++r) {
       const int8_t* __restrict__ row = q + r * cols;
       for (int64_t c = b; c < e; ++c) sums[c] += row[c];
+    }
+  });
+}
+
+// The float product of an integer one, in place: y (rows x cols, row-major, the integer
+// product as floats) becomes a * y + r * rows[i] + column[j], where column[j] = c * cols[j]
+// + k, plus bias[j] if bias is not null: int8._combine's arithmetic in its order (a = sa *
+// sb, r = sa * mb, c = ma * sb, k = K * ma * mb, each rounded to float32 as the torch
+// kernel rounds it). One pass over y, each thread a band of rows.
+void dpc_int8_combine(float* y, int64_t rows, int64_t cols, const int32_t* row_sums,
+                      const int32_t* col_sums, const float* bias, float a, float r, float c,
+                      float k, int nthreads) {
+  std::vector<float> column(cols);
+  for (int64_t j = 0; j < cols; ++j) {
+    column[j] = c * static_cast<float>(col_sums[j]) + k;
+    if (bias) column[j] = column[j] + bias[j];
+  }
+  const float* __restrict__ col = column.data();
+  split(rows, threads_for(rows * cols, nthreads), [=](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      float* __restrict__ out = y + i * cols;
+      const float row = r * static_cast<float>(row_sums[i]);
+      for (int64_t j = 0; j < cols; ++j) out[j] = (a * out[j] + row) + col[j];
     }
   });
 }
