@@ -105,15 +105,16 @@ def _dequantised_product(
     mb: Tensor,
     bias: Tensor | None,
     bad: tuple[Tensor, Tensor],
+    rows: Tensor | None = None,
 ) -> Tensor:
     """The float product (plus ``bias``) from the integer product ``acc = qa @ qb`` (int32,
     or float32 that this takes over); ``nan`` in the rows and columns that ``bad`` (a
     column and a row of flags, broadcast against the product) says held ``inf``/``nan`` in an
     operand, as the float product would be non-finite there: an overflow stays visible. The
     codes' row and column sums run on the native loops where they can (ATen casts a whole
-    int8 matrix before it sums it)."""
+    int8 matrix before it sums it); ``rows``: ``qa``'s, where the caller has them."""
     y = acc if acc.dtype == torch.float32 else acc.float()
-    rows, cols = _sums(qa, 1), _sums(qb, 0)
+    rows, cols = _sums(qa, 1) if rows is None else rows, _sums(qb, 0)
     if not _native_combine(y, rows, cols, sa, ma, sb, mb, qa.shape[1], bias):
         _combine(y, rows, cols, sa, ma, sb, mb, qa.shape[1], bias)
     bad_rows, bad_cols = bad
@@ -238,16 +239,18 @@ def _product(
     bad: tuple[Tensor, Tensor],
     bias: Tensor | None = None,
     b_bits: int = 8,
+    rows: Tensor | None = None,
 ) -> Tensor:
     """``(sa*qa + ma) @ (sb*qb + mb) + bias`` for int8 codes ``qa`` (n, k) and ``qb`` (k, j),
     ``qb`` of ``b_bits`` bits; ``nan`` in the rows and columns that ``bad`` (flags of shape
     (n, 1) and (1, j), or anything that broadcasts so) marks. The
     integer product is exact either way: on oneDNN's u8 x s8 kernel where that is exact at
-    ``b_bits`` on this CPU, else on ``torch._int_mm``."""
+    ``b_bits`` on this CPU, else on ``torch._int_mm``. ``rows``: ``qa``'s row sums (int32),
+    where the caller has them."""
     # (Not inside a torch.compile trace: the probe runs kernels, and _int_mm traces.)
     u8s8 = qa.device.type == "cpu" and not torch.compiler.is_compiling() and _u8s8_exact(b_bits)
     acc = _u8s8_product(qa, qb) if u8s8 else torch._int_mm(qa, qb)
-    return _dequantised_product(acc, qa, qb, sa, ma, sb, mb, bias, bad)
+    return _dequantised_product(acc, qa, qb, sa, ma, sb, mb, bias, bad, rows)
 
 
 class _Int8LinearFn(torch.autograd.Function):
@@ -288,11 +291,14 @@ class _Int8LinearFn(torch.autograd.Function):
         # A bad input row spoils every column of dw, a bad weight row every column of dx.
         dx = _product(qg, sg, mg, qw, sw, mw, (g_rows, bad_w.any()), b_bits=ctx.w_bits)
         dx = dx.reshape(ctx.x_shape).to(ctx.dtypes[0])
-        dw = _product(qg.t(), sg, mg, qx, sx, mx, (g_cols.t(), bad_x.any()), b_bits=ctx.a_bits)
+        g_sums = _sums(qg, 0)  # dw's row sums, and the bias's gradient
+        dw = _product(
+            qg.t(), sg, mg, qx, sx, mx, (g_cols.t(), bad_x.any()), b_bits=ctx.a_bits, rows=g_sums
+        )
         dw = dw.to(ctx.dtypes[1])
         db = None
         if ctx.has_bias:
-            db = sg * _sums(qg, 0).float() + qg.shape[0] * mg
+            db = sg * g_sums.float() + qg.shape[0] * mg
             db = torch.where(g_cols.view(-1), float("nan"), db).to(ctx.dtypes[1])
         return dx, dw, db, None, None, None, None, None
 
