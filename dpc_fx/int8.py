@@ -83,10 +83,10 @@ def _native_combine(
     """:func:`_combine` on the native loops, the same values bit for bit (its four scalar
     factors rounded to float32 as its ops round them), in a quarter of the compiled
     kernel's time; ``False`` where they cannot take the tensors."""
-    if torch.compiler.is_compiling() or y.dtype != torch.float32:
+    if y.dtype != torch.float32 or not native.usable(y):  # (before the scalars' read)
         return False
-    scalars = torch.stack([sa * sb, sa * mb, ma * sb, k * ma * mb]).float().tolist()
-    return native.int8_combine(y, rows, cols, tuple(scalars), bias)  # type: ignore[arg-type]
+    a, r, c, kk = torch.stack([sa * sb, sa * mb, ma * sb, k * ma * mb]).float().tolist()
+    return native.int8_combine(y, rows, cols, (a, r, c, kk), bias)
 
 
 def _sums(q: Tensor, dim: int) -> Tensor:
