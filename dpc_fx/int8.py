@@ -81,8 +81,8 @@ def _native_combine(
     bias: Tensor | None,
 ) -> bool:
     """:func:`_combine` on the native loops, the same values bit for bit (its four scalar
-    factors rounded to float32 as its ops round them), in a quarter of the compiled
-    kernel's time; ``False`` where they cannot take the tensors."""
+    factors rounded to float32 as its ops round them) and several times faster than the
+    compiled kernel; ``False`` where they cannot take the tensors."""
     if y.dtype != torch.float32 or not native.usable(y):  # (before the scalars' read)
         return False
     a, r, c, kk = torch.stack([sa * sb, sa * mb, ma * sb, k * ma * mb]).float().tolist()

@@ -1058,8 +1058,8 @@ def main() -> int:
         "fewer (the 7-bit rows). Around its products a lowered step makes its int8 codes "
         "in native loops, transposes them into the dense layouts the kernel needs (a tiled "
         "native pass), prepacks each weight operand, and makes the float product out of the "
-        "integer one in a pass over it (the corrections for the codes' offsets), every "
-        "step.",
+        "integer one in a native pass over it (the corrections for the codes' offsets), "
+        "every step.",
         "- *Compile*: linear layers and convolutions are sized by arithmetic; the rest of the "
         "shape propagation runs on fake tensors (attention, reshapes), and FX generates code "
         "once per pass.",
