@@ -169,7 +169,7 @@ struct Grid8 {
     const __m256 abs = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
     return _mm256_cmp_ps(abs, inf, _CMP_LT_OQ);
   }
-  // The codes of v, as floats, without code_of's last step (0 where v is not finite).
+  // The codes of v, as floats, short of code_of's last step (the 0 for a non-finite v).
   __m256 level(__m256 v) const {
     __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(v, lo), scale),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -204,8 +204,9 @@ inline __m256i codes32(const Grid8& grid, const float* x, float* xhat) {
                  grid.codes(x + 24, xhat + 24));
 }
 
-// Bytes shifted left by k, only the top two bits kept (AVX2 shifts no single bytes: a 16-bit
-// shift carries the low byte's top bits into the high byte's low ones, which the mask drops).
+// Bytes shifted left by k, only the high bits that `mask` keeps (AVX2 shifts no single bytes:
+// a 16-bit shift carries the low byte's top bits into the high byte's low ones, which the
+// mask drops).
 template <int k>
 inline __m256i top_bits(__m256i q, int mask) {
   return _mm256_and_si256(_mm256_slli_epi16(q, k), _mm256_set1_epi8(static_cast<char>(mask)));
