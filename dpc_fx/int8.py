@@ -69,24 +69,11 @@ def _combine(
     y.copy_(sa * sb * y + sa * mb * rows.unsqueeze(1).float() + column)
 
 
-def _native_combine(
-    y: Tensor,
-    rows: Tensor,
-    cols: Tensor,
-    sa: Tensor,
-    ma: Tensor,
-    sb: Tensor,
-    mb: Tensor,
-    k: int,
-    bias: Tensor | None,
-) -> bool:
-    """:func:`_combine` on the native loops, the same values bit for bit (its four scalar
-    factors rounded to float32 as its ops round them) and several times faster than the
-    compiled kernel; ``False`` where they cannot take the tensors."""
-    if y.dtype != torch.float32 or not native.usable(y):  # (before the scalars' read)
-        return False
-    a, r, c, kk = torch.stack([sa * sb, sa * mb, ma * sb, k * ma * mb]).float().tolist()
-    return native.int8_combine(y, rows, cols, (a, r, c, kk), bias)
+def _factors(sa: Tensor, ma: Tensor, sb: Tensor, mb: Tensor, k: int) -> tuple[float, ...]:
+    """:func:`_combine`'s four scalar factors ``(sa*sb, sa*mb, ma*sb, k*ma*mb)``, rounded to
+    float32 as its ops round them: what the native pass (``native.int8_combine``) takes to
+    give its values bit for bit."""
+    return tuple(torch.stack([sa * sb, sa * mb, ma * sb, k * ma * mb]).float().tolist())
 
 
 def _sums(q: Tensor, dim: int) -> Tensor:
@@ -115,7 +102,10 @@ def _dequantised_product(
     int8 matrix before it sums it); ``rows``: ``qa``'s, where the caller has them."""
     y = acc if acc.dtype == torch.float32 else acc.float()
     rows, cols = _sums(qa, 1) if rows is None else rows, _sums(qb, 0)
-    if not _native_combine(y, rows, cols, sa, ma, sb, mb, qa.shape[1], bias):
+    # The native pass where it takes the tensors (asked before the factors are read), else
+    # the compiled kernel: the same values.
+    factors = _factors(sa, ma, sb, mb, qa.shape[1]) if native.usable(y) else None
+    if factors is None or not native.int8_combine(y, rows, cols, factors, bias):
         _combine(y, rows, cols, sa, ma, sb, mb, qa.shape[1], bias)
     bad_rows, bad_cols = bad
     if torch.compiler.is_compiling():  # no branch on values in a trace

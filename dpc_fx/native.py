@@ -402,14 +402,15 @@ def int8_combine(
     y: Tensor,
     rows: Tensor,
     cols: Tensor,
-    scales: tuple[float, float, float, float],
+    factors: tuple[float, ...],
     bias: Tensor | None,
 ) -> bool:
-    """``y = a * y + r * rows[:, None] + c * cols[None, :] + k (+ bias)`` in place, for
-    ``scales = (a, r, c, k)``, in one pass: :func:`dpc_fx.int8._combine`'s arithmetic, in
-    its order. ``False`` (``y`` untouched) where the loops cannot take the tensors: ``y``
-    and ``bias`` dense float32, ``rows`` and ``cols`` dense int32, on the CPU."""
-    if not usable(y) or y.dim() != 2:
+    """``y = (a * y + r * rows[:, None]) + column[None, :]`` in place, with ``column = c *
+    cols + k (+ bias)``, for ``factors = (a, r, c, k)`` (``dpc_fx.int8._factors``), in one
+    pass: :func:`dpc_fx.int8._combine`'s arithmetic, in its order. ``False`` (``y``
+    untouched) where the loops cannot take the tensors: ``y`` and ``bias`` dense float32,
+    ``rows`` and ``cols`` dense int32, on the CPU."""
+    if not usable(y) or y.dtype != torch.float32 or y.dim() != 2 or len(factors) != 4:
         return False
     n, j = y.shape
     for t, size in ((rows, n), (cols, j)):
@@ -426,7 +427,7 @@ def int8_combine(
         rows.data_ptr(),
         cols.data_ptr(),
         None if bias is None else bias.data_ptr(),
-        *scales,
+        *factors,
         torch.get_num_threads(),
     )
     return True

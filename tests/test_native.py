@@ -345,14 +345,15 @@ def test_the_integer_products_float_form_matches_the_torch_kernel(
     want = acc.clone()
     eager(int8._combine)(want, row_sums, col_sums, sa, ma, sb, mb, k, bias)
     got = acc.clone()
-    assert int8._native_combine(got, row_sums, col_sums, sa, ma, sb, mb, k, bias)
+    factors = int8._factors(sa, ma, sb, mb, k)
+    assert native.int8_combine(got, row_sums, col_sums, factors, bias)
     assert torch.equal(got, want)
     # int64 sums, a strided product: left to the torch kernel, the product untouched
     before = acc.clone()
-    assert not int8._native_combine(acc, row_sums.long(), col_sums, sa, ma, sb, mb, k, bias)
+    assert not native.int8_combine(acc, row_sums.long(), col_sums, factors, bias)
     strided = torch.full((3, 8), 7.5)[:, ::2]
     three, four = row_sums.new_zeros(3), col_sums.new_zeros(4)
-    assert not int8._native_combine(strided, three, four, sa, ma, sb, mb, k, None)
+    assert not native.int8_combine(strided, three, four, factors, None)
     assert torch.equal(acc, before) and bool((strided == 7.5).all())
 
 
