@@ -92,6 +92,11 @@ def paired(
 
 # The step and target sections time samples of at least this long (see paired).
 STEP_SAMPLE_S = 0.1
+# Pairs the step and target sections time (outside --quick). The targets' models swing
+# most from pair to pair (one pair of EfficientNet-B0 steps at batch 32 ranged 0.94-1.65x in
+# a run whose median was 1.16x), so they take more pairs, for a median that moves less.
+STEP_REPS = 11
+TARGET_REPS = 21
 
 
 def step_of(m: nn.Module, *inputs: Tensor) -> Callable[[], None]:
@@ -272,7 +277,7 @@ def bench_step(quick: bool) -> list[list[str]]:
         ("Transformer block, 64x64x256", EncoderBlock(), torch.randn(64, 64, 256)),
     ]
     rows = []
-    reps = 5 if quick else 11
+    reps = 5 if quick else STEP_REPS
     for label, model, x in cases:
         console.print(f"step: {label}")
         torch.manual_seed(0)
@@ -778,7 +783,7 @@ def bench_targets(quick: bool) -> list[list[str]]:
         ("demo CNN under torch.compile", _demo_cnn, (torch.randn(100, 1, 40),), 1.1, True),
         ("ResNet-18 under torch.compile, 64x3x32x32", lambda: torchvision.models.resnet18(num_classes=10), images(64, 32), 1.1, True),
     ]  # fmt: skip
-    reps = 5 if quick else 9
+    reps = 5 if quick else TARGET_REPS
     rows = []
     for label, build, x, target, compiled in cases:
         console.print(f"targets: {label}")
@@ -865,6 +870,28 @@ def floor_ratio(
             t[k] = timed(steps[k], times)
         values.append(1 + (t[2] - t[1]) / t[0])
     return statistics.median(values)
+
+
+def _cpu() -> str:
+    """The CPU's model name and the widest vector instructions ATen uses on it."""
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    flags = " and VNNI" if _has_vnni() else ""
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}{flags}"
+
+
+def _has_vnni() -> bool:
+    with contextlib.suppress(OSError):
+        return any(
+            "avx512_vnni" in line or "avx_vnni" in line
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        )
+    return False
 
 
 def _verdict(value: float, target: float | None, higher: bool = False) -> str:
@@ -981,7 +1008,10 @@ def main() -> int:
         f"Made by `python tools/bench.py{' --quick' if args.quick else ''}` on {datetime.date.today()}: "
         f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, kernels `{os.environ.get('DPC_FX_KERNELS', 'native')}`. "
-        "Each figure is the median of per-pair ratios from interleaved repetitions in one process; "
+        f"CPU: {_cpu()}. "
+        "Each figure is the median of per-pair ratios from interleaved repetitions in one process "
+        f"({5 if args.quick else STEP_REPS} pairs in the step table, "
+        f"{5 if args.quick else TARGET_REPS} in the targets table); "
         f"in the step and target tables a repetition that would take under {STEP_SAMPLE_S} s runs "
         "the step as many times in a row as take that long, on both sides alike.",
         "",
