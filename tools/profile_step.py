@@ -1,8 +1,9 @@
 """Where a fused DPC training step's extra time goes: write docs/PROFILE.md.
 
-    python tools/profile_step.py    # ResNet-18, MobileNetV2, EfficientNet-B0 at batch 2, a
-                                    # Transformer block, the demo CNN eager and under
-                                    # torch.compile (4-5 min)
+    python tools/profile_step.py    # ResNet-18, MobileNetV2, EfficientNet-B0 at batch 32
+                                    # and 2, MobileNetV3-Large at batch 32, a Transformer
+                                    # block, the demo CNN eager and under torch.compile
+                                    # (5-6 min)
 
 For each model, fp32 and dpc_fx (default config) steps run interleaved in one process (the
 step columns: medians, no profiler). Then a few steps of each run under
@@ -53,7 +54,7 @@ from torch.profiler import ProfilerActivity
 from torch.profiler import profile as torch_profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench's helpers
-from bench import BLOCK_CONFIG, EncoderBlock, _demo_cnn, step_of
+from bench import BLOCK_CONFIG, EncoderBlock, _cpu, _demo_cnn, step_of
 
 import dpc_fx
 from dpc_fx import DPCConfig, fused, native
@@ -203,7 +204,9 @@ def main() -> int:
     cases: list[tuple[str, Callable[[], nn.Module], Tensor, int, DPCConfig | None, bool]] = [
         ("ResNet-18, 64x3x32x32", lambda: torchvision.models.resnet18(num_classes=10), torch.randn(64, 3, 32, 32), 11, None, False),
         ("MobileNetV2, 64x3x32x32", lambda: torchvision.models.mobilenet_v2(num_classes=10), torch.randn(64, 3, 32, 32), 11, None, False),
+        ("EfficientNet-B0, 32x3x96x96", lambda: torchvision.models.efficientnet_b0(num_classes=10), torch.randn(32, 3, 96, 96), 11, None, False),
         ("EfficientNet-B0, 2x3x96x96", lambda: torchvision.models.efficientnet_b0(num_classes=10), torch.randn(2, 3, 96, 96), 21, None, False),
+        ("MobileNetV3-Large, 32x3x96x96", lambda: torchvision.models.mobilenet_v3_large(num_classes=10), torch.randn(32, 3, 96, 96), 11, None, False),
         ("Transformer block, 64x64x256", EncoderBlock, torch.randn(64, 64, 256), 11, BLOCK_CONFIG, False),
         ("demo CNN (MNIST-1D), 100x1x40", _demo_cnn, torch.randn(100, 1, 40), 201, None, False),
         ("demo CNN under torch.compile", _demo_cnn, torch.randn(100, 1, 40), 201, None, True),
@@ -251,7 +254,8 @@ def main() -> int:
         "# Where a DPC step's time goes",
         "",
         f"Made by `python tools/profile_step.py` on {datetime.date.today()}: {platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} cores ({_cpu()}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, "
         f"kernels `{os.environ.get('DPC_FX_KERNELS', 'native')}`"
         f"{'' if native.layers() else ' (layer operators unavailable)'}"
         f"{'' if native.library() is not None else ' (native loops unavailable)'}. "
