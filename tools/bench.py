@@ -1,10 +1,12 @@
-"""Benchmarks, side by side in one process: write docs/BENCHMARKS.md.
+"""Benchmarks, the contenders side by side in one process: write docs/BENCHMARKS.md.
 
     python tools/bench.py            # everything (about 15 minutes on 2 cores)
     python tools/bench.py --quick    # fewer repetitions, no very large model
 
 Every number is a median of per-pair ratios: the two contenders run alternately, the order
 flipping each repetition, so a noisy neighbour slows both sides of a pair alike.
+Each section runs in a fresh process of its own (in_child): what one leaves in the C
+allocator changed another's ratios.
 
 Sections:
   compile   dpc_fx.compile vs torch.ao's prepare_qat_fx (224x224 models, random weights)
@@ -325,7 +327,7 @@ def peak_bytes(model: nn.Module, *inputs: Tensor) -> int | None:
     peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) minus its
     resident set before the step. Read in a process whose allocator returns every block of
     64 KiB or more to the system when freed (``MALLOC_MMAP_THRESHOLD_``, set by
-    :func:`bench_memory`), so resident memory follows the live tensors. ``None`` where
+    :func:`in_child`), so resident memory follows the live tensors. ``None`` where
     Linux's counters are not there to read."""
     step = step_of(model, *inputs)
     step()
@@ -381,8 +383,13 @@ MEMORY_TARGETS = {
 }
 
 
-def memory_rows() -> list[list[str]]:
-    """The memory section's rows, measured in this process (see :func:`bench_memory`)."""
+def bench_memory(quick: bool) -> list[list[str]]:
+    """Saved-for-backward and step-peak memory of one step: fp32, dpc_fx with fused layers
+    (the default) and unfused.
+
+    Deterministic (bytes, not time): safe to run on a busy machine. Its process
+    (:func:`in_child`) has the allocator set to return freed blocks to the system, so the
+    peak is read from the resident set (see :func:`peak_bytes`)."""
     rows = []
     for label, model, x, config in _memory_cases():
         console.print(f"memory: {label}")
@@ -420,22 +427,28 @@ def memory_rows() -> list[list[str]]:
     return rows
 
 
-def bench_memory() -> list[list[str]]:
-    """Saved-for-backward and step-peak memory of one step: fp32, dpc_fx with fused layers
-    (the default) and unfused.
+def in_child(section: str, quick: bool) -> list[list[str]]:
+    """The rows of one section, made in a process of its own.
 
-    Deterministic (bytes, not time): safe to run on a busy machine. Runs in a child process
-    with the allocator set to return freed blocks to the system, so the peak is read from
-    the resident set (see :func:`peak_bytes`)."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    Sections do not share a process: what one leaves in the C allocator changes another's
+    ratios. After the compile section (which builds and frees a 632M-parameter ViT),
+    EfficientNet-B0 at batch 32 measured 1.27x and 1.35x of fp32 where a fresh process
+    measured 1.10x and 1.13x (21 pairs each; fp32's own step unchanged), and with glibc's
+    dynamic thresholds pinned (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) it
+    measured 1.11x and 1.13x after it: DPC's step, which allocates more tensors of more
+    sizes (codes, temporaries), pays more for a fragmented heap. A training script starts
+    from a fresh process, as each section now does."""
+    env = dict(os.environ)
+    if section == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     done = subprocess.run(
-        [sys.executable, __file__, "--memory-rows"],
+        [sys.executable, __file__, "--rows", section, *(["--quick"] if quick else [])],
         env=env,
         stdout=subprocess.PIPE,
         text=True,
         check=True,
     )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -913,10 +926,21 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Each section's rows, by the name --only takes; main runs each in a process of its own.
+SECTIONS: dict[str, Callable[[bool], list[list[str]]]] = {
+    "compile": bench_compile,
+    "step": bench_step,
+    "memory": bench_memory,
+    "targets": bench_targets,
+    "kernel": bench_kernel,
+    "lower": bench_lower,
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--memory-rows", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", choices=sorted(SECTIONS), help=argparse.SUPPRESS)
     parser.add_argument(
         "--only", nargs="+", choices=["compile", "step", "memory", "targets", "kernel", "lower"]
     )
@@ -925,8 +949,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.memory_rows:  # the child process of bench_memory
-        print(json.dumps(memory_rows()))
+    if args.rows:  # a child process of in_child
+        print(json.dumps(SECTIONS[args.rows](args.quick)))
         return 0
     chosen = args.only or ["compile", "step", "targets", "kernel", "lower"]
     parts = []
@@ -935,7 +959,7 @@ def main() -> int:
             table(
                 "Compile time: dpc_fx.compile vs torch.ao prepare_qat_fx (1x3x224x224)",
                 ["model", "params", "prepare_qat_fx", "dpc_fx.compile", "ratio", "target 0.2x"],
-                bench_compile(args.quick),
+                in_child("compile", args.quick),
             )
         )
     if "step" in chosen:
@@ -951,7 +975,7 @@ def main() -> int:
                     "saved-for-backward memory ratio",
                     "target",
                 ],
-                bench_step(args.quick),
+                in_child("step", args.quick),
             )
         )
     if "step" in chosen or "memory" in chosen:
@@ -967,7 +991,7 @@ def main() -> int:
                     "vs fp32",
                     "target",
                 ],
-                bench_memory(),
+                in_child("memory", args.quick),
             )
         )
     if "targets" in chosen:
@@ -976,7 +1000,7 @@ def main() -> int:
                 "Training step vs fp32: small and depthwise models, a Llama-style decoder, "
                 "the demo CNN, and torch.compile of both sides",
                 ["workload", "fp32", "dpc_fx", "ratio", "copy floor", "target"],
-                bench_targets(args.quick),
+                in_child("targets", args.quick),
             )
         )
     if "kernel" in chosen:
@@ -991,7 +1015,7 @@ def main() -> int:
                     "compiled torch kernels",
                     "ratio",
                 ],
-                bench_kernel(args.quick),
+                in_child("kernel", args.quick),
             )
         )
     if "lower" in chosen:
@@ -999,7 +1023,7 @@ def main() -> int:
             table(
                 "Integer kernels (DPCConfig(lower=True, grad_bits=8), weights and activations at the bits each row says) vs fp32",
                 ["workload", "method", "fp32 step", "method step", "speed-up", "target", "notes"],
-                bench_lower(args.quick),
+                in_child("lower", args.quick),
             )
         )
     header = [
@@ -1009,7 +1033,8 @@ def main() -> int:
         f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, kernels `{os.environ.get('DPC_FX_KERNELS', 'native')}`. "
         f"CPU: {_cpu()}. "
-        "Each figure is the median of per-pair ratios from interleaved repetitions in one process "
+        "Each figure is the median of per-pair ratios from interleaved repetitions in one process, "
+        "a fresh one for each table "
         f"({5 if args.quick else STEP_REPS} pairs in the step table, "
         f"{5 if args.quick else TARGET_REPS} in the targets table); "
         f"in the step and target tables a repetition that would take under {STEP_SAMPLE_S} s runs "
