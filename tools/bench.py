@@ -95,8 +95,7 @@ def paired(
 # The step and target sections time samples of at least this long (see paired).
 STEP_SAMPLE_S = 0.1
 # Pairs the step and target sections time (outside --quick). The targets' models swing
-# most from pair to pair (one pair of EfficientNet-B0 steps at batch 32 ranged 0.94-1.65x in
-# a run whose median was 1.16x), so they take more pairs, for a median that moves less.
+# most from pair to pair, so they take more pairs, for a median that moves less.
 STEP_REPS = 11
 TARGET_REPS = 21
 
@@ -431,13 +430,11 @@ def in_child(section: str, quick: bool) -> list[list[str]]:
     """The rows of one section, made in a process of its own.
 
     Sections do not share a process: what one leaves in the C allocator changes another's
-    ratios. After the compile section (which builds and frees a 632M-parameter ViT),
-    EfficientNet-B0 at batch 32 measured 1.27x and 1.35x of fp32 where a fresh process
-    measured 1.10x and 1.13x (21 pairs each; fp32's own step unchanged), and with glibc's
-    dynamic thresholds pinned (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) it
-    measured 1.11x and 1.13x after it: DPC's step, which allocates more tensors of more
-    sizes (codes, temporaries), pays more for a fragmented heap. A training script starts
-    from a fresh process, as each section now does."""
+    ratios. After the compile section (which builds and frees a 632M-parameter ViT) DPC's
+    steps ran slower and fp32's did not, unless glibc's dynamic thresholds were pinned
+    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``): DPC's step, which allocates
+    more tensors of more sizes (codes, temporaries), pays more for a fragmented heap. A
+    training script starts from a fresh process, as each section does here."""
     env = dict(os.environ)
     if section == "memory":
         env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
@@ -886,25 +883,18 @@ def floor_ratio(
 
 
 def _cpu() -> str:
-    """The CPU's model name and the widest vector instructions ATen uses on it."""
-    name = platform.processor() or platform.machine()
+    """The CPU's model name, the widest vector instructions ATen uses on it, and whether it
+    has int8 dot products (VNNI), which decide the integer kernels' speed."""
+    name, vnni = platform.processor() or platform.machine(), False
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                vnni = "avx512_vnni" in value or "avx_vnni" in value
                 break
-    flags = " and VNNI" if _has_vnni() else ""
-    return f"{name}, {torch.backends.cpu.get_cpu_capability()}{flags}"
-
-
-def _has_vnni() -> bool:
-    with contextlib.suppress(OSError):
-        return any(
-            "avx512_vnni" in line or "avx_vnni" in line
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("flags")
-        )
-    return False
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}{' and VNNI' if vnni else ''}"
 
 
 def _verdict(value: float, target: float | None, higher: bool = False) -> str:
@@ -941,9 +931,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rows", choices=sorted(SECTIONS), help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--only", nargs="+", choices=["compile", "step", "memory", "targets", "kernel", "lower"]
-    )
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS))
     parser.add_argument(
         "--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md")
     )
