@@ -14,7 +14,8 @@ at 32 in both, so the comparison is about the bit-widths, not about which layers
 Each row also says what a fused layer (:class:`~dpc_fx.fused.FusedLayer`, on by default)
 keeps for its backward at the plan's bits: ``saved_bytes``, its input's and weight's codes
 packed to their bit-widths plus their ranges, for the last batch it trained on (``None``
-before its first training step, and for layers that are not fused).
+before its first training step, and for layers that are not fused). For attention
+(:class:`~dpc_fx.fused.FusedAttention`) it is the codes and ranges of query, key and value.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from dpc_fx.errors import PassOrderError
-from dpc_fx.fused import FusedLayer
+from dpc_fx.fused import FusedAttention, FusedLayer
 from dpc_fx.meta import Bits, compiled, records
 
 __all__ = ["Cost", "LayerCost", "bitops", "cost"]
@@ -134,6 +135,8 @@ def cost(gm: nn.Module) -> Cost:
 def _saved_bytes(gm: nn.Module, holder: str | None, bits: Bits) -> int | None:
     """What the fused layer at ``holder`` keeps for backward at the plan's ``bits``."""
     module = gm.get_submodule(holder) if holder else None
+    if isinstance(module, FusedAttention) and bits.a is not None:
+        return module.saved_bytes(bits.a)
     if not isinstance(module, FusedLayer) or bits.a is None or bits.w is None:
         return None
     return module.saved_bytes(bits.a, bits.w)

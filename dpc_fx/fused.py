@@ -35,6 +35,11 @@ small layer pays no Python per step beyond the call (:func:`_native_step`). Laye
 operator that read the same tensor at the same bits (a transformer's q, k and v
 projections) quantise it once and keep one set of codes between them.
 
+Attention on quantised query, key and value runs as :class:`FusedAttention`: the three
+quantisers and PyTorch's CPU flash kernel in one autograd node that keeps the inputs' codes
+(not float copies) beside the kernel's output and log-sum-exp, and runs the kernel's own
+backward at the dequantised codes.
+
 A ReLU or ReLU6 whose output only such layers read (the fuse pass finds them) runs as
 :func:`relu` or :func:`relu6`: ATen's values and gradients, keeping one bit an element for
 its backward rather than a float tensor, so the activation between two fused layers is kept
@@ -75,8 +80,18 @@ from dpc_fx.quant import (
     fake_quantize,
     is_active,
 )
+from dpc_fx.sdpa import causal_mask
 
-__all__ = ["FUSABLE", "FusedLayer", "pack", "packed_bytes", "relu", "relu6", "unpack"]
+__all__ = [
+    "FUSABLE",
+    "FusedAttention",
+    "FusedLayer",
+    "pack",
+    "packed_bytes",
+    "relu",
+    "relu6",
+    "unpack",
+]
 
 # The ops a fused layer runs, with their number of spatial dimensions. ``matmul`` is a
 # product of two activations (attention's ``q @ k^T`` and ``p @ v``): batched, with equal
@@ -396,7 +411,7 @@ def _native_layer(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | N
     )
 
 
-def _grad_bits(layer: FusedLayer) -> int:
+def _grad_bits(layer: FusedLayer | FusedAttention) -> int:
     """The bits the operator rounds the output gradient to; 0: as it is."""
     grad_q = layer.grad_q
     return grad_q.bits if grad_q is not None and grad_q.active else 0  # type: ignore[return-value]
@@ -734,3 +749,196 @@ class FusedLayer(nn.Module):
             conv = f", stride={tuple(self.stride)}, padding={tuple(self.padding)}"
             conv += f", groups={self.groups}" if self.groups != 1 else ""
         return f"{self.op}, {bits}{conv}"
+
+
+_FLASH = torch.nn.attention.SDPBackend.FLASH_ATTENTION.value
+_sdpa = torch.ops.aten.scaled_dot_product_attention.default
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+class _AttentionFn(torch.autograd.Function):
+    """Quantise query, key and value, run the CPU flash kernel on the quantised values, keep
+    their codes; in backward quantise the output gradient and run the kernel's backward at
+    the dequantised codes (straight through to the three inputs)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        mask: Tensor | None,
+        is_causal: bool,
+        scale: float | None,
+        layer: FusedAttention,
+    ) -> Tensor:
+        native.pool.enter("forward")
+        quantised = [
+            _activation(q, x) for q, x in zip(layer.quantizers, (query, key, value), strict=True)
+        ]
+        hats = [hat for hat, _ in quantised]
+        if mask is not None and mask.dtype == torch.bool:  # as ATen's attention converts it
+            mask = torch.zeros(mask.shape, dtype=query.dtype).masked_fill_(~mask, -torch.inf)
+        out, lse = _flash(*hats, 0.0, is_causal, attn_mask=mask, scale=scale)
+        native.pool.give(*(_buffer(hat) for hat in hats))
+        del hats
+        codes = [c for _, c in quantised]
+        ctx.save_for_backward(*(t for c in codes for t in c.tensors), out, lse, mask)
+        for c in codes:  # only save_for_backward holds them (see _FusedFn)
+            c.tensors = ()
+        ctx.codes, ctx.layer, ctx.call = codes, layer, (is_causal, scale)
+        ctx.grad_bits = _grad_bits(layer) or None
+        layer.last_shapes = (query.numel(), key.numel(), value.numel())
+        return out  # type: ignore[no-any-return]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        layer: FusedAttention = ctx.layer
+        native.pool.enter("backward")
+        incoming = grad
+        if ctx.grad_bits is not None:
+            assert layer.grad_q is not None
+            if layer.grad_q.check_finite:
+                layer.grad_q._check(grad)
+            grad = _quantize_grad(grad, ctx.grad_bits, native.pool)
+        hats = [c.floats(*saved[4 * i : 4 * i + 4]) for i, c in enumerate(ctx.codes)]
+        out, lse, mask = saved[12:]
+        is_causal, scale = ctx.call
+        grads = _flash_backward(grad, *hats, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+        native.pool.give(
+            _buffer(grad) if grad is not incoming else None, *(_buffer(hat) for hat in hats)
+        )
+        want = ctx.needs_input_grad[:3]
+        return (
+            *(g if w else None for g, w in zip(grads, want, strict=True)),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+class FusedAttention(nn.Module):
+    """Attention (``scaled_dot_product_attention``) on quantised query, key and value as one
+    autograd node that keeps their codes.
+
+    Called in the graph as ``self.dpc.<layer>(query, key, value, attn_mask, ...)`` (the
+    attention's own arguments) in place of the chain ``query_q, key_q, value_q -> attention
+    ; grad_q``. The quantisers stay its children under their roles' names, as a
+    :class:`FusedLayer`'s do.
+
+    Where the unfused chain would run PyTorch's CPU flash kernel (float32 CPU tensors, no
+    dropout, no grouped-query broadcasting, a gradient wanted, every input quantised to 8
+    bits or fewer), this layer runs that kernel on the same quantised values and keeps, for
+    its backward, the three inputs' codes (packed as :class:`FusedLayer` packs them) with
+    the kernel's output and log-sum-exp, which fp32 attention keeps too: no float copy of
+    a quantised input. Backward quantises the output gradient as ``grad_q`` does and runs
+    the kernel's backward on the dequantised codes, so values and gradients are the unfused
+    chain's bit for bit. Elsewhere (eval under ``no_grad``, ``torch.compile``, dropout,
+    another backend) it runs the unfused chain through the same quantiser modules. A mask
+    that is the causal one runs as causal attention (:mod:`dpc_fx.sdpa`), as the captured
+    graph's own call does.
+    """
+
+    query_q: ActQuantizer
+    key_q: ActQuantizer
+    value_q: ActQuantizer
+    grad_q: GradQuantizer | None
+
+    def __init__(
+        self,
+        query_q: ActQuantizer,
+        key_q: ActQuantizer,
+        value_q: ActQuantizer,
+        grad_q: GradQuantizer | None,
+    ) -> None:
+        super().__init__()
+        self.query_q, self.key_q, self.value_q = query_q, key_q, value_q
+        self.register_module("grad_q", grad_q)
+        # Elements of the last query, key and value the fused path saw.
+        self.last_shapes: tuple[int, int, int] | None = None
+
+    @property
+    def quantizers(self) -> tuple[ActQuantizer, ActQuantizer, ActQuantizer]:
+        return self.query_q, self.key_q, self.value_q
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attn_mask: Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> Tensor:
+        if attn_mask is not None and not is_causal and causal_mask(attn_mask, query, key):
+            attn_mask, is_causal = None, True
+        call = (attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if self._fusable(query, key, value, *call):
+            return _AttentionFn.apply(query, key, value, attn_mask, is_causal, scale, self)  # type: ignore[no-any-return]
+        inputs = (q(x) for q, x in zip(self.quantizers, (query, key, value), strict=True))
+        out = _sdpa(*inputs, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        return out if self.grad_q is None else self.grad_q(out)
+
+    def _fusable(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        mask: Tensor | None,
+        dropout_p: float,
+        is_causal: bool,
+        scale: float | None,
+        enable_gqa: bool,
+    ) -> bool:
+        if not torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return False
+        inputs = (query, key, value)
+        if not any(t.requires_grad for t in inputs) or dropout_p != 0.0 or enable_gqa:
+            return False
+        if mask is not None and mask.requires_grad:
+            return False
+        dense = all(
+            t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 4 and t.numel()
+            for t in inputs
+        )
+        if not dense or not query.shape[:2] == key.shape[:2] == value.shape[:2]:
+            return False  # (grouped or broadcast heads: ATen's composite expands them)
+        if torch.is_autocast_enabled("cpu"):
+            return False
+        codes = all(
+            is_active(b := getattr(q, "bits", None)) and b <= _MAX_CODE_BITS  # type: ignore[operator]
+            for q in self.quantizers
+        )
+        choice = torch._fused_sdp_choice(
+            query, key, value, mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+        return codes and choice == _FLASH
+
+    def saved_bytes(self, a_bits: int | None = None) -> int | None:
+        """Bytes of codes this layer keeps for backward at ``a_bits`` (default: its
+        quantisers' bits) for the last inputs it ran on, ``None`` before its first fused
+        step: each input's codes, its 4-byte ``lo``/``hi`` and a one-byte non-finite flag.
+        (The kernel's output and log-sum-exp, kept in float as fp32 attention keeps them,
+        are not counted.)"""
+        if self.last_shapes is None:
+            return None
+        bits = [q.bits if a_bits is None else a_bits for q in self.quantizers]
+        total = 0
+        for numel, b in zip(self.last_shapes, bits, strict=True):
+            if b is None or not is_active(b):
+                return None
+            total += packed_bytes(numel, b) + 2 * 4 + 1
+        return total
+
+    def extra_repr(self) -> str:
+        roles = ("query_q", "key_q", "value_q", "grad_q")
+        quantizers = (*self.quantizers, self.grad_q)
+        return "attention, " + ", ".join(
+            f"{role}={getattr(q, 'bits', None) or 'fp'}"
+            for role, q in zip(roles, quantizers, strict=True)
+        )

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from dpc_fx.meta import ATTENTION
+from dpc_fx.sdpa import attention
 
 __all__ = [
     "MODULES",
@@ -117,6 +118,7 @@ _ATTENTION = MatmulSpec(
     ATTENTION, (Operand(0, "query"), Operand(1, "key"), Operand(2, "value")), None, None
 )
 _FUNCTIONS[F.scaled_dot_product_attention] = _ATTENTION
+_FUNCTIONS[attention] = _ATTENTION  # the captured form, where a mask may be the causal one
 
 
 def _aten_functions() -> dict[Any, MatmulSpec]:

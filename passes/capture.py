@@ -18,6 +18,12 @@ that differ read the graph module's own ``training`` flag at run time (``by_mode
 norm's batch counter counts in training only (``count_batch``), and graphs that differ in
 anything else (code that branches on ``self.training`` around layers) are not captured.
 
+A decoder called eagerly asks attention for ``is_causal=True``; captured, it builds the
+causal mask as a tensor. Attention that takes a mask therefore calls
+:func:`dpc_fx.sdpa.attention`, which runs the causal kernel where the mask is the causal one
+when the graph runs (the same values and gradients, without the mask's reads and the blocks
+above the diagonal).
+
 Before: ``model`` (a Hugging Face forward with ``**kwargs``, which FX cannot read). After:
 
     input_ids, attention_mask = tree_flatten_spec(([], {...}), self._in_spec)
@@ -40,6 +46,7 @@ from torch.utils import _pytree as pytree
 from dpc_fx.errors import TraceError
 from dpc_fx.meta import set_graph_info
 from dpc_fx.passes._graph import keep_module_order, keep_unused
+from dpc_fx.sdpa import attention
 
 __all__ = ["by_mode", "capture", "count_batch", "specialised_to"]
 
@@ -80,6 +87,7 @@ def capture(
     _follow_mode(gm, evaluated, name)
     _drop_guards(gm)
     _check_constants(gm, args, kwargs, name)
+    _causal_when_masked(gm)
     gm.graph.lint()
     gm.recompile()
     keep_unused(gm, module)
@@ -274,6 +282,21 @@ def _drop_guards(gm: fx.GraphModule) -> None:
             gm.graph.erase_node(node)
     if "_guards_fn" in gm._modules:
         del gm._modules["_guards_fn"]
+
+
+def _causal_when_masked(gm: fx.GraphModule) -> None:
+    """Attention that takes a mask calls :func:`dpc_fx.sdpa.attention` (the same arguments),
+    which runs the causal kernel where the mask, when the graph runs, is the causal one:
+    export builds as a tensor the mask that the eager model leaves to ``is_causal``."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not _SDPA:
+            continue
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node):
+            node.target = attention
+
+
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
 def _is_batch_count(node: fx.Node) -> bool:

@@ -9,9 +9,13 @@ its children (``act_q``, ``weight_q``, ``grad_q``: the same objects, under the s
 runs their kernels in one autograd function and keeps only integer codes for backward. The
 fused node keeps the layer's ``meta["dpc"]``. Traced graphs (``F.linear``, ``F.conv2d``,
 ``@``) and captured ones (``aten.linear``, ``aten.conv2d``, ``aten.matmul``) alike.
-Everything else (lowered linears, transposed convolutions, attention kernels, layers with a
-full-precision input, convs with ``padding="same"``) is copied as it is; so is a product
-whose operands broadcast, which the fused layer declines at run time.
+Attention (``scaled_dot_product_attention``) whose query, key and value are quantised runs
+as one :class:`~dpc_fx.fused.FusedAttention` call, which keeps their codes for the flash
+kernel's backward (``self.dpc.sdpa(q, k, v, mask, scale=0.25)`` in place of the three
+quantisers, the attention call and its gradient quantiser). Everything else (lowered
+linears, transposed convolutions, layers with a full-precision input, convs with
+``padding="same"``) is copied as it is; so is a product whose operands broadcast, which the
+fused layer declines at run time.
 
 A ReLU or ReLU6 whose output nothing but fused layers keeps (they keep its codes; views of it
 and residual additions keep nothing) becomes a call of :func:`dpc_fx.fused.relu` or
@@ -49,10 +53,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from dpc_fx.fused import FusedLayer, relu, relu6
+from dpc_fx.fused import FusedAttention, FusedLayer, relu, relu6
 from dpc_fx.meta import QUANTIZERS, DPCState, layer_meta
 from dpc_fx.passes._graph import copy_graph_module, layer_nodes
 from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer
+from dpc_fx.sdpa import attention
 
 __all__ = ["fuse"]
 
@@ -74,6 +79,14 @@ _TARGETS: dict[Any, str] = {
     aten.matmul.default: "matmul",
     aten.bmm.default: "matmul",
 }
+# Attention in the forms a graph calls it: F.scaled_dot_product_attention (traced),
+# ATen's op and dpc_fx.sdpa.attention (captured; the latter where a mask is given).
+_ATTENTION = {
+    F.scaled_dot_product_attention,
+    aten.scaled_dot_product_attention,
+    aten.scaled_dot_product_attention.default,
+    attention,
+}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
@@ -91,6 +104,10 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
     fused_calls: set[fx.Node] = set()
     for node in layer_nodes(new):
         layer_meta(node, needed_by="fuse", bits=True)  # a clear error if its bits are missing
+        if node.op == "call_function" and node.target in _ATTENTION:
+            if node.name in state._modules and (fused := _fuse_attention(node, new, state)):
+                fused_calls.add(fused)
+            continue
         chain = _chain(node, new)
         if chain is None or node.name not in state._modules:
             continue
@@ -124,6 +141,41 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
     graph.lint()
     new.recompile()
     return new
+
+
+def _fuse_attention(node: fx.Node, gm: fx.GraphModule, state: DPCState) -> fx.Node | None:
+    """Attention whose query, key and value each come from their own activation quantiser
+    as one :class:`~dpc_fx.fused.FusedAttention` call (its arguments as they were, the
+    quantisers' inputs in their place), or ``None`` where it is some other chain."""
+    qkv = node.args[:3]
+    if len(qkv) != 3 or not all(_quantizer_of(n, gm, ActQuantizer, node) for n in qkv):
+        return None
+    users = list(node.users)
+    grad_q = users[0] if len(users) == 1 and _quantizer_of(users[0], gm, GradQuantizer) else None
+    query_q, key_q, value_q = (gm.get_submodule(str(n.target)) for n in qkv)  # type: ignore[union-attr]
+    held = None if grad_q is None else gm.get_submodule(str(grad_q.target))
+    state.add_module(node.name, FusedAttention(query_q, key_q, value_q, held))  # type: ignore[arg-type]
+    with gm.graph.inserting_before(node):
+        args = (*(q.args[0] for q in qkv), *node.args[3:])  # type: ignore[union-attr]
+        fused = gm.graph.call_module(f"{QUANTIZERS}.{node.name}", args, dict(node.kwargs))
+    fused.meta = dict(node.meta)
+    (node if grad_q is None else grad_q).replace_all_uses_with(fused)
+    for dead in (grad_q, node, *qkv):
+        if dead is not None:
+            gm.graph.erase_node(dead)  # type: ignore[arg-type]
+    return fused
+
+
+def _quantizer_of(
+    node: Any, gm: fx.GraphModule, kind: type, only_user: fx.Node | None = None
+) -> bool:
+    """Whether ``node`` calls a quantiser of ``kind`` (and ``only_user`` alone reads it)."""
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_module"
+        and isinstance(gm.get_submodule(str(node.target)), kind)
+        and (only_user is None or list(node.users) == [only_user])
+    )
 
 
 def _chain(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:

@@ -25,7 +25,7 @@ from toys import mlp, small_cnn
 
 import dpc_fx
 from dpc_fx import DPCConfig, kernels
-from dpc_fx.fused import FusedLayer, pack, packed_bytes, unpack
+from dpc_fx.fused import FusedAttention, FusedLayer, pack, packed_bytes, unpack
 from dpc_fx.passes import fuse
 from dpc_fx.quant import ActQuantizer, GradQuantizer, WeightQuantizer
 from dpc_fx.report import layer_table
@@ -546,3 +546,139 @@ def test_captured_graphs_are_fused_too() -> None:
             outs.append([out["loss"].detach(), *(p.grad for p in gm.parameters())])
         for u, v in zip(*outs, strict=True):
             assert torch.equal(u, v)
+
+
+class Attention(nn.Module):
+    """Self-attention through F.scaled_dot_product_attention: strided heads (views of one
+    projection), and a mask given or not."""
+
+    def __init__(self, d: int = 32, heads: int = 4, causal: bool = False) -> None:
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v, mask, is_causal=self.causal)
+        return self.out(torch.relu(h.transpose(1, 2).reshape(b, t, d)))
+
+
+def _attention_step(gm: nn.Module, x: Tensor, mask: Tensor, seed: int) -> list[Tensor]:
+    for p in gm.parameters():
+        p.grad = None
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    y = gm(x, mask)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    assert x.grad is not None
+    return [y.detach(), x.grad, *(p.grad for p in gm.parameters())]  # type: ignore[misc]
+
+
+_MASKS = {
+    "none": lambda t: None,
+    "padding": lambda t: torch.ones(t, t, dtype=torch.bool).index_fill_(1, torch.tensor([t - 1]), False),
+    "causal": lambda t: torch.ones(t, t, dtype=torch.bool).tril(),
+    "float bias": lambda t: torch.randn(t, t, generator=torch.Generator().manual_seed(0)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mask_kind", list(_MASKS))
+@pytest.mark.parametrize("bits", [8, 6, 3])
+def test_fused_attention_matches_the_unfused_quantisers_bit_for_bit(
+    mask_kind: str, bits: int
+) -> None:
+    torch.manual_seed(0)
+    model, x = Attention(), torch.randn(3, 10, 32)
+    mask = _MASKS[mask_kind](10)
+    config = DPCConfig(overrides={"*": (bits, bits, 8)}, pin_first_last=False)
+    plain = compile_quiet(model, (x, mask), config=config.replace(fuse=False))
+    fused = compile_quiet(copy.deepcopy(model), (x, mask), config=config)
+    (attention,) = [m for m in fused.modules() if isinstance(m, FusedAttention)]
+    assert (
+        attention.extra_repr()
+        == f"attention, query_q={bits}, key_q={bits}, value_q={bits}, grad_q=8"
+    )
+    for mode, seed in (("train", 1), ("train", 2), ("eval", 3)):
+        a = _attention_step(getattr(plain, mode)(), x, mask, seed)
+        b = _attention_step(getattr(fused, mode)(), x, mask, seed)
+        for i, (u, v) in enumerate(zip(a, b, strict=True)):
+            assert torch.equal(u, v), (mode, i, (u - v).abs().max())
+        assert all(torch.equal(u, v) for u, v in zip(_ranges(plain), _ranges(fused), strict=True))
+    assert attention.last_shapes == (x.numel(),) * 3  # the fused path ran
+    (meta,) = [m for m in dpc_fx.layers(fused) if m.op == "attention"]
+    kept = {row.layer: row.saved_bytes for row in dpc_fx.cost(fused).layers}
+    assert kept[meta.layer] == attention.saved_bytes() == 3 * (packed_bytes(x.numel(), bits) + 9)
+
+
+def _attention_kept(
+    layer: FusedAttention, *inputs: Tensor, mask: Tensor | None = None
+) -> list[Tensor]:
+    kept: list[Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        layer(*inputs, mask)
+    return kept
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fused_attention_keeps_codes_not_float_copies_of_its_inputs(bits: int) -> None:
+    torch.manual_seed(0)
+    quantizers = [ActQuantizer(bits) for _ in range(3)]
+    layer = FusedAttention(*quantizers, GradQuantizer(8))
+    q, k, v = (torch.randn(2, 4, 64, 16, requires_grad=True) for _ in range(3))
+    kept = _attention_kept(layer, q, k, v)
+    floats = [t for t in kept if t.is_floating_point() and t.numel() > 1]
+    # The kernel's output and log-sum-exp, as fp32 attention keeps them; no copy of an input.
+    assert sorted(t.shape for t in floats) == [torch.Size([2, 4, 64]), torch.Size([2, 4, 64, 16])]
+    codes = [t for t in kept if t.dtype == torch.uint8]
+    assert sum(t.numel() for t in codes) == 3 * packed_bytes(q.numel(), bits)
+    assert layer.saved_bytes() == 3 * (packed_bytes(q.numel(), bits) + 2 * 4 + 1)
+    assert layer.saved_bytes(4) < layer.saved_bytes(8)  # type: ignore[operator]
+
+
+def test_fused_attention_runs_the_unfused_chain_where_the_flash_kernel_would_not_run() -> None:
+    torch.manual_seed(0)
+    layer = FusedAttention(*(ActQuantizer(8) for _ in range(3)), GradQuantizer(8))
+    q = torch.randn(2, 4, 8, 16, requires_grad=True)
+    kv = torch.randn(2, 2, 8, 16, requires_grad=True)
+    assert layer._fusable(q, q, q, None, 0.0, False, None, False)
+    assert not layer._fusable(q, q, q, None, 0.1, False, None, False)  # dropout
+    assert not layer._fusable(q, kv, kv, None, 0.0, False, None, True)  # grouped heads
+    assert not layer._fusable(q.detach(), q.detach(), q.detach(), None, 0.0, False, None, False)
+    with torch.no_grad():
+        assert not layer._fusable(q, q, q, None, 0.0, False, None, False)
+    layer.key_q.bits = 16  # no byte codes
+    assert not layer._fusable(q, q, q, None, 0.0, False, None, False)
+
+
+@pytest.mark.hf
+def test_a_captured_decoders_attention_is_fused_and_matches_bit_for_bit() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=100,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).train()
+    ids = torch.randint(0, 100, (2, 12))
+    kwargs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    plain = dpc_fx.compile(
+        copy.deepcopy(model), example_kwargs=kwargs, config=CONFIG.replace(fuse=False)
+    )
+    fused = dpc_fx.compile(copy.deepcopy(model), example_kwargs=kwargs, config=CONFIG)
+    assert sum(isinstance(m, FusedAttention) for m in fused.modules()) == 2
+    for seed in (1, 2):
+        outs = []
+        for gm in (plain, fused):
+            gm.zero_grad(set_to_none=True)
+            torch.manual_seed(seed)
+            out = gm(**kwargs)
+            out.loss.backward()
+            outs.append([out.loss.detach(), *(p.grad for p in gm.parameters())])
+        for u, v in zip(*outs, strict=True):
+            assert torch.equal(u, v)
+    assert all(m.last_shapes for m in fused.modules() if isinstance(m, FusedAttention))

@@ -21,7 +21,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-LEAVES = {"errors", "config", "meta", "inputs", "kernels", "native", "quant", "int8", "fused"}
+LEAVES = {
+    "errors",
+    "config",
+    "meta",
+    "inputs",
+    "kernels",
+    "native",
+    "quant",
+    "int8",
+    "fused",
+    "sdpa",
+}
 READERS = {"policy", "plan", "cost", "report", "schedule", "export", "distributed"}
 DRIVER = {"compiler", "parts", "probe", "assemble", "coverage"}
 TOP = {"__init__", "cli"}
