@@ -41,15 +41,18 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 import dpc_fx
-from dpc_fx import DPCConfig
+from dpc_fx import DPCConfig, fused
 
 console = Console(stderr=True)
 warnings.filterwarnings("ignore")
@@ -132,12 +135,13 @@ def saved_bytes(model: nn.Module, *inputs: Tensor) -> int:
 # ---------------------------------------------------------------------- the copy floor
 
 
-def fused_paths(model: nn.Module, compiled: nn.Module) -> list[str]:
+def fused_paths(model: nn.Module, compiled: nn.Module) -> dict[str, int | None]:
     """The paths of ``model``'s modules whose layers ``compiled`` (``dpc_fx.compile`` of a
-    copy of it) runs as fused layers, found by the weight each fused call reads. (A product
-    of two activations, attention's, has no weight and no module: it is left out.)"""
+    copy of it) runs as fused layers, found by the weight each fused call reads, with the
+    bits of their input. (A product of two activations has no weight and no module: it is
+    left out; so is attention, which :func:`copy_floor` finds by its call.)"""
     named = dict(model.named_modules())
-    found = []
+    found = {}
     for node in compiled.graph.nodes:  # type: ignore[union-attr]
         if node.op != "call_module" or not str(node.target).startswith("dpc."):
             continue
@@ -145,19 +149,23 @@ def fused_paths(model: nn.Module, compiled: nn.Module) -> list[str]:
         if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
             path = str(weight.target).removesuffix(".weight")
             if path in named and path != str(weight.target):
-                found.append(path)
+                held = compiled.get_submodule(str(node.target))
+                found[path] = getattr(getattr(held, "act_q", None), "bits", None)
     return found
 
 
 def copy_floor(model: nn.Module, compiled: nn.Module, empty: bool = False) -> nn.Module | None:
     """A copy of ``model`` that runs, at each layer ``compiled`` fuses, the passes a fused
     layer's quantisers make, as plain ATen reductions and copies of the same tensors, from
-    hooks: forward, the input's range and a copy of it (its codes and quantised floats), the
+    hooks: forward, the input's range and a copy of it (its codes and quantised floats; once
+    for an input that several layers read at the same bits, whose codes they share), the
     weight's range and a copy; backward, the output gradient's range and a copy (its
     rounding), a copy of the input (the codes made floats again), the weight's range and
-    copy again. ``empty``: the same hooks doing nothing, whose own cost (tens of
-    microseconds a layer of Python) :func:`floor_ratio` takes off. ``None`` where no fused
-    layer has a module to hook."""
+    copy again. Where ``compiled`` fuses attention, the same for each call of
+    ``F.scaled_dot_product_attention``: query, key and value as inputs, no weight.
+    ``empty``: the same hooks doing nothing, whose own cost (tens of microseconds a layer of
+    Python) :func:`floor_ratio` takes off. ``None`` where no fused layer has a module to
+    hook."""
     paths = fused_paths(model, compiled)
     if not paths:
         return None
@@ -167,8 +175,13 @@ def copy_floor(model: nn.Module, compiled: nn.Module, empty: bool = False) -> nn
             t.aminmax()
             t.clone()
 
+    last: list[tuple[Tensor, int | None]] = []  # the input the last hooked layer quantised
+
     def before(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-        passes(args[0].detach())
+        key = (args[0], paths[names[module]])
+        if not (last and last[0][0] is key[0] and last[0][1] == key[1]):
+            passes(args[0].detach())
+        last[:] = [key]
         passes(module.get_parameter("weight").detach())
 
     def after(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
@@ -184,11 +197,49 @@ def copy_floor(model: nn.Module, compiled: nn.Module, empty: bool = False) -> nn
             out.register_hook(backward)
 
     floor = copy.deepcopy(model)
-    for path in paths:
-        module = floor.get_submodule(path)
+    names = {floor.get_submodule(path): path for path in paths}
+    for module in names:
         module.register_forward_pre_hook(before)
         module.register_forward_hook(after)
+    if any(isinstance(m, fused.FusedAttention) for m in compiled.modules()):
+        mode = _AttentionPasses(passes, empty)
+
+        def enter(*_: Any) -> None:
+            mode.__enter__()
+
+        def leave(*_: Any) -> None:
+            mode.__exit__(None, None, None)
+
+        floor.register_forward_pre_hook(enter)
+        floor.register_forward_hook(leave)
     return floor
+
+
+class _AttentionPasses(TorchFunctionMode):
+    """Runs, around each ``F.scaled_dot_product_attention`` call, the passes fused
+    attention's quantisers make (:func:`copy_floor`)."""
+
+    def __init__(self, passes: Callable[[Tensor], None], empty: bool) -> None:
+        super().__init__()
+        self.passes, self.empty = passes, empty
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func is not F.scaled_dot_product_attention:
+            return out
+        inputs = [t.detach() for t in args[:3]]
+        for t in inputs:
+            self.passes(t)
+        if out.requires_grad:
+
+            def backward(grad: Tensor) -> None:
+                self.passes(grad)
+                if not self.empty:
+                    for t in inputs:
+                        t.clone()
+
+            out.register_hook(backward)
+        return out
 
 
 def qat(model: nn.Module, x: Tensor) -> nn.Module:
@@ -468,7 +519,7 @@ def kernel_mode(mode: str) -> Iterator[None]:
 def bench_kernel(quick: bool) -> list[list[str]]:
     """Each part of a fused layer's quantisation, on the native loops (the default) and on
     the compiled torch kernels, against a range pass plus a copy of the same tensor."""
-    from dpc_fx import fused, native
+    from dpc_fx import native
     from dpc_fx.quant import ActQuantizer, WeightQuantizer, _quantize_grad
 
     x, g, w = torch.randn(64, 64, 32, 32), torch.randn(64, 64, 32, 32), torch.randn(512, 512, 3, 3)
@@ -842,8 +893,12 @@ def bench_targets(quick: bool) -> list[list[str]]:
         return step
 
     ta, tb, ratio = paired(llama_step(model), llama_step(dpc), reps, sample_s=STEP_SAMPLE_S)
-    # (No copy floor: its q projections and attention's products have no module to hook.)
-    rows.append(["Llama-style decoder, 2 layers, 16x128 tokens", f"{ta * 1e3:.0f} ms", f"{tb * 1e3:.0f} ms", f"{ratio:.2f}x", "-", _verdict(ratio, 1.2)])  # fmt: skip
+    floor = "-"
+    empty, copies = copy_floor(model, dpc, empty=True), copy_floor(model, dpc)
+    if empty is not None and copies is not None:
+        steps = (llama_step(empty), llama_step(copies))
+        floor = f"{floor_ratio(llama_step(model), *steps, reps):.2f}x"
+    rows.append(["Llama-style decoder, 2 layers, 16x128 tokens", f"{ta * 1e3:.0f} ms", f"{tb * 1e3:.0f} ms", f"{ratio:.2f}x", floor, _verdict(ratio, 1.2)])  # fmt: skip
     # Hugging Face models are captured by torch.export: the same model with no layer
     # quantised shows what running the captured ATen graph costs by itself.
     console.print("targets: the same decoder captured, no layer quantised")
@@ -1072,9 +1127,10 @@ def main() -> int:
         "model's with the hooks doing nothing (whose Python costs tens of microseconds a "
         "layer), timed in the same rounds as the fp32 step. Under `torch.compile` the hooked "
         "models run eager (inductor would drop copies that nothing reads) and the passes' "
-        "time goes on fp32's compiled step. The Llama decoder has none: its q projections "
-        "(which share k's and v's quantised input) and attention's products have no module "
-        "of their own to hook.",
+        "time goes on fp32's compiled step. An input several layers read at the same bits "
+        "(a decoder's k and v projections) is quantised once, as the fused layers share its "
+        "codes; fused attention's passes run around each `F.scaled_dot_product_attention` "
+        "call, on its query, key and value.",
         "- *Captured models*: a Hugging Face model is captured by `torch.export` and runs as an "
         "ATen graph, op by op; the reference row under the Llama decoder times that graph with "
         "no layer quantised, the part of the decoder's ratio that is not quantisation.",

@@ -2,8 +2,8 @@
 
     python tools/profile_step.py    # ResNet-18, MobileNetV2, EfficientNet-B0 at batch 32
                                     # and 2, MobileNetV3-Large at batch 32, a Transformer
-                                    # block, the demo CNN eager and under torch.compile
-                                    # (5-6 min)
+                                    # block, a Llama-style decoder, the demo CNN eager and
+                                    # under torch.compile (6-7 min)
 
 For each model, fp32 and dpc_fx (default config) steps run interleaved in one process (the
 step columns: medians, no profiler). Then a few steps of each run under
@@ -15,8 +15,9 @@ step columns: medians, no profiler). Then a few steps of each run under
   backward), whose own time is the quantiser loops: the input's range and codes, the weight
   per channel, the gradient's stochastic rounding, the codes dequantised;
 - the fused layers' Python autograd nodes (``_FusedFn`` and its backward, for the layers
-  the operator leaves out, a product of two activations say: their Python, and their loops,
-  called through ctypes where the profiler cannot see them);
+  the operator leaves out, a product of two activations say; ``_AttentionFn`` for fused
+  attention: their Python, and their loops, called through ctypes where the profiler cannot
+  see them);
 - the quantisers that run unfused (their autograd nodes' own time);
 - ATen ops (``aten::*``: the products, their backward and the rest of the model), in fp32's
   step and in DPC's: the same ops, on quantised values;
@@ -44,6 +45,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -54,7 +56,7 @@ from torch.profiler import ProfilerActivity
 from torch.profiler import profile as torch_profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench's helpers
-from bench import BLOCK_CONFIG, EncoderBlock, _cpu, _demo_cnn, step_of
+from bench import BLOCK_CONFIG, EncoderBlock, _cpu, _demo_cnn, _llama, step_of
 
 import dpc_fx
 from dpc_fx import DPCConfig, fused, native
@@ -68,7 +70,7 @@ PARTS: list[tuple[str, Callable[[str], bool]]] = [
     ("bit ReLUs", lambda n: n.startswith("dpc_fx::relu") or "::Relu" in n),  # ReluInPlace too
     # the operator's forward, and its C++ autograd node's backward
     ("layer operators: quantiser loops", lambda n: n.startswith("dpc_fx::") or "::Layer>" in n),
-    ("fused layers' autograd nodes (Python)", lambda n: n.startswith("_FusedFn")),
+    ("fused layers' autograd nodes (Python)", lambda n: n.startswith(("_FusedFn", "_AttentionFn"))),
     (
         "unfused quantisers",
         lambda n: n.startswith(("_MeasuredFakeQuantSTE", "_FakeQuantSTE", "_QuantizeGrad")),
@@ -101,20 +103,37 @@ def _self_times(step: Callable[[], None], steps: int) -> dict[str, float]:
     return {k: v / 1e6 / steps for k, v in spent.items()}
 
 
+def _step(m: nn.Module, x: Tensor | dict[str, Any]) -> Callable[[], None]:
+    """A training step of ``m``: :func:`bench.step_of` on a tensor, or the model's own loss
+    on keyword inputs (a Hugging Face model's)."""
+    if isinstance(x, Tensor):
+        return step_of(m, x)
+
+    def step() -> None:
+        m.zero_grad(set_to_none=True)
+        m(**x).loss.backward()
+
+    return step
+
+
 def profile(
     model: nn.Module,
-    x: Tensor,
+    x: Tensor | dict[str, Any],
     reps: int,
     config: DPCConfig | None = None,
     compiled: bool = False,
 ) -> tuple[float, float, dict[str, float], dict[str, float], int]:
     """(fp32 step median, DPC step median, DPC's and fp32's self time per step by part, fused
-    layers); ``compiled``: both under ``torch.compile``."""
-    dpc: nn.Module = dpc_fx.compile(copy.deepcopy(model), x, config=config)
-    layers = sum(isinstance(m, fused.FusedLayer) for m in dpc.modules())
+    layers); ``x``: the input, or the keyword inputs; ``compiled``: both under
+    ``torch.compile``."""
+    if isinstance(x, Tensor):
+        dpc: nn.Module = dpc_fx.compile(copy.deepcopy(model), x, config=config)
+    else:
+        dpc = dpc_fx.compile(copy.deepcopy(model), example_kwargs=x, config=config)
+    layers = sum(isinstance(m, (fused.FusedLayer, fused.FusedAttention)) for m in dpc.modules())
     if compiled:
         model, dpc = torch.compile(model), torch.compile(dpc)  # type: ignore[assignment]
-    a, b = step_of(model, x), step_of(dpc, x)
+    a, b = _step(model, x), _step(dpc, x)
     for _ in range(5 if compiled else 3):
         a()
         b()
@@ -201,13 +220,21 @@ def main() -> int:
         "--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "PROFILE.md")
     )
     args = parser.parse_args()
-    cases: list[tuple[str, Callable[[], nn.Module], Tensor, int, DPCConfig | None, bool]] = [
+    try:  # transformers: a dev extra
+        llama, tokens = _llama()
+        decoder = [
+            ("Llama-style decoder, 2 layers, 16x128 tokens", lambda: llama, tokens, 21, None, False)
+        ]
+    except ImportError:
+        decoder = []
+    cases: list[tuple[str, Callable[[], nn.Module], Any, int, DPCConfig | None, bool]] = [
         ("ResNet-18, 64x3x32x32", lambda: torchvision.models.resnet18(num_classes=10), torch.randn(64, 3, 32, 32), 11, None, False),
         ("MobileNetV2, 64x3x32x32", lambda: torchvision.models.mobilenet_v2(num_classes=10), torch.randn(64, 3, 32, 32), 11, None, False),
         ("EfficientNet-B0, 32x3x96x96", lambda: torchvision.models.efficientnet_b0(num_classes=10), torch.randn(32, 3, 96, 96), 11, None, False),
         ("EfficientNet-B0, 2x3x96x96", lambda: torchvision.models.efficientnet_b0(num_classes=10), torch.randn(2, 3, 96, 96), 21, None, False),
         ("MobileNetV3-Large, 32x3x96x96", lambda: torchvision.models.mobilenet_v3_large(num_classes=10), torch.randn(32, 3, 96, 96), 11, None, False),
         ("Transformer block, 64x64x256", EncoderBlock, torch.randn(64, 64, 256), 11, BLOCK_CONFIG, False),
+        *decoder,
         ("demo CNN (MNIST-1D), 100x1x40", _demo_cnn, torch.randn(100, 1, 40), 201, None, False),
         ("demo CNN under torch.compile", _demo_cnn, torch.randn(100, 1, 40), 201, None, True),
     ]  # fmt: skip
@@ -219,7 +246,7 @@ def main() -> int:
         f"{INDUCTOR}, fp32 / DPC",
         f"{MASKS}, fp32 / DPC",
         f"{ATEN}, fp32 / DPC",
-        "fused layers",
+        "fused layers (attention's too)",
         "DPC less fp32, per fused layer",
     ]
     rows = []
