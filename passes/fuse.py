@@ -11,8 +11,8 @@ fused node keeps the layer's ``meta["dpc"]``. Traced graphs (``F.linear``, ``F.c
 ``@``) and captured ones (``aten.linear``, ``aten.conv2d``, ``aten.matmul``) alike.
 Attention (``scaled_dot_product_attention``) whose query, key and value are quantised runs
 as one :class:`~dpc_fx.fused.FusedAttention` call, which keeps their codes for the flash
-kernel's backward (``self.dpc.sdpa(q, k, v, mask, scale=0.25)`` in place of the three
-quantisers, the attention call and its gradient quantiser). Everything else (lowered
+kernel's backward: ``self.dpc.scaled_dot_product_attention(q, k, v, mask, scale=0.25)`` in
+place of the three quantisers, the attention call and its gradient quantiser. Everything else (lowered
 linears, transposed convolutions, layers with a full-precision input, convs with
 ``padding="same"``) is copied as it is; so is a product whose operands broadcast, which the
 fused layer declines at run time.
