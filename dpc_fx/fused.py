@@ -779,7 +779,9 @@ class _AttentionFn(torch.autograd.Function):
         ]
         hats = [hat for hat, _ in quantised]
         if mask is not None and mask.dtype == torch.bool:  # as ATen's attention converts it
-            mask = torch.zeros(mask.shape, dtype=query.dtype).masked_fill_(~mask, -torch.inf)
+            keep = mask
+            mask = torch.zeros(keep.shape, dtype=query.dtype, device=keep.device)
+            mask.masked_fill_(~keep, -torch.inf)
         out, lse = _flash(*hats, 0.0, is_causal, attn_mask=mask, scale=scale)
         native.pool.give(*(_buffer(hat) for hat in hats))
         del hats
