@@ -392,7 +392,31 @@ def peak_bytes(model: nn.Module, *inputs: Tensor) -> int | None:
         return None
 
 
+class _Logits(nn.Module):
+    """A Hugging Face causal LM called on token ids alone, returning its logits: the
+    memory table's steps take one tensor in and one out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.model(input_ids=ids, use_cache=False).logits  # type: ignore[no-any-return]
+
+
 def _memory_cases() -> list[tuple[str, nn.Module, Tensor, DPCConfig]]:
+    try:  # transformers: a dev extra
+        llama, tokens = _llama()
+        decoder = [
+            (
+                "Llama-style decoder, 2 layers, 16x128 tokens (attention quantised)",
+                _Logits(llama),
+                tokens["input_ids"],
+                DPCConfig(),
+            )
+        ]
+    except ImportError:
+        decoder = []
     return [
         (
             "ResNet-18, 64x3x32x32",
@@ -422,6 +446,7 @@ def _memory_cases() -> list[tuple[str, nn.Module, Tensor, DPCConfig]]:
             torch.randn(256, 1024),
             DPCConfig(b_min=8, b_max=8, grad_bits=8, lower=True, pin_first_last=False),
         ),
+        *decoder,
     ]
 
 
