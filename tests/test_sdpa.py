@@ -54,14 +54,14 @@ def as_float(mask: Tensor) -> Tensor:
     return torch.zeros(mask.shape).masked_fill(~mask, -torch.inf)
 
 
-def run(mask: Tensor | None, causal: bool, shapes: tuple[int, ...], seed: int) -> list[Tensor]:
-    """Output and the three inputs' gradients of :func:`attention`."""
+def step(fn: Any, mask: Tensor, shapes: tuple[int, ...], seed: int) -> list[Tensor]:
+    """Output and the three inputs' gradients of attention ``fn`` with ``mask``."""
     b, h, rows, cols, d = shapes
     torch.manual_seed(seed)
     q = torch.randn(b, h, rows, d, requires_grad=True)
     k = torch.randn(b, h, cols, d, requires_grad=True)
     v = torch.randn(b, h, cols, d, requires_grad=True)
-    out = attention(q, k, v, mask, is_causal=causal, scale=0.3)
+    out = fn(q, k, v, mask, scale=0.3)
     out.backward(torch.randn_like(out))
     return [out.detach(), q.grad, k.grad, v.grad]  # type: ignore[list-item]
 
@@ -86,33 +86,13 @@ def test_a_causal_mask_runs_the_causal_kernel_and_computes_the_same_bit_for_bit(
     mask = mask.expand(b, 1, rows, cols) if broadcast else mask.repeat(b, 1, 1, 1)
     shapes = (b, h, rows, cols, d)
     with kernels() as calls:
-        ours = run(mask, False, shapes, seed)
+        ours = step(attention, mask, shapes, seed)
     assert calls[0] == (True, False)  # the causal kernel, no mask
-    with torch.no_grad():  # the kernel as the graph called it before: with the mask
-        q, k, v = (t.detach() for t in _inputs(shapes, seed))
-        plain = torch.ops.aten.scaled_dot_product_attention.default(q, k, v, mask, scale=0.3)
-    assert torch.equal(ours[0], plain)
-    reference = _masked(mask, shapes, seed)
-    for got, want in zip(ours, reference, strict=True):
+    with kernels() as calls:  # the kernel as the graph called it before: with the mask
+        given = step(torch.ops.aten.scaled_dot_product_attention.default, mask, shapes, seed)
+    assert calls[0] == (False, True)
+    for got, want in zip(ours, given, strict=True):
         assert torch.equal(got, want)
-
-
-def _inputs(shapes: tuple[int, ...], seed: int) -> list[Tensor]:
-    b, h, rows, cols, d = shapes
-    torch.manual_seed(seed)
-    return [
-        torch.randn(b, h, rows, d, requires_grad=True),
-        torch.randn(b, h, cols, d, requires_grad=True),
-        torch.randn(b, h, cols, d, requires_grad=True),
-    ]
-
-
-def _masked(mask: Tensor, shapes: tuple[int, ...], seed: int) -> list[Tensor]:
-    """What ATen computes with ``mask`` given to it (no check, no causal kernel)."""
-    q, k, v = _inputs(shapes, seed)
-    out = torch.ops.aten.scaled_dot_product_attention.default(q, k, v, mask, scale=0.3)
-    out.backward(torch.randn_like(out))
-    return [out.detach(), q.grad, k.grad, v.grad]  # type: ignore[list-item]
 
 
 def _flipped(mask: Tensor) -> Tensor:
