@@ -80,7 +80,7 @@ from dpc_fx.quant import (
     fake_quantize,
     is_active,
 )
-from dpc_fx.sdpa import causal_mask
+from dpc_fx.sdpa import as_causal
 
 __all__ = [
     "FUSABLE",
@@ -877,8 +877,7 @@ class FusedAttention(nn.Module):
         scale: float | None = None,
         enable_gqa: bool = False,
     ) -> Tensor:
-        if attn_mask is not None and not is_causal and causal_mask(attn_mask, query, key):
-            attn_mask, is_causal = None, True
+        attn_mask, is_causal = as_causal(query, key, attn_mask, is_causal)
         call = (attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if self._fusable(query, key, value, *call):
             return _AttentionFn.apply(query, key, value, attn_mask, is_causal, scale, self)  # type: ignore[no-any-return]

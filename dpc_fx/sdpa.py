@@ -35,7 +35,7 @@ import weakref
 import torch
 from torch import Tensor
 
-__all__ = ["attention", "causal_mask"]
+__all__ = ["as_causal", "attention", "causal_mask"]
 
 _sdpa = torch.ops.aten.scaled_dot_product_attention.default
 
@@ -54,11 +54,20 @@ def attention(
     """``aten.scaled_dot_product_attention`` with the same arguments, run as
     ``is_causal=True`` without the mask where ``attn_mask`` is the causal mask
     (:func:`causal_mask`)."""
-    if attn_mask is not None and not is_causal and causal_mask(attn_mask, query, key):
-        attn_mask, is_causal = None, True
+    attn_mask, is_causal = as_causal(query, key, attn_mask, is_causal)
     return _sdpa(
         query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
     )
+
+
+def as_causal(
+    query: Tensor, key: Tensor, attn_mask: Tensor | None, is_causal: bool
+) -> tuple[Tensor | None, bool]:
+    """``(None, True)`` where ``attn_mask`` is the causal mask (:func:`causal_mask`), else
+    ``(attn_mask, is_causal)`` as given: the arguments attention runs with."""
+    if attn_mask is not None and not is_causal and causal_mask(attn_mask, query, key):
+        return None, True
+    return attn_mask, is_causal
 
 
 # The last mask checked, held weakly (a freed mask's address may come back as another

@@ -166,45 +166,30 @@ class _Attend(torch.nn.Module):
 # ------------------------------------------------------------------ captured decoders
 
 
-def _llama(ids: Tensor) -> tuple[torch.nn.Module, dict[str, Any]]:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=100,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    mask = torch.ones_like(ids)
-    return model, {"input_ids": ids, "attention_mask": mask, "labels": ids, "use_cache": False}
-
-
 @pytest.mark.hf
 def test_a_captured_decoder_runs_causal_attention_unless_a_batch_is_padded() -> None:
-    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
-    model, kwargs = _llama(ids)
+    pytest.importorskip("transformers")
+    from test_capture import _hf
+
+    model, kwargs = _hf("llama")  # one layer, an attention mask of ones
     model.train()
     with pytest.warns(UserWarning, match="no layer to quantise"):
         bare = dpc_fx.compile(
             copy.deepcopy(model), example_kwargs=kwargs, config=DPCConfig(overrides={"*": None})
         )
     called = [n.target for n in bare.graph.nodes if n.op == "call_function"]
-    assert called.count(attention) == 2  # both layers' attention checks its mask
+    assert called.count(attention) == 1  # the attention checks its mask
 
     with kernels() as calls:
         ours = bare(**kwargs)
-    assert calls == [(True, False)] * 2
+    assert calls == [(True, False)]
     theirs = model(**kwargs)  # eager: torch's causal kernel too
     assert torch.equal(ours.logits, theirs.logits)
 
-    padded = {
-        **kwargs,
-        "attention_mask": torch.ones_like(ids).index_fill_(1, torch.tensor([11]), 0),
-    }
+    mask = kwargs["attention_mask"]
+    assert isinstance(mask, Tensor)
+    padded = {**kwargs, "attention_mask": mask.clone().index_fill_(1, torch.tensor([7]), 0)}
     with kernels() as calls:
         ours = bare(**padded)
-    assert calls == [(False, True)] * 2  # the padding mask, as given
+    assert calls == [(False, True)]  # the padding mask, as given
     assert torch.allclose(ours.logits, model(**padded).logits, atol=1e-6)

@@ -114,6 +114,17 @@ def step_of(m: nn.Module, *inputs: Tensor) -> Callable[[], None]:
     return step
 
 
+def loss_step(m: nn.Module, kwargs: dict[str, Any]) -> Callable[[], None]:
+    """One training step of a model that computes its own loss from keyword inputs (a
+    Hugging Face model's), backward."""
+
+    def step() -> None:
+        m.zero_grad(set_to_none=True)
+        m(**kwargs).loss.backward()
+
+    return step
+
+
 def saved_bytes(model: nn.Module, *inputs: Tensor) -> int:
     """Bytes of the distinct tensors autograd saves for backward during one step of
     :func:`step_of`, the model's parameters and views of them (``weight.t()``) left out:
@@ -910,13 +921,7 @@ def bench_targets(quick: bool) -> list[list[str]]:
     model.train()
     dpc = dpc_fx.compile(copy.deepcopy(model), example_kwargs=kwargs)
 
-    def llama_step(m: nn.Module) -> Callable[[], None]:
-        def step() -> None:
-            m.zero_grad(set_to_none=True)
-            m(**kwargs).loss.backward()
-
-        return step
-
+    llama_step = functools.partial(loss_step, kwargs=kwargs)
     ta, tb, ratio = paired(llama_step(model), llama_step(dpc), reps, sample_s=STEP_SAMPLE_S)
     floor = "-"
     empty, copies = copy_floor(model, dpc, empty=True), copy_floor(model, dpc)

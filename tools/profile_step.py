@@ -56,7 +56,7 @@ from torch.profiler import ProfilerActivity
 from torch.profiler import profile as torch_profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench's helpers
-from bench import BLOCK_CONFIG, EncoderBlock, _cpu, _demo_cnn, _llama, step_of
+from bench import BLOCK_CONFIG, EncoderBlock, _cpu, _demo_cnn, _llama, loss_step, step_of
 
 import dpc_fx
 from dpc_fx import DPCConfig, fused, native
@@ -104,16 +104,8 @@ def _self_times(step: Callable[[], None], steps: int) -> dict[str, float]:
 
 
 def _step(m: nn.Module, x: Tensor | dict[str, Any]) -> Callable[[], None]:
-    """A training step of ``m``: :func:`bench.step_of` on a tensor, or the model's own loss
-    on keyword inputs (a Hugging Face model's)."""
-    if isinstance(x, Tensor):
-        return step_of(m, x)
-
-    def step() -> None:
-        m.zero_grad(set_to_none=True)
-        m(**x).loss.backward()
-
-    return step
+    """A training step of ``m`` on an input tensor, or on keyword inputs (its own loss)."""
+    return step_of(m, x) if isinstance(x, Tensor) else loss_step(m, x)
 
 
 def profile(
