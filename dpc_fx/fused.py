@@ -832,8 +832,8 @@ class FusedAttention(nn.Module):
     :class:`FusedLayer`'s do.
 
     Where the unfused chain would run PyTorch's CPU flash kernel (float32 CPU tensors, no
-    dropout, no grouped-query broadcasting, a gradient wanted, every input quantised to 8
-    bits or fewer), this layer runs that kernel on the same quantised values and keeps, for
+    dropout, a gradient wanted, every input quantised to 8 bits or fewer; grouped-query
+    attention, ``enable_gqa=True``, included), this layer runs that kernel on the same quantised values and keeps, for
     its backward, the three inputs' codes (packed as :class:`FusedLayer` packs them) with
     the kernel's output and log-sum-exp, which fp32 attention keeps too: no float copy of
     a quantised input. Backward quantises the output gradient as ``grad_q`` does and runs
@@ -899,7 +899,7 @@ class FusedAttention(nn.Module):
         if not torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return False
         inputs = (query, key, value)
-        if not any(t.requires_grad for t in inputs) or dropout_p != 0.0 or enable_gqa:
+        if not any(t.requires_grad for t in inputs) or dropout_p != 0.0:
             return False
         if mask is not None and mask.requires_grad:
             return False
@@ -907,8 +907,12 @@ class FusedAttention(nn.Module):
             t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 4 and t.numel()
             for t in inputs
         )
-        if not dense or not query.shape[:2] == key.shape[:2] == value.shape[:2]:
-            return False  # (grouped or broadcast heads: ATen's composite expands them)
+        if not dense or not query.shape[0] == key.shape[0] == value.shape[0]:
+            return False  # (a broadcast batch: ATen's composite expands it)
+        heads, kv_heads = query.shape[1], key.shape[1]
+        grouped = enable_gqa and kv_heads == value.shape[1] and heads % kv_heads == 0
+        if not (heads == kv_heads == value.shape[1] or grouped):
+            return False  # (broadcast heads)
         if torch.is_autocast_enabled("cpu"):
             return False
         codes = all(

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils import _pytree as pytree
 
 from dpc_fx.errors import TraceError
@@ -88,6 +89,7 @@ def capture(
     _drop_guards(gm)
     _check_constants(gm, args, kwargs, name)
     _causal_when_masked(gm)
+    _grouped_query(gm)
     gm.graph.lint()
     gm.recompile()
     keep_unused(gm, module)
@@ -297,6 +299,111 @@ def _causal_when_masked(gm: fx.GraphModule) -> None:
 
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
+aten = torch.ops.aten
+
+
+def _grouped_query(gm: fx.GraphModule) -> None:
+    """Attention whose key and value are repeated across the query's heads (a decoder's
+    ``repeat_kv``: ``unsqueeze(x, 2)``, ``expand`` to ``(B, H, n, L, E)``, ``reshape`` to
+    ``(B, H*n, L, E)``) reads the unrepeated key and value with ``enable_gqa=True``: the
+    same attention (query head ``h`` reads key head ``h // n`` either way), without the two
+    copies, and with half or less of the key and value to quantise and keep. The eager
+    decoder does the same where it passes no mask."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (_SDPA, attention):
+            continue
+        if len(node.args) < 3 or node.kwargs.get("enable_gqa", False):
+            continue
+        key, value = (_repeated(arg) for arg in node.args[1:3])
+        if key is None or value is None or key[1] != value[1]:
+            continue
+        repeats = node.args[1:3]
+        node.args = (node.args[0], key[0], value[0], *node.args[3:])
+        node.kwargs = {**node.kwargs, "enable_gqa": True}
+        for repeat in repeats:
+            _erase_unused(gm.graph, repeat)
+
+
+def _repeated(node: Any) -> tuple[fx.Node, int] | None:
+    """``(x, n)`` where ``node`` is ``x`` (``(B, H, L, E)``) with each head repeated ``n``
+    times in place (``reshape(expand(unsqueeze(x, 2), (B, H, n, L, E)), (B, H*n, L, E))``,
+    full slices allowed between), else ``None``."""
+    if not _calls(node, aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+        return None
+    expand = node.args[0]
+    if not _calls(expand, aten.expand.default):
+        return None
+    unsqueeze = _whole(expand.args[0])
+    if not _calls(unsqueeze, aten.unsqueeze.default) or unsqueeze.args[1] not in (2, -3):
+        return None
+    source = _whole(unsqueeze.args[0])
+    shapes = [_shape(n) for n in (source, expand, node)]
+    if shapes[0] is None or shapes[1] is None or shapes[2] is None:
+        return None
+    (b, h, length, e), expanded, out = shapes[0], shapes[1], shapes[2]
+    if len(expanded) != 5 or not isinstance(expanded[2], int) or len(out) != 4:
+        return None
+    n = expanded[2]
+    if _equal(expanded, (b, h, n, length, e)) and _equal(out, (b, h * n, length, e)):
+        return source, n
+    return None
+
+
+def _whole(node: Any) -> Any:
+    """``node`` with the full slices (``x[:, :]``, as export records them) above it
+    skipped: the tensor they are views of."""
+    while _calls(node, aten.slice.Tensor) and not node.kwargs:
+        args: tuple[Any, ...] = (*node.args, *_SLICE_DEFAULTS[len(node.args) :])
+        start, step = args[2], args[4]
+        if start not in (0, None) or step != 1 or not _equal(_shape(node), _shape(node.args[0])):
+            break
+        node = node.args[0]
+    return node
+
+
+# aten.slice.Tensor(self, dim=0, start=None, end=None, step=1)
+_SLICE_DEFAULTS = (None, 0, None, None, 1)
+
+
+def _calls(node: Any, *targets: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _shape(node: Any) -> tuple[Any, ...] | None:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _equal(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
+    """Whether two shapes (their sizes ints or symbols) are the same for every input."""
+    return (
+        a is not None
+        and b is not None
+        and len(a) == len(b)
+        and all(statically_known_true(x == y) for x, y in zip(a, b, strict=True))
+    )
+
+
+def _erase_unused(graph: fx.Graph, node: Any) -> None:
+    """Erase ``node`` if nothing reads it, then its inputs that nothing else reads."""
+    if not isinstance(node, fx.Node) or node.users or node.op != "call_function":
+        return
+    inputs = node.all_input_nodes
+    graph.erase_node(node)
+    for n in inputs:
+        if n.op == "call_function" and n.target in _VIEWS:
+            _erase_unused(graph, n)
+
+
+# The ops of a repeat_kv chain, which compute nothing but a view or its copy.
+_VIEWS = {
+    aten.reshape.default,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.expand.default,
+    aten.unsqueeze.default,
+    aten.slice.Tensor,
+}
 
 
 def _is_batch_count(node: fx.Node) -> bool:

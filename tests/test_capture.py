@@ -436,6 +436,55 @@ def test_bert_compiles_from_input_ids_alone() -> None:
     assert torch.equal(quantizers_off(gm)(ids).logits, model(ids).logits)
 
 
+class Repeated(nn.Module):
+    """Attention over keys and values repeated across the query's heads as decoders repeat
+    them: each head in place (``interleave``: what grouped-query attention means) or the
+    whole block of heads again (``tile``: which it does not mean); a causal mask or none."""
+
+    def __init__(self, how: str, masked: bool) -> None:
+        super().__init__()
+        self.how, self.masked = how, masked
+        self.q, self.kv = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 4).transpose(1, 2)  # 4 query heads
+        k, v = self.kv(x).view(b, t, 2, 2, 4).permute(2, 0, 3, 1, 4)  # 2 key/value heads
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril() if self.masked else None
+        return F.scaled_dot_product_attention(q, self._repeat(k), self._repeat(v), mask)
+
+    def _repeat(self, x: Tensor) -> Tensor:
+        b, h, t, e = x.shape
+        if self.how == "interleave":
+            return x[:, :, None, :, :].expand(b, h, 2, t, e).reshape(b, 2 * h, t, e)
+        return x[:, None].expand(b, 2, h, t, e).reshape(b, 2 * h, t, e)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("how", ["interleave", "tile"])
+def test_attention_over_repeated_heads_reads_them_once_where_that_is_grouped_query(
+    how: str, masked: bool
+) -> None:
+    torch.manual_seed(0)
+    model, x = Repeated(how, masked), torch.randn(3, 8, 16)
+    gm = capture(model, (x,))
+    (call,) = [n for n in gm.graph.nodes if "attention" in str(n.target)]
+    grouped = how == "interleave"
+    assert call.kwargs.get("enable_gqa", False) is grouped
+    assert [a.meta["val"].shape[1] for a in call.args[1:3]] == [2, 2] if grouped else [4, 4]
+    repeats = [n for n in gm.graph.nodes if n.target is torch.ops.aten.expand.default]
+    assert len([n for n in repeats if n.meta["val"].dim() == 5]) == (0 if grouped else 2)
+    outs = []
+    for m in (model, gm):
+        m.zero_grad()
+        x_ = x.clone().requires_grad_()
+        y = m(x_)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append([y.detach(), x_.grad, *(p.grad for p in m.parameters())])
+    for u, v in zip(*outs, strict=True):
+        torch.testing.assert_close(u, v)
+
+
 # ------------------------------------------------------------------ torch.compile, CLI
 
 

@@ -649,7 +649,8 @@ def test_fused_attention_runs_the_unfused_chain_where_the_flash_kernel_would_not
     kv = torch.randn(2, 2, 8, 16, requires_grad=True)
     assert layer._fusable(q, q, q, None, 0.0, False, None, False)
     assert not layer._fusable(q, q, q, None, 0.1, False, None, False)  # dropout
-    assert not layer._fusable(q, kv, kv, None, 0.0, False, None, True)  # grouped heads
+    assert layer._fusable(q, kv, kv, None, 0.0, False, None, True)  # grouped-query attention
+    assert not layer._fusable(q, kv, kv, None, 0.0, False, None, False)  # heads that differ
     assert not layer._fusable(q.detach(), q.detach(), q.detach(), None, 0.0, False, None, False)
     with torch.no_grad():
         assert not layer._fusable(q, q, q, None, 0.0, False, None, False)
@@ -670,3 +671,5 @@ def test_a_captured_decoders_attention_is_fused_and_matches_bit_for_bit() -> Non
     (attention,) = [m for m in fused.modules() if isinstance(m, FusedAttention)]
     _same_steps(plain, fused, kwargs)
     assert attention.last_shapes  # the fused path ran
+    query, key, value = attention.last_shapes
+    assert key == value == query // 2  # 4 query heads over 2 key/value heads, unrepeated
