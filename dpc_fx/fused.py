@@ -791,7 +791,6 @@ class _AttentionFn(torch.autograd.Function):
             c.tensors = ()
         ctx.codes, ctx.layer, ctx.call = codes, layer, (is_causal, scale)
         ctx.grad_bits = _grad_bits(layer) or None
-        layer.last_shapes = (query.numel(), key.numel(), value.numel())
         return out  # type: ignore[no-any-return]
 
     @staticmethod
@@ -822,6 +821,34 @@ class _AttentionFn(torch.autograd.Function):
         )
 
 
+def _native_attention(
+    layer: FusedAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+) -> Tensor:
+    """The fused step as ``torch.ops.dpc_fx.attention``: what :class:`_AttentionFn` does, with
+    the same loops, kernel calls, random draws and saved tensors, in one call forward and a
+    C++ autograd node backward."""
+    quantizers = layer.quantizers
+    return torch.ops.dpc_fx.attention.default(  # type: ignore[no-any-return]
+        query,
+        key,
+        value,
+        mask,
+        is_causal,
+        scale,
+        [q.bits for q in quantizers],
+        _grad_bits(layer),
+        [t for q in quantizers for t in (q.running_min, q.running_max, q.seen)],
+        [1.0 - q.momentum for q in quantizers],
+        kernels._rank(),
+    )
+
+
 class FusedAttention(nn.Module):
     """Attention (``scaled_dot_product_attention``) on quantised query, key and value as one
     autograd node that keeps their codes.
@@ -833,15 +860,17 @@ class FusedAttention(nn.Module):
 
     Where the unfused chain would run PyTorch's CPU flash kernel (float32 CPU tensors, no
     dropout, a gradient wanted, every input quantised to 8 bits or fewer; grouped-query
-    attention, ``enable_gqa=True``, included), this layer runs that kernel on the same quantised values and keeps, for
-    its backward, the three inputs' codes (packed as :class:`FusedLayer` packs them) with
-    the kernel's output and log-sum-exp, which fp32 attention keeps too: no float copy of
-    a quantised input. Backward quantises the output gradient as ``grad_q`` does and runs
-    the kernel's backward on the dequantised codes, so values and gradients are the unfused
-    chain's bit for bit. Elsewhere (eval under ``no_grad``, ``torch.compile``, dropout,
-    another backend) it runs the unfused chain through the same quantiser modules. A mask
-    that is the causal one runs as causal attention (:mod:`dpc_fx.sdpa`), as the captured
-    graph's own call does.
+    attention, ``enable_gqa=True``, included), this layer runs that kernel on the same
+    quantised values and keeps, for its backward, the three inputs' codes (packed as
+    :class:`FusedLayer` packs them) with the kernel's output and log-sum-exp, which fp32
+    attention keeps too: no float copy of a quantised input. Backward quantises the output
+    gradient as ``grad_q`` does and runs the kernel's backward on the dequantised codes, so
+    values and gradients are the unfused chain's bit for bit. In training, on the native
+    loops, the step is the operator ``torch.ops.dpc_fx.attention`` (``csrc/layer.cpp``: one
+    call forward, a C++ autograd node backward), with the same results. Elsewhere (eval
+    under ``no_grad``, ``torch.compile``, dropout, another backend) it runs the unfused
+    chain through the same quantiser modules. A mask that is the causal one runs as causal
+    attention (:mod:`dpc_fx.sdpa`), as the captured graph's own call does.
     """
 
     query_q: ActQuantizer
@@ -880,6 +909,9 @@ class FusedAttention(nn.Module):
         attn_mask, is_causal = as_causal(query, key, attn_mask, is_causal)
         call = (attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if self._fusable(query, key, value, *call):
+            self.last_shapes = (query.numel(), key.numel(), value.numel())
+            if self._native():
+                return _native_attention(self, query, key, value, attn_mask, is_causal, scale)
             return _AttentionFn.apply(query, key, value, attn_mask, is_causal, scale, self)  # type: ignore[no-any-return]
         inputs = (q(x) for q, x in zip(self.quantizers, (query, key, value), strict=True))
         out = _sdpa(*inputs, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
@@ -923,6 +955,17 @@ class FusedAttention(nn.Module):
             query, key, value, mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
         )
         return codes and choice == _FLASH
+
+    def _native(self) -> bool:
+        """Whether the fused step can run as the operator ``torch.ops.dpc_fx.attention``
+        (``csrc/layer.cpp``): in training, float32 running ranges, no quantiser checking for
+        non-finite values (the Python path raises that error, naming the layer)."""
+        quantizers = (*self.quantizers, self.grad_q)
+        return (
+            all(q.training and q.running_min.dtype == torch.float32 for q in self.quantizers)
+            and not any(q is not None and q.check_finite for q in quantizers)
+            and native.layers()
+        )
 
     def saved_bytes(self, a_bits: int | None = None) -> int | None:
         """Bytes of codes this layer keeps for backward at ``a_bits`` (default: its

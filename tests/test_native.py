@@ -559,6 +559,63 @@ def test_the_layer_operators_equal_the_python_path_and_the_eager_kernels(
         assert identical(a, b) and identical(a, c)
 
 
+class _Attention(nn.Module):
+    """Attention in the layouts the operator meets: a query whose heads are a transposed
+    view (dense in another order), a key over half the heads (grouped-query attention), a
+    value that no order of its dimensions makes dense (a slice of each head: copied), and a
+    mask (``None``, causal, or boolean padding)."""
+
+    def __init__(self, mask: str) -> None:
+        super().__init__()
+        self.mask = mask
+        self.q, self.k, self.v, self.out = (nn.Linear(16, n) for n in (16, 8, 16, 16))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 4).transpose(1, 2)
+        k = self.k(x).view(b, t, 2, 4).transpose(1, 2)
+        v = self.v(x).view(b, t, 2, 8)[..., :4].transpose(1, 2)
+        mask = None
+        if self.mask == "padding":
+            mask = torch.ones(t, t, dtype=torch.bool).index_fill_(1, torch.tensor([t - 1]), False)
+        causal = self.mask == "causal"
+        h = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, enable_gqa=True)
+        return self.out(h.transpose(1, 2).reshape(b, t, 16))
+
+
+@pytest.mark.parametrize(("mask", "rank"), [("none", 0), ("causal", 3), ("padding", 0)])
+def test_the_attention_operator_equals_the_python_path_and_the_eager_kernels(
+    monkeypatch: pytest.MonkeyPatch, mask: str, rank: int
+) -> None:
+    """The attention operator (``torch.ops.dpc_fx.attention``, with its C++ autograd node)
+    gives every output, gradient and running range that the Python path on the same loops
+    gives, and the eager kernels, bit for bit: for inputs in every layout (a copy where
+    one is not dense), grouped-query attention, each kind of mask, and a strided incoming
+    gradient; under ``torch.distributed`` (rank 3) with the seeds offset."""
+    import dpc_fx
+    from dpc_fx import DPCConfig
+
+    if not native.layers():
+        pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
+    monkeypatch.setattr(kernels, "_rank", lambda: rank)
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 16)
+    config = DPCConfig(overrides={"*": (6, 6, 8)}, pin_first_last=False)
+    base = dpc_fx.compile(_Attention(mask), x, config=config)
+    assert [m.op for m in dpc_fx.layers(base)].count("attention") == 1
+    calls = []
+    step = fused._native_attention
+    monkeypatch.setattr(fused, "_native_attention", lambda *a: calls.append(1) or step(*a))
+    with_op, eager_run = _train_in_both_modes(monkeypatch, base, x, 2, Tensor.square)
+    assert len(calls) == 2  # two steps: the operator ran
+    monkeypatch.setattr(native, "layers", lambda: False)
+    calls.clear()
+    python_path, _ = _train_in_both_modes(monkeypatch, base, x, 2, Tensor.square)
+    assert not calls
+    for a, b, c in zip(with_op, python_path, eager_run, strict=True):
+        assert identical(a, b) and identical(a, c)
+
+
 def _layer_op(x: Tensor, running: tuple[Tensor, Tensor, Tensor], weight_of_batch: float) -> Tensor:
     """A linear layer's step on the operator (4-bit input and weight, 8-bit gradient)."""
     w = torch.linspace(-1, 1, 3 * x.shape[1]).view(3, -1).requires_grad_()

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <array>
 #include <numeric>
 #include <optional>
@@ -380,6 +381,154 @@ Tensor layer(const Tensor& x, const Tensor& weight, const std::optional<Tensor>&
                       groups, running_min, running_max, seen, weight_of_batch, rank);
 }
 
+// Attention (dpc_fx/fused.py, _AttentionFn) as one operator with its own autograd node:
+// query, key and value quantised over their own ranges, the CPU flash kernel on the
+// quantised values, their codes kept; backward rounds the output gradient, dequantises the
+// codes and runs the kernel's backward. The same loops and ATen calls in the same order as
+// _AttentionFn (whose Python, three quantisers' worth a call, cost about as much as its
+// loops on a small model), so the same values, gradients and random draws.
+
+// An input's elements in memory order, as quant._flat lays them out: the tensor itself
+// where contiguous, else its dimensions by falling stride (a view where that is dense, a
+// copy where not); `back` gives a buffer in that order the input's layout.
+struct Dense {
+  Tensor values;
+  std::vector<int64_t> inverse;  // set where values is a copy
+  at::IntArrayRef sizes, strides;
+
+  explicit Dense(const Tensor& x) : values(x), sizes(x.sizes()), strides(x.strides()) {
+    if (x.is_contiguous()) return;
+    std::vector<int64_t> order(x.dim());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return x.stride(a) > x.stride(b); });
+    values = x.permute(order);
+    if (values.is_contiguous()) return;
+    values = values.contiguous();
+    inverse.resize(x.dim());
+    for (int64_t d = 0; d < x.dim(); ++d) inverse[order[d]] = d;
+  }
+  Tensor back(const Tensor& flat) const {
+    return inverse.empty() ? flat.as_strided(sizes, strides)
+                           : flat.view(values.sizes()).permute(inverse);
+  }
+};
+
+// One input quantised (fused._activation in training): its quantised floats in a pool
+// buffer, in the input's layout, and its codes, range and flag.
+struct Coded {
+  Tensor buffer, hat;
+  Kept kept;
+};
+
+Coded quantize_input(const Tensor& x, int64_t bits) {
+  const Dense dense(x);
+  const int64_t n = x.numel();
+  Coded c;
+  c.buffer = pool.take({n});
+  Tensor codes = at::empty({packed_bytes(n, static_cast<int>(bits))},
+                           at::TensorOptions().dtype(at::kByte));
+  float range[2];
+  const bool bad = dpc_quantize_measured(
+      dense.values.const_data_ptr<float>(), n, levels_of(bits), static_cast<int>(bits),
+      c.buffer.mutable_data_ptr<float>(), codes.mutable_data_ptr<uint8_t>(), range,
+      at::get_num_threads());
+  c.kept = {codes, at::scalar_tensor(range[0], at::kFloat),
+            at::scalar_tensor(range[1], at::kFloat), at::scalar_tensor(bad, at::kBool)};
+  c.hat = dense.back(c.buffer);
+  return c;
+}
+
+struct Attention : public torch::autograd::Function<Attention> {
+  // ranges: each input's running_min, running_max and seen, in turn.
+  static Tensor forward(AutogradContext* ctx, const Tensor& query, const Tensor& key,
+                        const Tensor& value, const std::optional<Tensor>& attn_mask,
+                        bool is_causal, std::optional<double> scale, at::IntArrayRef bits,
+                        int64_t grad_bits, at::TensorList ranges,
+                        at::ArrayRef<double> weight_of_batch, int64_t rank) {
+    TORCH_CHECK(bits.size() == 3 && ranges.size() == 9 && weight_of_batch.size() == 3,
+                "dpc_fx::attention: three inputs' bits, ranges and weights expected");
+    enter(kForward);
+    const std::array<const Tensor*, 3> inputs{&query, &key, &value};
+    std::array<Coded, 3> coded;
+    for (size_t i = 0; i < 3; ++i) {
+      coded[i] = quantize_input(*inputs[i], bits[i]);
+      observe(coded[i].kept, ranges[3 * i], ranges[3 * i + 1], ranges[3 * i + 2],
+              weight_of_batch[i]);
+    }
+    std::optional<Tensor> mask = attn_mask;
+    if (mask && mask->defined() && mask->scalar_type() == at::kBool) {
+      // as ATen's attention converts it
+      mask = at::zeros(mask->sizes(), query.options())
+                 .masked_fill_(mask->logical_not(), -std::numeric_limits<float>::infinity());
+    }
+    auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
+        coded[0].hat, coded[1].hat, coded[2].hat, 0.0, is_causal, mask, scale);
+    variable_list saved;
+    std::vector<int64_t> layouts;  // each input's rank, sizes and strides
+    for (Coded& c : coded) {
+      pool.give(c.buffer);
+      saved.insert(saved.end(), {c.kept.codes, c.kept.lo, c.kept.hi, c.kept.bad});
+      layouts.push_back(c.hat.dim());
+      for (auto part : {c.hat.sizes(), c.hat.strides()})
+        layouts.insert(layouts.end(), part.begin(), part.end());
+    }
+    saved.insert(saved.end(), {out, lse, mask ? *mask : Tensor()});
+    ctx->save_for_backward(saved);
+    ctx->saved_data["layouts"] = layouts;
+    ctx->saved_data["bits"] = std::vector<int64_t>{bits[0], bits[1], bits[2], grad_bits, rank};
+    ctx->saved_data["is_causal"] = is_causal;
+    ctx->saved_data["scale"] = scale;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    enter(kBackward);
+    const variable_list saved = ctx->get_saved_variables();
+    const std::vector<int64_t> bits = ctx->saved_data["bits"].toIntVector();
+    const std::vector<int64_t> layouts = ctx->saved_data["layouts"].toIntVector();
+    Tensor g = grads[0], g_buffer;
+    if (bits[3] > 0) g = round_gradient(g, bits[3], bits[4], g_buffer);
+    std::array<Tensor, 3> buffers, hats;
+    size_t next = 0;
+    for (size_t i = 0; i < 3; ++i) {
+      const int64_t dim = layouts[next];
+      const at::IntArrayRef sizes(layouts.data() + next + 1, dim);
+      const at::IntArrayRef strides(layouts.data() + next + 1 + dim, dim);
+      next += 1 + 2 * dim;
+      const int64_t n = c10::multiply_integers(sizes);
+      const Tensor* kept = &saved[4 * i];
+      buffers[i] = pool.take({n});
+      dpc_dequantize(kept[0].const_data_ptr<uint8_t>(), n, static_cast<int>(bits[i]),
+                     value_in<float>(kept[1]), value_in<float>(kept[2]), levels_of(bits[i]),
+                     value_in<bool>(kept[3]) ? 1 : 0, buffers[i].mutable_data_ptr<float>(),
+                     at::get_num_threads());
+      hats[i] = buffers[i].as_strided(sizes, strides);
+    }
+    const Tensor& mask = saved[14];
+    auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+        g, hats[0], hats[1], hats[2], saved[12], saved[13], 0.0,
+        ctx->saved_data["is_causal"].toBool(),
+        mask.defined() ? std::optional<Tensor>(mask) : std::nullopt,
+        ctx->saved_data["scale"].toOptional<double>());
+    for (const Tensor& b : buffers) pool.give(b);
+    if (g_buffer.defined()) pool.give(g_buffer);
+    variable_list out(32);  // one per forward input (the ranges each one); the rest undefined
+    const std::array<Tensor, 3> all{dq, dk, dv};
+    for (size_t i = 0; i < 3; ++i)
+      if (ctx->needs_input_grad(i)) out[i] = all[i];
+    return out;
+  }
+};
+
+Tensor attention(const Tensor& query, const Tensor& key, const Tensor& value,
+                 const std::optional<Tensor>& attn_mask, bool is_causal,
+                 std::optional<double> scale, at::IntArrayRef bits, int64_t grad_bits,
+                 at::TensorList ranges, at::ArrayRef<double> weight_of_batch, int64_t rank) {
+  return Attention::apply(query, key, value, attn_mask, is_causal, scale, bits, grad_bits,
+                          ranges, weight_of_batch, rank);
+}
+
 // The two halves as operators without autograd, for torch.compile: there the step is an
 // opaque call inductor places between its own kernels; dpc_fx/fused.py's _CompiledFn joins
 // them in an autograd.Function that dynamo traces, and dpc_fx/native.py gives their shapes
@@ -496,6 +645,10 @@ TORCH_LIBRARY(dpc_fx, m) {
       "Tensor weight, SymInt[] x_size, int a_bits, int w_bits, int grad_bits, int[] stride, "
       "int[] padding, int[] dilation, int groups, int rank, bool has_bias, bool[3] want) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, "
+      "float? scale, int[] bits, int grad_bits, Tensor(a!)[] ranges, float[] weight_of_batch, "
+      "int rank) -> Tensor");
   m.def("relu(Tensor x, float top) -> Tensor");
   m.def("relu_(Tensor(a!) x, float top) -> Tensor(a!)");
   m.def("relu_forward(Tensor x, float top) -> (Tensor, Tensor)");
@@ -504,11 +657,13 @@ TORCH_LIBRARY(dpc_fx, m) {
 
 TORCH_LIBRARY_IMPL(dpc_fx, Autograd, m) {
   m.impl("layer", layer);
+  m.impl("attention", attention);
   m.impl("relu", relu);
   m.impl("relu_", relu_);
 }
 TORCH_LIBRARY_IMPL(dpc_fx, CPU, m) {
   m.impl("layer", layer);
+  m.impl("attention", attention);
   m.impl("layer_forward", layer_forward);
   m.impl("layer_backward", layer_backward);
   m.impl("relu", relu);
