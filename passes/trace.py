@@ -9,6 +9,10 @@ stand-in that computes the same thing with its projections in the graph
 (``passes/_standins.py``), whether it is a submodule or the model itself, so they can be
 quantised.
 
+FX records ``q, k, v = qkv`` as three ``select`` reads, each of which adds a zero-filled
+copy of ``qkv`` to its gradient in backward; the trace reads such rows from one
+:func:`rows` call (``unbind``), as the eager model does.
+
 FX freezes ``self.training`` at the trace's mode. One procedure settles it: every trace
 makes a dropout call whose ``training`` flag is the calling module's read that flag at
 run time. When some class's source mentions ``training``, or a flag was made a run-time
@@ -34,13 +38,14 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import operator
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
 from dpc_fx.errors import ConfigError, TraceError
 from dpc_fx.meta import set_graph_info
@@ -48,7 +53,7 @@ from dpc_fx.passes._graph import join, keep_module_order, keep_unused
 from dpc_fx.passes._matmul import MODULES
 from dpc_fx.passes._standins import standin_for
 
-__all__ = ["MODE_BRANCH_REASON", "trace"]
+__all__ = ["MODE_BRANCH_REASON", "rows", "trace"]
 
 
 # Dropout calls whose ``training`` argument (third, or by keyword) a module usually passes
@@ -207,6 +212,7 @@ def trace(
         _warn_mode(model, branches)
     if concrete_args:
         _keep_argument_names(gm, concrete_args)
+    _read_rows_once(gm)
     keep_module_order(gm, model)
     keep_unused(gm, model)  # same state_dict keys as the model, used by forward or not
     # Class names by module path: GraphModule keeps plain holders for modules it only reads
@@ -214,6 +220,45 @@ def trace(
     types = {p: type(m).__name__ for p, m in model.named_modules()}
     set_graph_info(gm, mode_branches=branches, module_types=types)
     return gm
+
+
+def rows(x: Any) -> Any:
+    """``x.unbind(0)`` where ``x`` is a tensor, else ``x`` as it is: the rows that
+    ``q, k, v = x`` reads, as eager PyTorch iterates over a tensor."""
+    return x.unbind(0) if isinstance(x, Tensor) else x
+
+
+def _read_rows_once(gm: fx.GraphModule) -> None:
+    """Where the graph reads several rows of one value by index (FX records
+    ``q, k, v = qkv`` as ``qkv[0]``, ``qkv[1]``, ``qkv[2]``), read them from
+    ``rows(qkv)``: the same values, and in backward one ``stack`` of the rows' gradients,
+    as the eager model's ``unbind``, where each ``select`` would add a zero-filled copy of
+    the whole tensor to the gradient. Sizes and shapes (``x.shape[0]``) are left alone."""
+    reads: dict[fx.Node, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        source = node.args[0] if node.args else None
+        if (
+            node.op == "call_function"
+            and node.target is operator.getitem
+            and isinstance(node.args[1], int)
+            and isinstance(source, fx.Node)
+            and source.op in ("call_function", "call_method", "call_module")
+            and not (source.op == "call_function" and source.target is getattr)
+            and not (source.op == "call_method" and source.target in ("size", "dim"))
+        ):
+            reads.setdefault(source, []).append(node)
+    changed = False
+    for source, nodes in reads.items():
+        if len({n.args[1] for n in nodes}) < 2:
+            continue
+        with gm.graph.inserting_after(source):
+            unbound = gm.graph.call_function(rows, (source,))
+        for n in nodes:
+            n.args = (unbound, n.args[1])
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
 
 
 # Attributes a GraphModule has and a plain nn.Module has not: a submodule, parameter or

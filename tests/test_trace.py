@@ -20,6 +20,7 @@ import dpc_fx
 from dpc_fx import ConfigError, TraceError
 from dpc_fx.meta import graph_info
 from dpc_fx.passes import trace
+from dpc_fx.passes.trace import rows
 
 
 class RootDataDependent(nn.Module):
@@ -410,3 +411,39 @@ def test_a_literal_dropout_flag_is_told_apart_without_training_in_the_source() -
     gm = compile_quiet(model, x, config=dpc_fx.DPCConfig(pin_first_last=False))
     gm.eval()
     assert not torch.equal(gm(x), gm(x))  # still dropping in eval
+
+
+class Unpacked(nn.Module):
+    """Rows read by unpacking (``q, k, v = ...``), sizes read by unpacking, and a tuple
+    result unpacked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, d).permute(2, 0, 1, 3)
+        top, where = torch.max(q * k, dim=-1)
+        return v * top.unsqueeze(-1) + where.unsqueeze(-1)
+
+
+def test_rows_read_by_unpacking_come_from_one_unbind_as_in_eager() -> None:
+    """``q, k, v = qkv`` runs as eager PyTorch runs it: one ``unbind`` (one ``stack`` of the
+    gradients in backward, not a zero-filled copy of ``qkv`` per row); values and gradients
+    are the model's bit for bit. Sizes unpacked are read as they were; a tuple unpacked
+    passes through ``rows`` as it is."""
+    torch.manual_seed(0)
+    model, x = Unpacked(), torch.randn(2, 5, 8)
+    gm = trace(model)
+    unbinds = [n for n in gm.graph.nodes if n.target is rows]
+    # q, k and v; torch.max's (values, indices), which rows passes through; not the sizes
+    assert sorted(len(n.users) for n in unbinds) == [2, 3]
+    outs = []
+    for m in (model, gm):
+        m.zero_grad()
+        y = m(x)
+        y.square().sum().backward()
+        outs.append([y.detach(), *(p.grad for p in m.parameters())])
+    for u, v in zip(*outs, strict=True):
+        assert torch.equal(u, v)
