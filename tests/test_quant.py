@@ -466,6 +466,26 @@ def test_quantisers_keep_the_strides_of_a_dense_input(layout: str) -> None:
     assert torch.equal(outputs["measured"], fake_quantize(x.contiguous(), 3, lo, hi))
 
 
+def test_quantisers_give_a_view_dense_in_no_order_back_contiguous() -> None:
+    """A view that no order of its dimensions makes dense (the query heads of a fused qkv
+    projection) is copied to be quantised; what comes back is contiguous, so the product
+    after it reads it without another copy, forward and backward. The values are those of
+    the contiguous copy's."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 5, 3, 4, 8, generator=g).permute(2, 0, 3, 1, 4)
+    x = qkv[0]  # (2, 4, 5, 8), rows 3x apart
+    assert not x.is_contiguous() and not x.transpose(1, 2).is_contiguous()
+    lo, hi = tensor_range(x)
+    outputs = {
+        "measured": fake_quantize(x, 3),
+        "stochastic": fake_quantize(x, 3, stochastic=True),
+        "training": ActQuantizer(3).train()(x),
+    }
+    for name, out in outputs.items():
+        assert out.is_contiguous(), name
+    assert torch.equal(outputs["measured"], fake_quantize(x.contiguous(), 3, lo, hi))
+
+
 @pytest.mark.usefixtures("fused_kernels")
 def test_fused_weight_quantiser_handles_every_layer_kind() -> None:
     """Weights of every layer kind through the compiled kernels: nine (rank, channel_dim)

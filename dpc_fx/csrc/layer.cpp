@@ -170,27 +170,43 @@ int64_t new_seed(int64_t rank) {
   return seed;
 }
 
+// A tensor's elements in memory order, as quant._flat lays them out: the tensor itself
+// where contiguous, else its dimensions by falling stride where that is dense (a view);
+// where no order is (a view of every third head, say), a contiguous copy. `back` gives a
+// buffer in that order the tensor's layout, or for a copy the contiguous one, which a
+// product reads without copying it again.
+struct Dense {
+  Tensor values;
+  bool copied = false;
+  at::IntArrayRef sizes, strides;  // the tensor's, which must outlive this
+
+  explicit Dense(const Tensor& x) : values(x), sizes(x.sizes()), strides(x.strides()) {
+    if (x.is_contiguous()) return;
+    std::vector<int64_t> order(x.dim());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return x.stride(a) > x.stride(b); });
+    values = x.permute(order);
+    if (values.is_contiguous()) return;
+    values = x.contiguous();
+    copied = true;
+  }
+  Tensor back(const Tensor& flat) const {
+    return copied ? flat.view(sizes) : flat.as_strided(sizes, strides);
+  }
+};
+
 // quant._quantize_grad: the gradient rounded stochastically over its own range, as a flat
-// vector in memory order; a strided gradient is laid out densely first (quant._flat: its
-// dimensions by falling stride), rounded in that order, and viewed back.
+// vector in memory order (a strided gradient laid out as Dense lays it out), and put back
+// in its layout.
 Tensor round_gradient(const Tensor& grad, int64_t bits, int64_t rank, Tensor& buffer) {
   if (grad.numel() == 0) return grad;
   const int64_t seed = new_seed(rank);
-  Tensor dense = grad;
-  std::vector<int64_t> order(grad.dim()), inverse(grad.dim());
-  std::iota(order.begin(), order.end(), 0);
-  const bool contiguous = grad.is_contiguous();
-  if (!contiguous) {
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int64_t a, int64_t b) { return grad.stride(a) > grad.stride(b); });
-    dense = grad.permute(order);
-    if (!dense.is_contiguous()) dense = dense.contiguous();
-    for (int64_t d = 0; d < grad.dim(); ++d) inverse[order[d]] = d;
-  }
-  buffer = pool.take(dense.sizes());
-  dpc_stochastic_measured(dense.const_data_ptr<float>(), dense.numel(), levels_of(bits), seed,
-                          buffer.mutable_data_ptr<float>(), at::get_num_threads());
-  return contiguous ? buffer : buffer.permute(inverse);
+  const Dense dense(grad);
+  buffer = pool.take({grad.numel()});
+  dpc_stochastic_measured(dense.values.const_data_ptr<float>(), grad.numel(), levels_of(bits),
+                          seed, buffer.mutable_data_ptr<float>(), at::get_num_threads());
+  return dense.back(buffer);
 }
 
 Tensor product(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
@@ -387,32 +403,6 @@ Tensor layer(const Tensor& x, const Tensor& weight, const std::optional<Tensor>&
 // codes and runs the kernel's backward. The same loops and ATen calls in the same order as
 // _AttentionFn (whose Python, three quantisers' worth a call, cost about as much as its
 // loops on a small model), so the same values, gradients and random draws.
-
-// An input's elements in memory order, as quant._flat lays them out: the tensor itself
-// where contiguous, else its dimensions by falling stride (a view where that is dense, a
-// copy where not); `back` gives a buffer in that order the input's layout.
-struct Dense {
-  Tensor values;
-  std::vector<int64_t> inverse;  // set where values is a copy
-  at::IntArrayRef sizes, strides;
-
-  explicit Dense(const Tensor& x) : values(x), sizes(x.sizes()), strides(x.strides()) {
-    if (x.is_contiguous()) return;
-    std::vector<int64_t> order(x.dim());
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int64_t a, int64_t b) { return x.stride(a) > x.stride(b); });
-    values = x.permute(order);
-    if (values.is_contiguous()) return;
-    values = values.contiguous();
-    inverse.resize(x.dim());
-    for (int64_t d = 0; d < x.dim(); ++d) inverse[order[d]] = d;
-  }
-  Tensor back(const Tensor& flat) const {
-    return inverse.empty() ? flat.as_strided(sizes, strides)
-                           : flat.view(values.sizes()).permute(inverse);
-  }
-};
 
 // One input quantised (fused._activation in training): its quantised floats in a pool
 // buffer, in the input's layout, and its codes, range and flag.
