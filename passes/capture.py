@@ -22,7 +22,10 @@ A decoder called eagerly asks attention for ``is_causal=True``; captured, it bui
 causal mask as a tensor. Attention that takes a mask therefore calls
 :func:`dpc_fx.sdpa.attention`, which runs the causal kernel where the mask is the causal one
 when the graph runs (the same values and gradients, without the mask's reads and the blocks
-above the diagonal).
+above the diagonal). Attention over keys and values repeated across the query's heads reads
+them unrepeated (``enable_gqa=True``). The ops that build values from the inputs' sizes alone
+(a decoder's positions and causal mask) run in a :class:`~dpc_fx.sizes.SizeCache`
+(``self.sizes``), once per size.
 
 Before: ``model`` (a Hugging Face forward with ``**kwargs``, which FX cannot read). After:
 
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import operator
 import warnings
 from typing import Any
 
@@ -48,6 +52,7 @@ from dpc_fx.errors import TraceError
 from dpc_fx.meta import set_graph_info
 from dpc_fx.passes._graph import keep_module_order, keep_unused
 from dpc_fx.sdpa import attention
+from dpc_fx.sizes import SizeCache
 
 __all__ = ["by_mode", "capture", "count_batch", "specialised_to"]
 
@@ -90,6 +95,7 @@ def capture(
     _check_constants(gm, args, kwargs, name)
     _causal_when_masked(gm)
     _grouped_query(gm)
+    _cache_sizes(gm)
     gm.graph.lint()
     gm.recompile()
     keep_unused(gm, module)
@@ -322,6 +328,64 @@ def _grouped_query(gm: fx.GraphModule) -> None:
         node.kwargs = {**node.kwargs, "enable_gqa": True}
         for repeat in repeats:
             _erase_unused(gm.graph, repeat)
+
+
+def _cache_sizes(gm: fx.GraphModule) -> None:
+    """The ATen ops whose values depend on the inputs' sizes alone (a decoder's positions
+    and causal mask, built from ``arange`` at every call) run in a :class:`SizeCache`, once
+    per size: ``sizes = self.sizes(sym_size_int, ...)`` and its items in their place. Ops
+    that write in place, draw random numbers, or read a tensor the graph is given or holds
+    (an input, a parameter, a buffer) stay where they are."""
+    sized: list[fx.Node] = []  # in graph order
+    inputs: dict[fx.Node, None] = {}  # the ints they read, in order
+    for node in gm.graph.nodes:
+        if not _size_only(node, set(sized)):
+            continue
+        sized.append(node)
+        for n in node.all_input_nodes:
+            if not isinstance(n.meta.get("val"), torch.Tensor) and n not in sized:
+                inputs[n] = None
+    members = set(sized)
+    results = [n for n in sized if any(u not in members for u in n.users)]
+    if len(sized) < 2 or not results:
+        return
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    last_input = max((order[n] for n in inputs), default=-1)
+    readers = [u for n in results for u in n.users if u not in members]
+    if any(order[u] <= last_input for u in readers):
+        return  # (a result read before the last size it needs is known: left alone)
+    graph = fx.Graph()
+    env = {n: graph.placeholder(n.name) for n in inputs}
+    for node in sized:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(tuple(env[n] for n in results))
+    gm.add_module("sizes", SizeCache(fx.GraphModule(gm, graph, "Sizes")))
+    at = min(readers, key=order.__getitem__)
+    with gm.graph.inserting_before(at):
+        call = gm.graph.call_module("sizes", tuple(inputs))
+        for i, node in enumerate(results):
+            item = gm.graph.call_function(operator.getitem, (call, i))
+            item.meta = dict(node.meta)
+            node.replace_all_uses_with(item, delete_user_cb=lambda u: u not in members)
+    for node in reversed(sized):
+        gm.graph.erase_node(node)
+
+
+def _size_only(node: fx.Node, sized: set[fx.Node]) -> bool:
+    """Whether ``node`` is an ATen op without side effects or random draws whose tensor
+    inputs are all in ``sized`` (the rest of its inputs ints: sizes, or constants)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    if target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags:
+        return False
+    value = node.meta.get("val")
+    if not (isinstance(value, torch.Tensor) or target is aten._assert_tensor_metadata.default):
+        return False
+    return all(
+        n in sized or not isinstance(n.meta.get("val"), torch.Tensor | type(None))
+        for n in node.all_input_nodes
+    )
 
 
 def _repeated(node: Any) -> tuple[fx.Node, int] | None:

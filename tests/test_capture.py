@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -590,3 +591,59 @@ def test_coverage_says_the_model_was_captured() -> None:
     cov = dpc_fx.coverage(gm)
     assert cov.traced and cov.captured == ("",)
     assert str(cov).startswith("coverage: captured whole (torch.export); ")
+
+
+# ------------------------------------------------------------------ values of sizes alone
+
+
+@pytest.mark.hf
+def test_a_captured_decoder_builds_its_mask_and_positions_once_per_size() -> None:
+    """The positions and causal mask a captured decoder builds from its sequence length
+    run in a SizeCache: once per size, the same tensors after that, the model's values
+    at every size."""
+    from dpc_fx.sizes import SizeCache
+
+    model, kwargs = _hf("llama")
+    model.train()
+    ids = kwargs["input_ids"]  # no attention_mask: the mask is the causal one
+    kwargs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    gm = capture(model, (), kwargs)
+    assert isinstance(gm.sizes, SizeCache)
+    assert len(gm.sizes.compute.graph.nodes) > 20  # the mask's ops, moved out of the graph
+    for length in (ids.shape[1], 5, ids.shape[1]):
+        short = {**kwargs, "input_ids": ids[:, :length], "labels": ids[:, :length]}
+        torch.testing.assert_close(gm(**short).loss, model(**short).loss)
+    assert gm.sizes.extra_repr() == "2 size(s) cached"
+
+
+def _arange_cache() -> Any:
+    from dpc_fx.sizes import SizeCache
+
+    graph = fx.Graph()
+    n = graph.placeholder("n")
+    graph.output((graph.call_function(torch.ops.aten.arange.default, (n,)),))
+    return SizeCache(fx.GraphModule(nn.Module(), graph))
+
+
+def test_a_size_cache_computes_again_what_was_written_in_place() -> None:
+    cache = _arange_cache()
+    (a,) = cache(4)
+    assert cache(4)[0] is a
+    a[:2].add_(10)  # through a view: the same version counter
+    (b,) = cache(4)
+    assert b is not a and b.tolist() == [0, 1, 2, 3]
+
+
+def test_a_size_cache_keeps_nothing_made_under_a_dispatch_mode() -> None:
+    """Fake tensors (made while the capacity pass measures the graph) never reach a later
+    real call."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cache = _arange_cache()
+    with FakeTensorMode():
+        cache(4)
+    (real,) = cache(4)
+    assert type(real) is Tensor and real.tolist() == [0, 1, 2, 3]
+    with torch.inference_mode():
+        cache(6)
+    assert cache.extra_repr() == "1 size(s) cached"

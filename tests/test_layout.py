@@ -32,6 +32,7 @@ LEAVES = {
     "int8",
     "fused",
     "sdpa",
+    "sizes",
 }
 READERS = {"policy", "plan", "cost", "report", "schedule", "export", "distributed"}
 DRIVER = {"compiler", "parts", "probe", "assemble", "coverage"}
