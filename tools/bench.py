@@ -1135,7 +1135,9 @@ def main() -> int:
         "- *Per layer, whatever its size*: a native call costs a few microseconds, a compiled "
         "torch kernel's tens (dynamo's guards, the wrappers; the last kernel row, which times "
         "the unfused quantiser's Python path). The layer operator makes a layer's step one call "
-        "forward and one C++ node backward; what is left per layer is the call, the few small "
+        "forward and one C++ node backward, and so does the attention operator "
+        "(`torch.ops.dpc_fx.attention`) for fused attention; what is left per layer is the "
+        "call, the few small "
         "ATen ops inside it (the running range's update, the random seed) and the products "
         "themselves, which run slower beside the quantiser passes than alone (they share the "
         "caches; docs/PROFILE.md, the ATen columns). Models of many small layers (MobileNet, "
@@ -1163,7 +1165,10 @@ def main() -> int:
         "call, on its query, key and value.",
         "- *Captured models*: a Hugging Face model is captured by `torch.export` and runs as an "
         "ATen graph, op by op; the reference row under the Llama decoder times that graph with "
-        "no layer quantised, the part of the decoder's ratio that is not quantisation.",
+        "no layer quantised, the part of the decoder's ratio that is not quantisation. The "
+        "capture reads grouped-query attention's keys and values unrepeated "
+        "(`enable_gqa=True`), as the eager model does, and builds the positions and causal "
+        "mask once per sequence length (`dpc_fx.sizes`), where the eager model builds none.",
         "- *Saved for backward*: a fused layer keeps its input's integer codes packed to the "
         "bits (two a byte at 4 bits or fewer, four in three bytes at 5 or 6, one a byte at 7 or "
         "8) and its range; a weight that is a parameter is quantised again in backward, any "
