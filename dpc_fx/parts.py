@@ -50,7 +50,7 @@ from dpc_fx.passes._graph import join, module_path
 from dpc_fx.passes._matmul import layer_weight
 from dpc_fx.passes.capacity import capacity
 from dpc_fx.passes.capture import capture
-from dpc_fx.passes.trace import trace
+from dpc_fx.passes.trace import MODE_BRANCH_REASON, trace
 
 __all__ = ["Part", "Tree", "failing_modules", "split"]
 
@@ -127,6 +127,14 @@ class _Captures:
             return False
         return True
 
+    def why(self, path: str, reason: str) -> str:
+        """FX's ``reason`` for keeping ``path`` whole, with torch.export's where it was tried
+        too."""
+        refused = self.refused.get(path)
+        if refused is None or reason == MODE_BRANCH_REASON:  # (kept whole on purpose)
+            return reason
+        return f"{reason}; torch.export: {refused}"
+
 
 def _split(
     module: nn.Module,
@@ -145,7 +153,7 @@ def _split(
     if path in captures.graphs or (path in bad and captures.attempt(module, path)):
         return Part(path, name, module, captures.graphs[path], captured=True)
     if path in bad:
-        return _leaf(module, path, name, bad[path], keep, bad, captures)
+        return _leaf(module, path, name, captures.why(path, bad[path]), keep, bad, captures)
     fixed = [rel for p in keep if (rel := _under(p, path))]
     leaves = [rel for p in bad if (rel := _under(p, path))]
     reasons: dict[str, str] = {}
@@ -163,7 +171,7 @@ def _split(
             if not fixed and captures.attempt(module, path):
                 return Part(path, name, module, captures.graphs[path], captured=True)
             if not e.path or e.path in leaves:
-                return _leaf(module, path, name, e.reason, keep, bad, captures)
+                return _leaf(module, path, name, captures.why(path, e.reason), keep, bad, captures)
             leaves.append(e.path)
             reasons[e.path] = e.reason
             continue

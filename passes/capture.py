@@ -141,11 +141,17 @@ def _export(
             )
         return program.module()  # type: ignore[return-value]
     except Exception as e:
+        why = f"{type(e).__name__}: {_first_line(e)}"
+        if "Cache" in why and "in output" in why:  # a Hugging Face model's own cache
+            why = (
+                "the model returns its key/value cache, which torch.export cannot output; "
+                "give the example inputs as keywords with use_cache=False, as a training "
+                "step calls it"
+            )
         raise TraceError(
             f"torch.export could not capture {type(module).__name__} "
-            f"({'training' if training else 'eval'} mode) either: {type(e).__name__}: "
-            f"{_first_line(e)}.",
-            reason=f"{type(e).__name__}: {_first_line(e)}",
+            f"({'training' if training else 'eval'} mode) either: {why}.",
+            reason=why,
         ) from e
     finally:
         for m, attrs in saved.items():  # export's run may cache values on modules

@@ -647,3 +647,16 @@ def test_a_size_cache_keeps_nothing_made_under_a_dispatch_mode() -> None:
     with torch.inference_mode():
         cache(6)
     assert cache.extra_repr() == "1 size(s) cached"
+
+
+@pytest.mark.hf
+def test_a_decoder_called_with_its_cache_on_says_to_turn_it_off() -> None:
+    """Positional ``input_ids`` leave a decoder's cache on: FX cannot trace it and
+    torch.export cannot output the cache. The warning and coverage give both reasons and
+    the way past the second."""
+    model, kwargs = _hf("llama")
+    model.train()
+    with pytest.warns(UserWarning, match="torch.export: the model returns its key/value cache"):
+        gm = dpc_fx.compile(model, (kwargs["input_ids"],))
+    (root,) = [leaf for leaf in dpc_fx.coverage(gm).leaves if leaf.path == ""]
+    assert "use_cache=False" in root.reason
