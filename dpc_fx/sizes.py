@@ -54,7 +54,7 @@ class SizeCache(nn.Module):
             or _get_current_dispatch_mode() is not None  # (fake tensors, a FLOP counter)
         ):
             return tuple(self.compute(*sizes))
-        key = tuple(int(s) for s in sizes)
+        key = tuple(sizes)
         kept = self._values.get(key)
         if kept is not None and [t._version for t in kept[0]] == kept[1]:
             self._values.move_to_end(key)

@@ -343,15 +343,13 @@ def _cache_sizes(gm: fx.GraphModule) -> None:
     that write in place, draw random numbers, or read a tensor the graph is given or holds
     (an input, a parameter, a buffer) stay where they are."""
     sized: list[fx.Node] = []  # in graph order
-    inputs: dict[fx.Node, None] = {}  # the ints they read, in order
+    members: set[fx.Node] = set()
+    inputs: dict[fx.Node, None] = {}  # the sizes they read, in order
     for node in gm.graph.nodes:
-        if not _size_only(node, set(sized)):
-            continue
-        sized.append(node)
-        for n in node.all_input_nodes:
-            if not isinstance(n.meta.get("val"), torch.Tensor) and n not in sized:
-                inputs[n] = None
-    members = set(sized)
+        if _size_only(node, members):
+            sized.append(node)
+            members.add(node)
+            inputs.update((n, None) for n in node.all_input_nodes if n not in members)
     results = [n for n in sized if any(u not in members for u in n.users)]
     if len(sized) < 2 or not results:
         return
@@ -378,8 +376,8 @@ def _cache_sizes(gm: fx.GraphModule) -> None:
 
 
 def _size_only(node: fx.Node, sized: set[fx.Node]) -> bool:
-    """Whether ``node`` is an ATen op without side effects or random draws whose tensor
-    inputs are all in ``sized`` (the rest of its inputs ints: sizes, or constants)."""
+    """Whether ``node`` is an ATen op without side effects or random draws whose inputs
+    are all in ``sized`` or sizes (ints; constants are arguments, not inputs)."""
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
@@ -389,7 +387,7 @@ def _size_only(node: fx.Node, sized: set[fx.Node]) -> bool:
     if not (isinstance(value, torch.Tensor) or target is aten._assert_tensor_metadata.default):
         return False
     return all(
-        n in sized or not isinstance(n.meta.get("val"), torch.Tensor | type(None))
+        n in sized or isinstance(n.meta.get("val"), int | torch.SymInt)
         for n in node.all_input_nodes
     )
 

@@ -222,18 +222,20 @@ def trace(
     return gm
 
 
-def rows(x: Any) -> Any:
-    """``x.unbind(0)`` where ``x`` is a tensor, else ``x`` as it is: the rows that
-    ``q, k, v = x`` reads, as eager PyTorch iterates over a tensor."""
-    return x.unbind(0) if isinstance(x, Tensor) else x
+def rows(x: Any, n: int) -> Any:
+    """``x.unbind(0)`` where ``x`` is a tensor of ``n`` rows: the rows that ``q, k, v = x``
+    reads, as eager PyTorch iterates over a tensor; else ``x`` as it is (a tuple, or a
+    tensor of more rows than are read, whose rows are selected one by one as before)."""
+    return x.unbind(0) if isinstance(x, Tensor) and x.dim() and len(x) == n else x
 
 
 def _read_rows_once(gm: fx.GraphModule) -> None:
-    """Where the graph reads several rows of one value by index (FX records
+    """Where the graph reads rows ``0..n-1`` of one value by index (FX records
     ``q, k, v = qkv`` as ``qkv[0]``, ``qkv[1]``, ``qkv[2]``), read them from
-    ``rows(qkv)``: the same values, and in backward one ``stack`` of the rows' gradients,
-    as the eager model's ``unbind``, where each ``select`` would add a zero-filled copy of
-    the whole tensor to the gradient. Sizes and shapes (``x.shape[0]``) are left alone."""
+    ``rows(qkv, n)``: the same values, and in backward one ``stack`` of the rows'
+    gradients, as the eager model's ``unbind``, where each ``select`` would add a
+    zero-filled copy of the whole tensor to the gradient. Sizes and shapes
+    (``x.shape[0]``) are left alone."""
     reads: dict[fx.Node, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         source = node.args[0] if node.args else None
@@ -249,10 +251,11 @@ def _read_rows_once(gm: fx.GraphModule) -> None:
             reads.setdefault(source, []).append(node)
     changed = False
     for source, nodes in reads.items():
-        if len({n.args[1] for n in nodes}) < 2:
+        read = {n.args[1] for n in nodes}
+        if len(read) < 2 or read != set(range(len(read))):
             continue
         with gm.graph.inserting_after(source):
-            unbound = gm.graph.call_function(rows, (source,))
+            unbound = gm.graph.call_function(rows, (source, len(read)))
         for n in nodes:
             n.args = (unbound, n.args[1])
         changed = True

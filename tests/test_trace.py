@@ -447,3 +447,6 @@ def test_rows_read_by_unpacking_come_from_one_unbind_as_in_eager() -> None:
         outs.append([y.detach(), *(p.grad for p in m.parameters())])
     for u, v in zip(*outs, strict=True):
         assert torch.equal(u, v)
+    # A tensor of more rows than are read keeps its selects (no unbind of every row).
+    many = torch.zeros(5, 2)
+    assert rows(many, 2) is many and len(rows(many[:2], 2)) == 2

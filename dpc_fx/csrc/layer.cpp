@@ -18,8 +18,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <limits>
 #include <array>
+#include <limits>
 #include <numeric>
 #include <optional>
 #include <vector>
@@ -503,7 +503,7 @@ struct Attention : public torch::autograd::Function<Attention> {
         ctx->saved_data["scale"].toOptional<double>());
     for (const Tensor& b : buffers) pool.give(b);
     if (g_buffer.defined()) pool.give(g_buffer);
-    variable_list out(32);  // one per forward input (the ranges each one); the rest undefined
+    variable_list out(10 + 9);  // one per forward input, each of the nine ranges one
     const std::array<Tensor, 3> all{dq, dk, dv};
     for (size_t i = 0; i < 3; ++i)
       if (ctx->needs_input_grad(i)) out[i] = all[i];
