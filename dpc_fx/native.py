@@ -45,6 +45,7 @@ from dpc_fx.kernels import packed_bytes
 __all__ = [
     "dequantize",
     "fake_quant_rows",
+    "held_bytes",
     "int8_codes",
     "int8_stochastic",
     "int8_sums",
@@ -55,6 +56,7 @@ __all__ = [
     "quantize",
     "quantize_measured",
     "range_of",
+    "release",
     "stochastic",
     "unavailable",
     "usable",
@@ -260,6 +262,21 @@ def layers_loaded() -> bool:
     """Whether :func:`layers` has loaded the operator: a plain lookup, safe inside a
     ``torch.compile`` trace (which must not start a build)."""
     return _state.get("layers") is True
+
+
+def held_bytes() -> int:
+    """The bytes the layer operator keeps between calls on this thread: one buffer, the
+    size of the largest quantised weight it has made (up to 64 MiB), that every layer's
+    quantised weight is written into and read from in turn. 0 where the operator is not
+    loaded."""
+    return int(torch.ops.dpc_fx.held_bytes()) if layers_loaded() else 0
+
+
+def release() -> None:
+    """Lets go of what :func:`held_bytes` counts, on this thread (a later layer call makes
+    a new buffer)."""
+    if layers_loaded():
+        torch.ops.dpc_fx.release()
 
 
 # Under torch.compile a layer's step is two opaque operators, torch.ops.dpc_fx.layer_forward

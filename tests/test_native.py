@@ -502,6 +502,42 @@ def test_the_pool_keeps_few_buffers_and_lets_a_pass_go_when_the_other_starts(
     assert native.pool.pass_ == "forward" and len(native.pool.free) <= 1
 
 
+def test_the_quantised_weights_share_one_buffer_kept_between_steps() -> None:
+    """Every layer's quantised weight, forward and backward, is written into one buffer the
+    size of the largest (``native.held_bytes``); letting it go between steps changes no
+    output or gradient."""
+    import dpc_fx
+    from dpc_fx import DPCConfig
+
+    if not native.layers():
+        pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    layers = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 32, 3), nn.ReLU(), nn.Conv2d(32, 4, 1)
+    )
+    model = dpc_fx.compile(layers, x, config=DPCConfig(pin_first_last=False)).train()
+    largest = max(p.numel() for name, p in model.named_parameters() if name.endswith("weight"))
+
+    def steps(release: bool) -> list[Tensor]:
+        torch.manual_seed(1)
+        out = []
+        for _ in range(2):
+            if release:
+                native.release()
+                assert native.held_bytes() == 0
+            model.zero_grad(set_to_none=True)
+            y = model(x)
+            y.square().mean().backward()
+            out += [y.detach(), *(p.grad.clone() for p in model.parameters())]
+            assert native.held_bytes() == 4 * largest
+        return out
+
+    native.release()  # an earlier test's layers may have grown it
+    for a, b in zip(steps(False), steps(True), strict=True):
+        assert identical(a, b)
+
+
 class _Layers(nn.Module):
     """Every kind of layer the operators take: conv1d/2d/3d (stride, dilation, groups, no
     bias) and linear on a 3-D input (run as a 2-D product)."""

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 import dpc_fx
-from dpc_fx import DPCConfig, fused
+from dpc_fx import DPCConfig, fused, native
 
 console = Console(stderr=True)
 warnings.filterwarnings("ignore")
@@ -388,8 +388,11 @@ def peak_bytes(model: nn.Module, *inputs: Tensor) -> int | None:
     peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) minus its
     resident set before the step. Read in a process whose allocator returns every block of
     64 KiB or more to the system when freed (``MALLOC_MMAP_THRESHOLD_``, set by
-    :func:`in_child`), so resident memory follows the live tensors. ``None`` where
-    Linux's counters are not there to read."""
+    :func:`in_child`), so resident memory follows the live tensors. The buffer DPC's layer
+    operator keeps between steps (:func:`dpc_fx.native.held_bytes`) is resident before the
+    step and counts as the step's too. ``None`` where Linux's counters are not there to
+    read."""
+    native.release()  # what an earlier model's steps left
     step = step_of(model, *inputs)
     step()
     model.zero_grad(set_to_none=True)
@@ -398,7 +401,7 @@ def peak_bytes(model: nn.Module, *inputs: Tensor) -> int | None:
         Path("/proc/self/clear_refs").write_text("5")
         base = _status_bytes("VmRSS:")
         step()
-        return _status_bytes("VmHWM:") - base
+        return _status_bytes("VmHWM:") - base + native.held_bytes()
     except (OSError, KeyError):
         return None
 
@@ -1128,7 +1131,9 @@ def main() -> int:
         "element), unpacks and dequantises the saved codes in one pass, quantises the weight "
         "again and runs the same ATen backward as fp32. The temporaries (quantised input, "
         "quantised gradient, dequantised input) come from a pool of buffers that the next layer "
-        "of the same size reuses within a pass. The kernel table puts each part against its "
+        "of the same size reuses within a pass; the quantised weight, forward and backward, is "
+        "written into one buffer that every layer reuses and that is kept between steps. The "
+        "kernel table puts each part against its "
         "floor, a range pass and a copy of the same tensor, on the native loops and on the "
         "compiled torch kernels (`DPC_FX_KERNELS=fused`); the gradient's, with its hash, is "
         "the dearest.",
@@ -1183,7 +1188,9 @@ def main() -> int:
         "layers' 8-bit input codes add 0.125x, so 0.63x is that floor.",
         "- *Step peak* is the resident-set high-water mark of one step over the resident set "
         "before it, in a process whose allocator returns freed blocks of 64 KiB or more to the "
-        "system; parameters' gradients are part of it on both sides.",
+        "system; parameters' gradients are part of it on both sides. DPC's counts the buffer "
+        "its layer operator keeps between steps for the quantised weights (the largest "
+        "layer's weight, up to 64 MiB: `dpc_fx.native.held_bytes()`).",
         "- *Integer kernels*: `torch._int_mm` is fast only where the CPU has int8 dot-product "
         "instructions (AVX-512 VNNI, AMX) or on a GPU; the row's notes give its speed against "
         "an fp32 matmul on the machine that made this file. A lowered layer's products run on "
