@@ -538,6 +538,57 @@ def test_the_quantised_weights_share_one_buffer_kept_between_steps() -> None:
         assert identical(a, b)
 
 
+@pytest.mark.parametrize("keep", ["hook", "sum"])
+def test_a_gradient_someone_else_holds_is_never_rounded_in_place(keep: str) -> None:
+    """The layer operator rounds its output gradient in place only where nothing else holds
+    it. A hook that keeps the gradient, and the other operand of a sum with the layer's
+    output (the sum's backward gives both the same gradient tensor; the other's backward,
+    made first, runs after the layer's), must each see it unrounded, and the parameters'
+    gradients must be those of a run where nothing is kept."""
+    import dpc_fx
+    from dpc_fx import DPCConfig
+
+    if not native.layers():
+        pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.conv(x).relu().flatten(2).transpose(1, 2).contiguous()  # (n, 64, 8)
+            return self.fc(h)  # a 3-D input: the operator's gradient is a view
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = dpc_fx.compile(Net(), x, config=DPCConfig(pin_first_last=False)).train()
+    weights = torch.randn(2, 64, 5)
+
+    def run(kept: bool) -> tuple[list[Tensor], Tensor | None]:
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        z = torch.zeros_like(weights, requires_grad=True)
+        other = z * 1.0
+        y = model(x)
+        assert "Layer" in y.grad_fn.next_functions[0][0].name()  # the operator's node
+        held: list[Tensor] = []
+        if kept and keep == "hook":
+            y.register_hook(held.append)
+        ((y + other if kept and keep == "sum" else y) * weights).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        if not kept:
+            return grads, None
+        return grads, held[0] if keep == "hook" else z.grad
+
+    plain, _ = run(kept=False)
+    grads, seen = run(kept=True)
+    for a, b in zip(plain, grads, strict=True):
+        assert identical(a, b)
+    assert seen is not None and identical(seen, weights)  # the loss's gradient, unrounded
+
+
 class _Layers(nn.Module):
     """Every kind of layer the operators take: conv1d/2d/3d (stride, dilation, groups, no
     bias) and linear on a 3-D input (run as a 2-D product)."""

@@ -223,12 +223,37 @@ struct Dense {
   }
 };
 
+// Whether an autograd node may write over the gradient it was given: a contiguous float32
+// CPU tensor autograd does not track, covering all of its memory, that no other tensor
+// holds or shares (no hook kept it, no other input of the op that made it got the same
+// tensor), save, where it is a view of the whole of another (a linear layer's gradient
+// viewed to its 2-D product), that other, which only the view holds. Only the node's own
+// argument list then refers to those values, and nothing reads them after.
+bool owned(const Tensor& grad) {
+  if (!(grad.defined() && grad.use_count() == 1 && !grad.requires_grad() &&
+        grad.device().is_cpu() && grad.scalar_type() == at::kFloat && grad.is_contiguous() &&
+        grad.storage_offset() == 0 &&
+        grad.storage().nbytes() == static_cast<size_t>(grad.nbytes())))
+    return false;
+  if (!grad.is_view()) return grad.storage().use_count() == 1;
+  return grad._base().use_count() == 1 && grad.storage().use_count() == 2;
+}
+
 // quant._quantize_grad: the gradient rounded stochastically over its own range, as a flat
 // vector in memory order (a strided gradient laid out as Dense lays it out), and put back
-// in its layout.
-Tensor round_gradient(const Tensor& grad, int64_t bits, int64_t rank, Tensor& buffer) {
+// in its layout. A gradient the node owns (`own`, see owned) is rounded in place, the same
+// values: a new buffer is written through the caches and faulted in, where the gradient's
+// own memory is there already.
+Tensor round_gradient(const Tensor& grad, int64_t bits, int64_t rank, Tensor& buffer,
+                      bool own = false) {
   if (grad.numel() == 0) return grad;
   const int64_t seed = new_seed(rank);
+  if (own) {
+    float* values = grad.mutable_data_ptr<float>();
+    dpc_stochastic_measured(values, grad.numel(), levels_of(bits), seed, values,
+                            at::get_num_threads());
+    return grad;
+  }
   const Dense dense(grad);
   buffer = pool.take({grad.numel()});
   dpc_stochastic_measured(dense.values.const_data_ptr<float>(), grad.numel(), levels_of(bits),
@@ -338,10 +363,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_step(
     const Tensor& grad, const Kept& kept, const Tensor& weight, at::IntArrayRef x_size,
     int64_t a_bits, int64_t w_bits, int64_t grad_bits, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t rank,
-    bool has_bias, std::array<bool, 3> want, bool share = true) {
+    bool has_bias, std::array<bool, 3> want, bool share = true, bool own_grad = false) {
   enter(kBackward);
   Tensor g = grad, g_buffer;
-  if (grad_bits > 0) g = round_gradient(g, grad_bits, rank, g_buffer);
+  if (grad_bits > 0) g = round_gradient(g, grad_bits, rank, g_buffer, own_grad);
   const int64_t n = c10::multiply_integers(x_size);
   // The same codes mean the same range and flag: they were made and saved together.
   auto place = share ? Place::of(kept.codes) : std::nullopt;
@@ -397,16 +422,20 @@ struct Layer : public torch::autograd::Function<Layer> {
     return y;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  // grads by reference: the node's own list (CppNode's), from which the gradient is moved
+  // out, so that where nothing else holds it, it is this call's alone to round in place.
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     const variable_list saved = ctx->get_saved_variables();
     const std::vector<int64_t> bits = ctx->saved_data["bits"].toIntVector();
+    const Tensor grad = std::move(grads[0]);
     auto [dx, dw, db] = backward_step(
-        grads[0], Kept{saved[0], saved[1], saved[2], saved[3]}, saved[4],
+        grad, Kept{saved[0], saved[1], saved[2], saved[3]}, saved[4],
         ctx->saved_data["x_size"].toIntVector(), bits[0], bits[1], bits[2],
         ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
         ctx->saved_data["dilation"].toIntVector(), bits[3], bits[4],
         ctx->saved_data["has_bias"].toBool(),
-        {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)});
+        {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)},
+        /*share=*/true, owned(grad));
     variable_list out(15);  // one per forward argument
     out[0] = dx;
     out[1] = dw;
@@ -499,13 +528,13 @@ struct Attention : public torch::autograd::Function<Attention> {
     return out;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {  // as Layer's
     enter(kBackward);
     const variable_list saved = ctx->get_saved_variables();
     const std::vector<int64_t> bits = ctx->saved_data["bits"].toIntVector();
     const std::vector<int64_t> layouts = ctx->saved_data["layouts"].toIntVector();
-    Tensor g = grads[0], g_buffer;
-    if (bits[3] > 0) g = round_gradient(g, bits[3], bits[4], g_buffer);
+    Tensor g = std::move(grads[0]), g_buffer;
+    if (bits[3] > 0) g = round_gradient(g, bits[3], bits[4], g_buffer, owned(g));
     std::array<Tensor, 3> buffers, hats;
     size_t next = 0;
     for (size_t i = 0; i < 3; ++i) {

@@ -323,8 +323,10 @@ inline U mix(U index, uint32_t seed) {
 // `eight(i, q)` eight elements at a time and to `one(i, q)` for the last few. Eight lanes by
 // hand: left to itself gcc carries the 64-bit index in vectors and narrows it for the
 // noise's hash every step (0.58 against 0.42 ns an element on one core).
+// (x is not restrict-qualified: stochastic_span writes the levels over x where the caller
+// rounds in place, each element after its own read.)
 template <class Eight, class One>
-inline void stochastic_levels(const float* __restrict__ x, float lo, float scale, float top,
+inline void stochastic_levels(const float* x, float lo, float scale, float top,
                               uint32_t seed, int64_t begin, int64_t end, Eight eight, One one) {
   const v8f lo8 = splat(lo), scale8 = splat(scale), top8 = splat(top), one8 = splat(1.0f);
   v8u index;
@@ -348,8 +350,9 @@ inline void stochastic_levels(const float* __restrict__ x, float lo, float scale
   }
 }
 
-void stochastic_span(const float* __restrict__ x, float* __restrict__ out, float lo,
-                     float scale, float top, uint32_t seed, int64_t begin, int64_t end) {
+// out may be x (in place): element i is written only after it is read.
+void stochastic_span(const float* x, float* out, float lo, float scale, float top,
+                     uint32_t seed, int64_t begin, int64_t end) {
   const v8f lo8 = splat(lo), scale8 = splat(scale);
   stochastic_levels(
       x, lo, scale, top, seed, begin, end,
@@ -600,7 +603,8 @@ void dpc_dequantize(const uint8_t* packed, int64_t n, int bits, float lo, float 
 
 // Stochastic-rounding quantise of x[0, n) over its finite range [lo, hi], with the noise
 // of kernels._uniform (a murmur3-style mix of the element's index and the seed, in 32-bit
-// arithmetic). kernels.fake_quant_stochastic / fake_quant_stochastic_in_range.
+// arithmetic). kernels.fake_quant_stochastic / fake_quant_stochastic_in_range. out may be
+// x: the gradient an autograd node owns alone is rounded in place (csrc/layer.cpp).
 void dpc_stochastic(const float* x, int64_t n, float lo, float hi, float levels, int64_t seed,
                     float* out, int nthreads) {
   const float scale = scale_of(lo, hi, levels);
