@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/DistributionsHelper.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -34,6 +35,26 @@ using torch::autograd::variable_list;
 
 float levels_of(int64_t bits) { return static_cast<float>((int64_t{1} << bits) - 1); }
 
+// The first elements of a float32 CPU buffer as a contiguous tensor of these sizes, sharing
+// its memory: a tensor made directly on the buffer's storage, where narrow and view are
+// dispatched ops (four of them, a microsecond or so each, on every layer's call).
+Tensor leading(const Tensor& buffer, at::IntArrayRef sizes) {
+  Tensor t = at::detail::make_tensor<c10::TensorImpl>(
+      c10::Storage(buffer.storage()), c10::DispatchKeySet(c10::DispatchKey::CPU), buffer.dtype());
+  t.unsafeGetTensorImpl()->set_sizes_contiguous(sizes);
+  return t;
+}
+
+// A zero-dimensional CPU tensor holding v, without the fill that at::scalar_tensor
+// dispatches.
+template <class T>
+Tensor scalar_of(T v) {
+  Tensor t = at::detail::empty_cpu({}, c10::CppTypeToScalarType<T>::value, std::nullopt,
+                                   std::nullopt, std::nullopt, std::nullopt);
+  *t.mutable_data_ptr<T>() = v;
+  return t;
+}
+
 // native._Pool's policy for this path's float temporaries (the quantised input in forward;
 // the quantised gradient and dequantised input in backward): buffers of 64K elements or
 // more go back once the product has read them, to serve the next layer of the same size;
@@ -55,7 +76,7 @@ class Pool {
         if (it->numel() == n) {
           Tensor t = *it;
           free_.erase(it);
-          return t.sizes() == sizes ? t : t.view(sizes);
+          return t.sizes() == sizes ? t : leading(t, sizes);
         }
       }
     }
@@ -158,7 +179,7 @@ class Scratch {
     if (n > kMost) return at::empty(sizes, at::TensorOptions().dtype(at::kFloat));
     if (!buffer_.defined() || buffer_.numel() < n)
       buffer_ = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
-    return buffer_.narrow(0, 0, n).view(sizes);
+    return leading(buffer_, sizes);
   }
   int64_t bytes() const { return buffer_.defined() ? buffer_.nbytes() : 0; }
   void release() { buffer_.reset(); }
@@ -347,8 +368,7 @@ Tensor forward_step(const Tensor& x, const Tensor& weight, const std::optional<T
         x_hat.mutable_data_ptr<float>(), codes.mutable_data_ptr<uint8_t>(), range,
         at::get_num_threads());
     forward_input.set(std::move(place), a_bits, x_hat,
-                      {codes, at::scalar_tensor(range[0], at::kFloat),
-                       at::scalar_tensor(range[1], at::kFloat), at::scalar_tensor(bad, at::kBool)});
+                      {codes, scalar_of(range[0]), scalar_of(range[1]), scalar_of(bad)});
   }
   kept = forward_input.kept;
   // (shared: the same place, so the same sizes)
@@ -479,8 +499,7 @@ Coded quantize_input(const Tensor& x, int64_t bits) {
       dense.values.const_data_ptr<float>(), n, levels_of(bits), static_cast<int>(bits),
       c.buffer.mutable_data_ptr<float>(), codes.mutable_data_ptr<uint8_t>(), range,
       at::get_num_threads());
-  c.kept = {codes, at::scalar_tensor(range[0], at::kFloat),
-            at::scalar_tensor(range[1], at::kFloat), at::scalar_tensor(bad, at::kBool)};
+  c.kept = {codes, scalar_of(range[0]), scalar_of(range[1]), scalar_of(bad)};
   c.hat = dense.back(c.buffer);
   return c;
 }
