@@ -173,7 +173,10 @@ def copy_floor(model: nn.Module, compiled: nn.Module, empty: bool = False) -> nn
     weight's range and a copy; backward, the output gradient's range and a copy (its
     rounding), a copy of the input (the codes made floats again), the weight's range and
     copy again. Where ``compiled`` fuses attention, the same for each call of
-    ``F.scaled_dot_product_attention``: query, key and value as inputs, no weight.
+    ``F.scaled_dot_product_attention``: query, key and value as inputs, no weight; where it
+    fuses products of two activations, for each ``torch.matmul`` (or ``@``) of two tensors
+    that are not parameters: both operands as inputs (each quantised and, in backward, its
+    codes made floats again), no weight.
     ``empty``: the same hooks doing nothing, whose own cost (tens of microseconds a layer of
     Python) :func:`floor_ratio` takes off. ``None`` where no fused layer has a module to
     hook."""
@@ -212,8 +215,14 @@ def copy_floor(model: nn.Module, compiled: nn.Module, empty: bool = False) -> nn
     for module in names:
         module.register_forward_pre_hook(before)
         module.register_forward_hook(after)
-    if any(isinstance(m, fused.FusedAttention) for m in compiled.modules()):
-        mode = _AttentionPasses(passes, empty)
+    calls: set[Any] = set()
+    for m in compiled.modules():
+        if isinstance(m, fused.FusedAttention):
+            calls.add(F.scaled_dot_product_attention)
+        elif isinstance(m, fused.FusedLayer) and m.op == "matmul":
+            calls.update((torch.matmul, Tensor.__matmul__))
+    if calls:
+        mode = _CallPasses(passes, empty, calls)
 
         def enter(*_: Any) -> None:
             mode.__enter__()
@@ -226,19 +235,22 @@ def copy_floor(model: nn.Module, compiled: nn.Module, empty: bool = False) -> nn
     return floor
 
 
-class _AttentionPasses(TorchFunctionMode):
-    """Runs, around each ``F.scaled_dot_product_attention`` call, the passes fused
-    attention's quantisers make (:func:`copy_floor`)."""
+class _CallPasses(TorchFunctionMode):
+    """Runs, around each call of ``calls`` (attention, or a product of two activations), the
+    passes its fused quantisers make (:func:`copy_floor`): its tensor operands' (attention:
+    query, key and value), forward and backward."""
 
-    def __init__(self, passes: Callable[[Tensor], None], empty: bool) -> None:
+    def __init__(self, passes: Callable[[Tensor], None], empty: bool, calls: set[Any]) -> None:
         super().__init__()
-        self.passes, self.empty = passes, empty
+        self.passes, self.empty, self.calls = passes, empty, calls
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if func is not F.scaled_dot_product_attention:
+        if func not in self.calls:
             return out
-        inputs = [t.detach() for t in args[:3]]
+        inputs = [t.detach() for t in args[:3] if isinstance(t, Tensor)]
+        if any(isinstance(t, nn.Parameter) for t in args[:2]):
+            return out  # a layer's product with its weight: hooked as a module
         for t in inputs:
             self.passes(t)
         if out.requires_grad:
@@ -362,6 +374,12 @@ def bench_step(quick: bool) -> list[list[str]]:
             target = {"ResNet-18": 1.15, "MobileNetV2": 1.2, "Transformer block": 1.15}.get(
                 label.split(",")[0]
             )
+            floor = ""
+            if name == "dpc_fx":
+                hooked = copy_floor(base, dpc, empty=True), copy_floor(base, dpc)
+                if hooked[0] is not None and hooked[1] is not None:
+                    steps = (step_of(hooked[0], x), step_of(hooked[1], x))
+                    floor = f"{floor_ratio(fp32_step, *steps, reps):.2f}x"
             rows.append(
                 [
                     label,
@@ -369,6 +387,7 @@ def bench_step(quick: bool) -> list[list[str]]:
                     f"{ta * 1e3:.0f} ms",
                     f"{tb * 1e3:.0f} ms",
                     f"{ratio:.2f}x",
+                    floor,
                     f"{mem[name] / mem['fp32']:.2f}x",
                     _verdict(ratio, target) if target and name == "dpc_fx" else "",
                 ]
@@ -1048,6 +1067,7 @@ def main() -> int:
                     "fp32",
                     "method time",
                     "time ratio",
+                    "copy floor",
                     "saved-for-backward memory ratio",
                     "target",
                 ],
@@ -1156,7 +1176,7 @@ def main() -> int:
         "code writes slowly on this CPU: docs/PROFILE.md). What the compiled demo pays beyond "
         "fp32 is then mostly the quantiser loops inside the two layers' calls (the layer "
         "operators column of docs/PROFILE.md).",
-        "- *The copy floor* (the targets table): fp32's step plus the time the passes a fused "
+        "- *The copy floor* (the step and targets tables): fp32's step plus the time the passes a fused "
         "layer's quantisers make would take as plain ATen reductions (`aminmax`) and copies "
         "(`clone`) of the same tensors: what a DPC step would cost if its quantiser loops ran "
         "at the memory's speed, the products and the rest as fp32's. The passes run from "
@@ -1167,7 +1187,8 @@ def main() -> int:
         "time goes on fp32's compiled step. An input several layers read at the same bits "
         "(a decoder's k and v projections) is quantised once, as the fused layers share its "
         "codes; fused attention's passes run around each `F.scaled_dot_product_attention` "
-        "call, on its query, key and value.",
+        "call, on its query, key and value, and a fused product of two activations' around "
+        "each `torch.matmul` of two tensors that are not parameters, on both.",
         "- *Captured models*: a Hugging Face model is captured by `torch.export` and runs as an "
         "ATen graph, op by op; the reference row under the Llama decoder times that graph with "
         "no layer quantised, the part of the decoder's ratio that is not quantisation. The "
