@@ -31,9 +31,11 @@ input in backward) come from ``native.pool`` and go back to it once the product 
 them. The common case, a conv or linear layer in training whose weight is a parameter,
 runs as one operator, ``torch.ops.dpc_fx.layer`` (``csrc/layer.cpp``): the same loops, ops,
 random draws and saved tensors as :class:`_FusedFn`, with its autograd node in C++, so a
-small layer pays no Python per step beyond the call (:func:`_native_step`). Layers on the
-operator that read the same tensor at the same bits (a transformer's q, k and v
-projections) quantise it once and keep one set of codes between them.
+small layer pays no Python per step beyond the call (:func:`_native_step`); so does a
+product of two activations in training, as ``torch.ops.dpc_fx.product``
+(:func:`_native_product`). Layers on the operator that read the same tensor at the same bits
+(a transformer's q, k and v projections) quantise it once and keep one set of codes between
+them.
 
 Attention on quantised query, key and value runs as :class:`FusedAttention`: the three
 quantisers and PyTorch's CPU flash kernel in one autograd node that keeps the inputs' codes
@@ -291,9 +293,10 @@ class _FusedFn(torch.autograd.Function):
     """Quantise, multiply, keep codes; in backward quantise the gradient and differentiate
     the product at the dequantised codes (straight through to ``x`` and ``weight``).
 
-    The Python path, for every case :func:`_native_layer` leaves out (a product of two
-    activations, a weight that is not a parameter, autocast, eval mode, half precision, a
-    quantiser checking for non-finite values); :func:`_native_step` is the same step."""
+    The Python path, for every case :func:`_native_layer` and :func:`_native_matmul` leave
+    out (a weight that is not a parameter, autocast, eval mode, half precision, a quantiser
+    checking for non-finite values); :func:`_native_step` and :func:`_native_product` are
+    the same step."""
 
     @staticmethod
     def forward(
@@ -434,6 +437,47 @@ def _native_step(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | No
         layer.padding,
         layer.dilation,
         layer.groups,
+        act_q.running_min,
+        act_q.running_max,
+        act_q.seen,
+        1.0 - act_q.momentum,
+        kernels._rank(),
+    )
+
+
+def _native_matmul(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether ``layer``'s step can run as ``torch.ops.dpc_fx.product``: a product of two
+    activations (the fused layer's op ``"matmul"``, its batch dimensions equal) in training,
+    on float32 CPU tensors outside autocast and ``torch.compile``, its second operand
+    quantised per tensor, no quantiser checking for non-finite values."""
+    act_q, weight_q, grad_q = layer.act_q, layer.weight_q, layer.grad_q
+    return (
+        layer.op == "matmul"
+        and bias is None
+        and act_q.training
+        and weight_q.channel_dim is None
+        and not act_q.check_finite
+        and not weight_q.check_finite
+        and not (grad_q is not None and grad_q.check_finite)
+        and x.dtype == weight.dtype == act_q.running_min.dtype == torch.float32
+        and x.device.type == weight.device.type == "cpu"
+        and not torch.is_autocast_enabled("cpu")
+        and native.layers()
+    )
+
+
+def _native_product(layer: FusedLayer, x: Tensor, weight: Tensor, bias: None) -> Tensor:
+    """The product's step as ``torch.ops.dpc_fx.product``: what :class:`_FusedFn` does for
+    a ``"matmul"`` layer, with the same loops, ops, random draws and saved codes, in one
+    call forward and a C++ autograd node backward."""
+    act_q = layer.act_q
+    layer.last_shapes = (x.numel(), weight.numel(), 1)
+    return torch.ops.dpc_fx.product.default(  # type: ignore[no-any-return]
+        x,
+        weight,
+        act_q.bits,
+        layer.weight_q.bits,
+        _grad_bits(layer),
         act_q.running_min,
         act_q.running_max,
         act_q.seen,
@@ -693,7 +737,9 @@ class FusedLayer(nn.Module):
             # The operator's halves where they take the layer; else the quantisers' torch
             # ops, for inductor to fuse into their neighbours.
             return _compiled_step if _native_layer(self, x, weight, bias) else None
-        return _native_step if _native_layer(self, x, weight, bias) else _python_step
+        if _native_layer(self, x, weight, bias):
+            return _native_step
+        return _native_product if _native_matmul(self, x, weight, bias) else _python_step
 
     def product(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """The layer's op on (quantised) ``x`` and ``weight``."""

@@ -703,6 +703,57 @@ def test_the_attention_operator_equals_the_python_path_and_the_eager_kernels(
         assert identical(a, b) and identical(a, c)
 
 
+class _Products(nn.Module):
+    """Attention written out as products of two activations, in the layouts the product
+    operator meets: q, k and v as rows of one fused projection (dense in no order: copied),
+    k transposed, the scores' softmax contiguous, and a value sliced from a wider
+    projection; the product's output transposed before the last layer (its gradient
+    strided)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.v, self.out = nn.Linear(16, 48), nn.Linear(16, 32), nn.Linear(16, 16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q, k, _ = self.qkv(x).view(b, t, 3, 4, 4).permute(2, 0, 3, 1, 4)
+        v = self.v(x).view(b, t, 4, 8)[..., :4].transpose(1, 2)
+        att = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+        return self.out((att @ v).transpose(1, 2).reshape(b, t, 16))
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_the_product_operator_equals_the_python_path_and_the_eager_kernels(
+    monkeypatch: pytest.MonkeyPatch, rank: int
+) -> None:
+    """The product operator (``torch.ops.dpc_fx.product``, a fused product of two
+    activations with its C++ autograd node) gives every output, gradient and running range
+    that the Python path on the same loops gives, and the eager kernels, bit for bit, for
+    operands in every layout; under ``torch.distributed`` (rank 3) with the seeds offset."""
+    import dpc_fx
+    from dpc_fx import DPCConfig
+
+    if not native.layers():
+        pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
+    monkeypatch.setattr(kernels, "_rank", lambda: rank)
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 16)
+    config = DPCConfig(overrides={"*": (6, 5, 8)}, pin_first_last=False)
+    base = dpc_fx.compile(_Products(), x, config=config)
+    assert [m.op for m in dpc_fx.layers(base)].count("matmul") == 2
+    calls = []
+    step = fused._native_product
+    monkeypatch.setattr(fused, "_native_product", lambda *a: calls.append(1) or step(*a))
+    with_op, eager_run = _train_in_both_modes(monkeypatch, base, x, 2, Tensor.square)
+    assert len(calls) == 2 * 2  # two steps, two products: the operator ran
+    monkeypatch.setattr(native, "layers", lambda: False)
+    calls.clear()
+    python_path, _ = _train_in_both_modes(monkeypatch, base, x, 2, Tensor.square)
+    assert not calls
+    for a, b, c in zip(with_op, python_path, eager_run, strict=True):
+        assert identical(a, b) and identical(a, c)
+
+
 def _layer_op(x: Tensor, running: tuple[Tensor, Tensor, Tensor], weight_of_batch: float) -> Tensor:
     """A linear layer's step on the operator (4-bit input and weight, 8-bit gradient)."""
     w = torch.linspace(-1, 1, 3 * x.shape[1]).view(3, -1).requires_grad_()

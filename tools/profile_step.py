@@ -11,13 +11,14 @@ step columns: medians, no profiler). Then a few steps of each run under
 
 - the ReLUs that keep a bit an element (``torch.ops.dpc_fx.relu`` and its C++ node; their
   halves under ``torch.compile``): ReLU's own pass, a bit written beside each output;
-- the layer operators (``torch.ops.dpc_fx.layer`` and ``torch.ops.dpc_fx.attention`` in
+- the layer operators (``torch.ops.dpc_fx.layer``, ``attention`` and ``product`` in
   forward, their C++ autograd nodes in backward), whose own time is the quantiser loops:
   the inputs' ranges and codes, the weight per channel, the gradient's stochastic rounding,
   the codes dequantised;
 - the fused layers' Python autograd nodes (``_FusedFn`` and ``_AttentionFn`` and their
-  backward, for the layers the operators leave out, a product of two activations say, or
-  where the operators could not be built: their Python, and their loops, called through
+  backward, for the layers the operators leave out, a weight quantised per channel that is
+  no parameter say, or where the operators could not be built: their Python, and their
+  loops, called through
   ctypes where the profiler cannot see them);
 - the quantisers that run unfused (their autograd nodes' own time);
 - ATen ops (``aten::*``: the products, their backward and the rest of the model), in fp32's
@@ -65,14 +66,17 @@ from dpc_fx import DPCConfig, fused, native
 console = Console(stderr=True)
 warnings.filterwarnings("ignore")
 
+# The C++ autograd nodes of csrc/layer.cpp's operators (profiled as CppNode<...::Name>)
+_OPERATOR_NODES = ("Layer", "Attention", "Product")
+
 # (column, who): who is a predicate on a profiler event's name
 PARTS: list[tuple[str, Callable[[str], bool]]] = [
     # ReLUs keeping bits (torch.ops.dpc_fx.relu, its C++ node, its halves under compile)
     ("bit ReLUs", lambda n: n.startswith("dpc_fx::relu") or "::Relu" in n),  # ReluInPlace too
-    # the operators' forward (layer and attention), and their C++ autograd nodes' backward
+    # the operators' forward (layer, attention, product), their C++ autograd nodes' backward
     (
         "layer operators: quantiser loops",
-        lambda n: n.startswith("dpc_fx::") or "::Layer>" in n or "::Attention>" in n,
+        lambda n: n.startswith("dpc_fx::") or any(f"::{k}>" in n for k in _OPERATOR_NODES),
     ),
     ("fused layers' autograd nodes (Python)", lambda n: n.startswith(("_FusedFn", "_AttentionFn"))),
     (

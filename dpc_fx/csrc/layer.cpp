@@ -504,6 +504,40 @@ Coded quantize_input(const Tensor& x, int64_t bits) {
   return c;
 }
 
+// Coded inputs as forward keeps them for backward: each one's codes, range and flag in
+// `saved`, its layout (rank, sizes, strides) in `layouts`; their pool buffers go back.
+void keep_coded(at::ArrayRef<Coded> coded, variable_list& saved, std::vector<int64_t>& layouts) {
+  for (const Coded& c : coded) {
+    pool.give(c.buffer);
+    saved.insert(saved.end(), {c.kept.codes, c.kept.lo, c.kept.hi, c.kept.bad});
+    layouts.push_back(c.hat.dim());
+    for (auto part : {c.hat.sizes(), c.hat.strides()})
+      layouts.insert(layouts.end(), part.begin(), part.end());
+  }
+}
+
+// Backward's side: for each of the `count` inputs keep_coded kept, input i's codes
+// (saved[4 i] on) dequantised into a pool buffer (buffers[i]), viewed in its layout (hats[i]).
+void dequantize_kept(const variable_list& saved, const std::vector<int64_t>& layouts,
+                     const std::vector<int64_t>& bits, size_t count, Tensor* buffers,
+                     Tensor* hats) {
+  size_t next = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const int64_t dim = layouts[next];
+    const at::IntArrayRef sizes(layouts.data() + next + 1, dim);
+    const at::IntArrayRef strides(layouts.data() + next + 1 + dim, dim);
+    next += 1 + 2 * dim;
+    const int64_t n = c10::multiply_integers(sizes);
+    const Tensor* kept = &saved[4 * i];
+    buffers[i] = pool.take({n});
+    dpc_dequantize(kept[0].const_data_ptr<uint8_t>(), n, static_cast<int>(bits[i]),
+                   value_in<float>(kept[1]), value_in<float>(kept[2]), levels_of(bits[i]),
+                   value_in<bool>(kept[3]) ? 1 : 0, buffers[i].mutable_data_ptr<float>(),
+                   at::get_num_threads());
+    hats[i] = buffers[i].as_strided(sizes, strides);
+  }
+}
+
 struct Attention : public torch::autograd::Function<Attention> {
   // ranges: each input's running_min, running_max and seen, in turn.
   static Tensor forward(AutogradContext* ctx, const Tensor& query, const Tensor& key,
@@ -530,14 +564,8 @@ struct Attention : public torch::autograd::Function<Attention> {
     auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
         coded[0].hat, coded[1].hat, coded[2].hat, 0.0, is_causal, mask, scale);
     variable_list saved;
-    std::vector<int64_t> layouts;  // each input's rank, sizes and strides
-    for (Coded& c : coded) {
-      pool.give(c.buffer);
-      saved.insert(saved.end(), {c.kept.codes, c.kept.lo, c.kept.hi, c.kept.bad});
-      layouts.push_back(c.hat.dim());
-      for (auto part : {c.hat.sizes(), c.hat.strides()})
-        layouts.insert(layouts.end(), part.begin(), part.end());
-    }
+    std::vector<int64_t> layouts;
+    keep_coded(coded, saved, layouts);
     saved.insert(saved.end(), {out, lse, mask ? *mask : Tensor()});
     ctx->save_for_backward(saved);
     ctx->saved_data["layouts"] = layouts;
@@ -555,21 +583,7 @@ struct Attention : public torch::autograd::Function<Attention> {
     Tensor g = std::move(grads[0]), g_buffer;
     if (bits[3] > 0) g = round_gradient(g, bits[3], bits[4], g_buffer, owned(g));
     std::array<Tensor, 3> buffers, hats;
-    size_t next = 0;
-    for (size_t i = 0; i < 3; ++i) {
-      const int64_t dim = layouts[next];
-      const at::IntArrayRef sizes(layouts.data() + next + 1, dim);
-      const at::IntArrayRef strides(layouts.data() + next + 1 + dim, dim);
-      next += 1 + 2 * dim;
-      const int64_t n = c10::multiply_integers(sizes);
-      const Tensor* kept = &saved[4 * i];
-      buffers[i] = pool.take({n});
-      dpc_dequantize(kept[0].const_data_ptr<uint8_t>(), n, static_cast<int>(bits[i]),
-                     value_in<float>(kept[1]), value_in<float>(kept[2]), levels_of(bits[i]),
-                     value_in<bool>(kept[3]) ? 1 : 0, buffers[i].mutable_data_ptr<float>(),
-                     at::get_num_threads());
-      hats[i] = buffers[i].as_strided(sizes, strides);
-    }
+    dequantize_kept(saved, layouts, bits, 3, buffers.data(), hats.data());
     const Tensor& mask = saved[14];
     auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
         g, hats[0], hats[1], hats[2], saved[12], saved[13], 0.0,
@@ -592,6 +606,63 @@ Tensor attention(const Tensor& query, const Tensor& key, const Tensor& value,
                  at::TensorList ranges, at::ArrayRef<double> weight_of_batch, int64_t rank) {
   return Attention::apply(query, key, value, attn_mask, is_causal, scale, bits, grad_bits,
                           ranges, weight_of_batch, rank);
+}
+
+// A product of two activations (dpc_fx/fused.py, _FusedFn for a "matmul" layer, such as
+// attention written out as q @ k^T and att @ v) as one operator with its own autograd node:
+// both operands quantised over their own ranges (the first by the layer's activation
+// quantiser, whose running range moves; the second by its weight quantiser, per tensor),
+// torch.matmul on the quantised values, both operands' codes kept; backward rounds the
+// output gradient, dequantises the codes and runs the folded bmm backward _FusedFn runs
+// (fused._matmul_backward). The same loops and ATen calls in the same order as _FusedFn,
+// so the same values, gradients and random draws. The batch dimensions are equal (the
+// caller checks).
+struct Product : public torch::autograd::Function<Product> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& a, const Tensor& b, int64_t a_bits,
+                        int64_t b_bits, int64_t grad_bits, Tensor running_min,
+                        Tensor running_max, Tensor seen, double weight_of_batch, int64_t rank) {
+    enter(kForward);
+    std::array<Coded, 2> coded;
+    coded[0] = quantize_input(a, a_bits);
+    observe(coded[0].kept, running_min, running_max, seen, weight_of_batch);
+    coded[1] = quantize_input(b, b_bits);
+    Tensor y = at::matmul(coded[0].hat, coded[1].hat);
+    variable_list saved;
+    std::vector<int64_t> layouts;
+    keep_coded(coded, saved, layouts);
+    ctx->save_for_backward(saved);
+    ctx->saved_data["layouts"] = layouts;
+    ctx->saved_data["bits"] = std::vector<int64_t>{a_bits, b_bits, grad_bits, rank};
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {  // as Layer's
+    enter(kBackward);
+    const variable_list saved = ctx->get_saved_variables();
+    const std::vector<int64_t> bits = ctx->saved_data["bits"].toIntVector();
+    Tensor g = std::move(grads[0]), g_buffer;
+    if (bits[2] > 0) g = round_gradient(g, bits[2], bits[3], g_buffer, owned(g));
+    std::array<Tensor, 2> buffers, hats;
+    dequantize_kept(saved, ctx->saved_data["layouts"].toIntVector(), bits, 2, buffers.data(),
+                    hats.data());
+    const Tensor &a = hats[0], &b = hats[1];
+    const int64_t n = a.size(-2), k = a.size(-1), m = b.size(-1);
+    const Tensor a3 = a.reshape({-1, n, k}), b3 = b.reshape({-1, k, m}),
+                 g3 = g.reshape({-1, n, m});
+    variable_list out(10);  // one per forward argument
+    if (ctx->needs_input_grad(0)) out[0] = g3.bmm(b3.transpose(1, 2)).reshape(a.sizes());
+    if (ctx->needs_input_grad(1)) out[1] = a3.transpose(1, 2).bmm(g3).reshape(b.sizes());
+    for (const Tensor& t : buffers) pool.give(t);
+    if (g_buffer.defined()) pool.give(g_buffer);
+    return out;
+  }
+};
+
+Tensor product_of(const Tensor& a, const Tensor& b, int64_t a_bits, int64_t b_bits,
+                  int64_t grad_bits, Tensor running_min, Tensor running_max, Tensor seen,
+                  double weight_of_batch, int64_t rank) {
+  return Product::apply(a, b, a_bits, b_bits, grad_bits, running_min, running_max, seen,
+                        weight_of_batch, rank);
 }
 
 // The two halves as operators without autograd, for torch.compile: there the step is an
@@ -721,6 +792,10 @@ TORCH_LIBRARY(dpc_fx, m) {
       "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, "
       "float? scale, int[] bits, int grad_bits, Tensor(a!)[] ranges, float[] weight_of_batch, "
       "int rank) -> Tensor");
+  m.def(
+      "product(Tensor a, Tensor b, int a_bits, int b_bits, int grad_bits, "
+      "Tensor(a!) running_min, Tensor(b!) running_max, Tensor(c!) seen, float weight_of_batch, "
+      "int rank) -> Tensor");
   m.def("relu(Tensor x, float top) -> Tensor");
   m.def("relu_(Tensor(a!) x, float top) -> Tensor(a!)");
   m.def("relu_forward(Tensor x, float top) -> (Tensor, Tensor)");
@@ -730,12 +805,14 @@ TORCH_LIBRARY(dpc_fx, m) {
 TORCH_LIBRARY_IMPL(dpc_fx, Autograd, m) {
   m.impl("layer", layer);
   m.impl("attention", attention);
+  m.impl("product", product_of);
   m.impl("relu", relu);
   m.impl("relu_", relu_);
 }
 TORCH_LIBRARY_IMPL(dpc_fx, CPU, m) {
   m.impl("layer", layer);
   m.impl("attention", attention);
+  m.impl("product", product_of);
   m.impl("layer_forward", layer_forward);
   m.impl("layer_backward", layer_backward);
   m.impl("relu", relu);
