@@ -265,16 +265,20 @@ def layers_loaded() -> bool:
 
 
 def held_bytes() -> int:
-    """The bytes the layer operator keeps between calls on this thread: one buffer, the
-    size of the largest quantised weight it has made (up to 64 MiB), that every layer's
-    quantised weight is written into and read from in turn. 0 where the operator is not
-    loaded."""
-    return int(torch.ops.dpc_fx.held_bytes()) if layers_loaded() else 0
+    """The bytes the fused layers' buffers hold between calls on this thread, for the next
+    layer or step to reuse: the operator's buffer for the quantised weights (the size of the
+    largest it has made, up to 64 MiB), its pool's free buffers and the input the last layer
+    shared, and :data:`pool`'s free buffers (the Python path's). A step's memory counts
+    them: resident before it, they serve it."""
+    held = sum(t.untyped_storage().nbytes() for t in pool.free)
+    return held + (int(torch.ops.dpc_fx.held_bytes()) if layers_loaded() else 0)
 
 
 def release() -> None:
-    """Lets go of what :func:`held_bytes` counts, on this thread (a later layer call makes
-    a new buffer)."""
+    """Lets go of what :func:`held_bytes` counts, on this thread (later calls make new
+    buffers)."""
+    pool.free.clear()
+    pool.pass_ = None
     if layers_loaded():
         torch.ops.dpc_fx.release()
 

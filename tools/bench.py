@@ -407,10 +407,10 @@ def peak_bytes(model: nn.Module, *inputs: Tensor) -> int | None:
     peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) minus its
     resident set before the step. Read in a process whose allocator returns every block of
     64 KiB or more to the system when freed (``MALLOC_MMAP_THRESHOLD_``, set by
-    :func:`in_child`), so resident memory follows the live tensors. The buffer DPC's layer
-    operator keeps between steps (:func:`dpc_fx.native.held_bytes`) is resident before the
-    step and counts as the step's too. ``None`` where Linux's counters are not there to
-    read."""
+    :func:`in_child`), so resident memory follows the live tensors. The buffers DPC's fused
+    layers keep between steps for the next to reuse (:func:`dpc_fx.native.held_bytes`:
+    the quantised weights' buffer, the pools' free buffers) are resident before the step
+    and count as the step's. ``None`` where Linux's counters are not there to read."""
     native.release()  # what an earlier model's steps left
     step = step_of(model, *inputs)
     step()
@@ -418,9 +418,10 @@ def peak_bytes(model: nn.Module, *inputs: Tensor) -> int | None:
     gc.collect()
     try:
         Path("/proc/self/clear_refs").write_text("5")
+        held = native.held_bytes()
         base = _status_bytes("VmRSS:")
         step()
-        return _status_bytes("VmHWM:") - base + native.held_bytes()
+        return _status_bytes("VmHWM:") - base + held
     except (OSError, KeyError):
         return None
 
@@ -1210,9 +1211,10 @@ def main() -> int:
         "layers' 8-bit input codes add 0.125x, so 0.63x is that floor.",
         "- *Step peak* is the resident-set high-water mark of one step over the resident set "
         "before it, in a process whose allocator returns freed blocks of 64 KiB or more to the "
-        "system; parameters' gradients are part of it on both sides. DPC's counts the buffer "
-        "its layer operator keeps between steps for the quantised weights (the largest "
-        "layer's weight, up to 64 MiB: `dpc_fx.native.held_bytes()`).",
+        "system; parameters' gradients are part of it on both sides. DPC's counts the buffers "
+        "its fused layers keep between steps for the next to reuse (`dpc_fx.native."
+        "held_bytes()`: one for the quantised weights, the size of the largest, and the "
+        "pools' free buffers), which are resident before the step.",
         "- *Integer kernels*: `torch._int_mm` is fast only where the CPU has int8 dot-product "
         "instructions (AVX-512 VNNI, AMX) or on a GPU; the row's notes give its speed against "
         "an fp32 matmul on the machine that made this file. A lowered layer's products run on "

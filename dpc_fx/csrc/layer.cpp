@@ -87,6 +87,15 @@ class Pool {
     free_.push_back(t);
     if (free_.size() > kKeep) free_.erase(free_.begin());
   }
+  int64_t bytes() const {
+    int64_t n = 0;
+    for (const Tensor& t : free_) n += static_cast<int64_t>(t.nbytes());
+    return n;
+  }
+  void clear() {
+    free_.clear();
+    pass_ = -1;
+  }
 
  private:
   static constexpr int64_t kSmallest = int64_t{1} << 16;
@@ -767,10 +776,23 @@ Tensor relu_(Tensor& x, double top) { return ReluInPlace::apply(x, top); }
 
 }  // namespace
 
-// What the calling thread's buffers hold between calls (the weight's scratch), and letting
-// it go.
-int64_t held_bytes() { return scratch.bytes(); }
-void release() { scratch.release(); }
+// What the calling thread's buffers hold between calls, and letting it go: the weight's
+// scratch, the pool's free buffers (the last pass's, until the other pass starts) and the
+// quantised or dequantised input the last layer shared. A step's memory counts them: they
+// are resident before it and it uses them.
+int64_t held_bytes() {
+  int64_t n = scratch.bytes() + pool.bytes();
+  for (const Shared* s : {&forward_input, &backward_input})
+    if (s->floats.defined()) n += static_cast<int64_t>(s->floats.nbytes());
+  return n;
+}
+
+void release() {
+  forward_input.clear();  // (gives its buffer to the pool, which lets go of it next)
+  backward_input.clear();
+  pool.clear();
+  scratch.release();
+}
 
 TORCH_LIBRARY(dpc_fx, m) {
   m.def("held_bytes() -> int", held_bytes);
