@@ -672,6 +672,43 @@ class _Attention(nn.Module):
         return self.out(h.transpose(1, 2).reshape(b, t, 16))
 
 
+def _operator_equals_both_paths(
+    monkeypatch: pytest.MonkeyPatch,
+    model: nn.Module,
+    op: str,
+    bits: tuple[int, int, int],
+    rank: int,
+    layers: int,
+) -> None:
+    """Trains ``model`` compiled (``layers`` fused layers of kind ``op`` at ``bits``) two
+    steps on its operator, on the Python path and on the eager kernels, from the same seed
+    (``rank``: the process's under ``torch.distributed``), and checks that the operator ran
+    and that every output, gradient and running range agrees bit for bit."""
+    import dpc_fx
+    from dpc_fx import DPCConfig
+
+    if not native.layers():
+        pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
+    monkeypatch.setattr(kernels, "_rank", lambda: rank)
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 16)
+    config = DPCConfig(overrides={"*": bits}, pin_first_last=False)
+    base = dpc_fx.compile(model, x, config=config)
+    assert [m.op for m in dpc_fx.layers(base)].count(op) == layers
+    name = {"attention": "_native_attention", "matmul": "_native_product"}[op]
+    calls = []
+    step = getattr(fused, name)
+    monkeypatch.setattr(fused, name, lambda *a: calls.append(1) or step(*a))
+    with_op, eager_run = _train_in_both_modes(monkeypatch, base, x, 2, Tensor.square)
+    assert len(calls) == 2 * layers  # two steps: the operator ran
+    monkeypatch.setattr(native, "layers", lambda: False)
+    calls.clear()
+    python_path, _ = _train_in_both_modes(monkeypatch, base, x, 2, Tensor.square)
+    assert not calls
+    for a, b, c in zip(with_op, python_path, eager_run, strict=True):
+        assert identical(a, b) and identical(a, c)
+
+
 @pytest.mark.parametrize(("mask", "rank"), [("none", 0), ("causal", 3), ("padding", 0)])
 def test_the_attention_operator_equals_the_python_path_and_the_eager_kernels(
     monkeypatch: pytest.MonkeyPatch, mask: str, rank: int
@@ -681,36 +718,14 @@ def test_the_attention_operator_equals_the_python_path_and_the_eager_kernels(
     gives, and the eager kernels, bit for bit: for inputs in every layout (a copy where
     one is not dense), grouped-query attention, each kind of mask, and a strided incoming
     gradient; under ``torch.distributed`` (rank 3) with the seeds offset."""
-    import dpc_fx
-    from dpc_fx import DPCConfig
-
-    if not native.layers():
-        pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
-    monkeypatch.setattr(kernels, "_rank", lambda: rank)
-    torch.manual_seed(0)
-    x = torch.randn(3, 8, 16)
-    config = DPCConfig(overrides={"*": (6, 6, 8)}, pin_first_last=False)
-    base = dpc_fx.compile(_Attention(mask), x, config=config)
-    assert [m.op for m in dpc_fx.layers(base)].count("attention") == 1
-    calls = []
-    step = fused._native_attention
-    monkeypatch.setattr(fused, "_native_attention", lambda *a: calls.append(1) or step(*a))
-    with_op, eager_run = _train_in_both_modes(monkeypatch, base, x, 2, Tensor.square)
-    assert len(calls) == 2  # two steps: the operator ran
-    monkeypatch.setattr(native, "layers", lambda: False)
-    calls.clear()
-    python_path, _ = _train_in_both_modes(monkeypatch, base, x, 2, Tensor.square)
-    assert not calls
-    for a, b, c in zip(with_op, python_path, eager_run, strict=True):
-        assert identical(a, b) and identical(a, c)
+    _operator_equals_both_paths(monkeypatch, _Attention(mask), "attention", (6, 6, 8), rank, 1)
 
 
 class _Products(nn.Module):
     """Attention written out as products of two activations, in the layouts the product
-    operator meets: q, k and v as rows of one fused projection (dense in no order: copied),
-    k transposed, the scores' softmax contiguous, and a value sliced from a wider
-    projection; the product's output transposed before the last layer (its gradient
-    strided)."""
+    operator meets: q and k as rows of one fused projection (dense in no order: copied), k
+    transposed, the scores' softmax contiguous, and a value sliced from a wider projection;
+    the product's output transposed before the last layer (its gradient strided)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -732,28 +747,7 @@ def test_the_product_operator_equals_the_python_path_and_the_eager_kernels(
     activations with its C++ autograd node) gives every output, gradient and running range
     that the Python path on the same loops gives, and the eager kernels, bit for bit, for
     operands in every layout; under ``torch.distributed`` (rank 3) with the seeds offset."""
-    import dpc_fx
-    from dpc_fx import DPCConfig
-
-    if not native.layers():
-        pytest.skip(f"the layer operator is unavailable: {native.unavailable()}")
-    monkeypatch.setattr(kernels, "_rank", lambda: rank)
-    torch.manual_seed(0)
-    x = torch.randn(3, 8, 16)
-    config = DPCConfig(overrides={"*": (6, 5, 8)}, pin_first_last=False)
-    base = dpc_fx.compile(_Products(), x, config=config)
-    assert [m.op for m in dpc_fx.layers(base)].count("matmul") == 2
-    calls = []
-    step = fused._native_product
-    monkeypatch.setattr(fused, "_native_product", lambda *a: calls.append(1) or step(*a))
-    with_op, eager_run = _train_in_both_modes(monkeypatch, base, x, 2, Tensor.square)
-    assert len(calls) == 2 * 2  # two steps, two products: the operator ran
-    monkeypatch.setattr(native, "layers", lambda: False)
-    calls.clear()
-    python_path, _ = _train_in_both_modes(monkeypatch, base, x, 2, Tensor.square)
-    assert not calls
-    for a, b, c in zip(with_op, python_path, eager_run, strict=True):
-        assert identical(a, b) and identical(a, c)
+    _operator_equals_both_paths(monkeypatch, _Products(), "matmul", (6, 5, 8), rank, 2)
 
 
 def _layer_op(x: Tensor, running: tuple[Tensor, Tensor, Tensor], weight_of_batch: float) -> Tensor:
