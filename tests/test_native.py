@@ -874,6 +874,14 @@ def test_layers_reading_one_tensor_share_its_codes_with_the_same_numbers(
         assert identical(a, b) and identical(a, c)
 
 
+def test_where_a_compiler_is_found_the_layer_operator_builds() -> None:
+    """The operator's tests skip where it cannot be built; where the native loops built (a
+    C++ compiler is there), a failed operator build is a defect in ``csrc/layer.cpp`` or its
+    flags, and fails here with the compiler's message rather than leaving those tests to
+    skip."""
+    assert native.layers(), f"the layer operator did not build: {native.unavailable()}"
+
+
 def test_a_failed_operator_build_warns_once_and_the_layers_still_train(
     monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:
