@@ -265,10 +265,11 @@ def layers_loaded() -> bool:
 
 
 def held_bytes() -> int:
-    """The bytes the fused layers' buffers hold between calls on this thread, for the next
-    layer or step to reuse: the operator's buffer for the quantised weights (the size of the
-    largest it has made, up to 64 MiB), its pool's free buffers and the input the last layer
-    shared, and :data:`pool`'s free buffers (the Python path's). A step's memory counts
+    """The bytes the fused layers' buffers hold on this thread, for the next layer or step
+    to reuse: the operator's buffer for the quantised weights (the size of the largest it
+    has made, up to 64 MiB), its pool's free buffers and the input the last layer shared
+    (let go when autograd's engine ends a backward pass: between steps, only the weights'
+    buffer), and :data:`pool`'s free buffers (the Python path's). A step's memory counts
     them: resident before it, they serve it."""
     held = sum(t.untyped_storage().nbytes() for t in pool.free)
     return held + (int(torch.ops.dpc_fx.held_bytes()) if layers_loaded() else 0)

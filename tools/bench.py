@@ -1213,8 +1213,8 @@ def main() -> int:
         "before it, in a process whose allocator returns freed blocks of 64 KiB or more to the "
         "system; parameters' gradients are part of it on both sides. DPC's counts the buffers "
         "its fused layers keep between steps for the next to reuse (`dpc_fx.native."
-        "held_bytes()`: one for the quantised weights, the size of the largest, and the "
-        "pools' free buffers), which are resident before the step.",
+        "held_bytes()`: one for the quantised weights, the size of the largest; the pool's "
+        "buffers are let go when backward ends), which are resident before the step.",
         "- *Integer kernels*: `torch._int_mm` is fast only where the CPU has int8 dot-product "
         "instructions (AVX-512 VNNI, AMX) or on a GPU; the row's notes give its speed against "
         "an fp32 matmul on the machine that made this file. A lowered layer's products run on "

@@ -16,6 +16,8 @@
 #include <ATen/core/DistributionsHelper.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -61,11 +63,12 @@ Tensor scalar_of(T v) {
 // at most four are kept, and a pass's are let go when the other pass starts.
 class Pool {
  public:
-  void enter(int pass) {
-    if (pass != pass_) {
-      free_.clear();
-      pass_ = pass;
-    }
+  // Whether the pass starts here.
+  bool enter(int pass) {
+    if (pass == pass_) return false;
+    free_.clear();
+    pass_ = pass;
+    return true;
   }
   // A contiguous float buffer of these sizes: one given back with as many elements (viewed
   // to them if it had others), else a new one.
@@ -168,10 +171,21 @@ struct Shared {
 
 thread_local Shared forward_input, backward_input;
 
-// Starts a pass: the pool's rule, and the other pass's shared input let go.
+// Lets go of what a backward pass kept for its next layer (the pool's buffers and the
+// shared dequantised input), when autograd's engine has run the whole pass.
+void end_of_backward() {
+  backward_input.clear();
+  pool.clear();
+}
+
+// Starts a pass: the pool's rule, and the other pass's shared input let go. A backward pass
+// that autograd's engine runs lets go of its buffers when it ends, rather than keep them
+// resident through the optimizer's step until the next forward starts.
 void enter(int pass) {
-  pool.enter(pass);
+  const bool starts = pool.enter(pass);
   (pass == kForward ? backward_input : forward_input).clear();
+  if (starts && pass == kBackward && torch::autograd::get_current_graph_task_id() != -1)
+    torch::autograd::Engine::get_default_engine().queue_callback(end_of_backward);
 }
 
 // The weight's quantised copy, which the layer's product reads and drops, is written into
