@@ -388,24 +388,33 @@ class _FusedFn(torch.autograd.Function):
         )
 
 
-def _native_layer(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether ``layer``'s step can run as the operator ``torch.ops.dpc_fx.layer``
-    (``csrc/layer.cpp``, where it could be built): a conv or linear layer in training, on
-    float32 contiguous CPU tensors outside autocast, its weight a parameter quantised per
-    output channel, no quantiser checking for non-finite values (the Python path raises
-    that error, naming the layer)."""
+def _operator_takes(layer: FusedLayer, x: Tensor, weight: Tensor) -> bool:
+    """What both of a fused layer's operators (``layer``, ``product``) take: training mode,
+    float32 CPU operands and running range outside autocast, and no quantiser checking for
+    non-finite values (the Python path raises that error, naming the layer)."""
     act_q, weight_q, grad_q = layer.act_q, layer.weight_q, layer.grad_q
     return (
-        layer.op != "matmul"
-        and act_q.training
-        and isinstance(weight, nn.Parameter)
-        and weight_q.channel_dim == 0
+        act_q.training
         and not act_q.check_finite
+        and not weight_q.check_finite
         and not (grad_q is not None and grad_q.check_finite)
         and x.dtype == weight.dtype == act_q.running_min.dtype == torch.float32
-        and (bias is None or bias.dtype == torch.float32)
         and x.device.type == weight.device.type == "cpu"
         and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def _native_layer(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether ``layer``'s step can run as the operator ``torch.ops.dpc_fx.layer``
+    (``csrc/layer.cpp``, where it could be built): a conv or linear layer that
+    :func:`_operator_takes`, on contiguous tensors, its weight a parameter quantised per
+    output channel."""
+    return (
+        layer.op != "matmul"
+        and isinstance(weight, nn.Parameter)
+        and layer.weight_q.channel_dim == 0
+        and (bias is None or bias.dtype == torch.float32)
+        and _operator_takes(layer, x, weight)
         and (
             native.layers_loaded()  # a trace must not start a build; compile() ran it
             if torch.compiler.is_compiling()
@@ -447,21 +456,14 @@ def _native_step(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | No
 
 def _native_matmul(layer: FusedLayer, x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether ``layer``'s step can run as ``torch.ops.dpc_fx.product``: a product of two
-    activations (the fused layer's op ``"matmul"``, its batch dimensions equal) in training,
-    on float32 CPU tensors outside autocast and ``torch.compile``, its second operand
-    quantised per tensor, no quantiser checking for non-finite values."""
-    act_q, weight_q, grad_q = layer.act_q, layer.weight_q, layer.grad_q
+    activations (the fused layer's op ``"matmul"``, its batch dimensions equal) that
+    :func:`_operator_takes`, outside ``torch.compile``, its second operand quantised per
+    tensor."""
     return (
         layer.op == "matmul"
         and bias is None
-        and act_q.training
-        and weight_q.channel_dim is None
-        and not act_q.check_finite
-        and not weight_q.check_finite
-        and not (grad_q is not None and grad_q.check_finite)
-        and x.dtype == weight.dtype == act_q.running_min.dtype == torch.float32
-        and x.device.type == weight.device.type == "cpu"
-        and not torch.is_autocast_enabled("cpu")
+        and layer.weight_q.channel_dim is None
+        and _operator_takes(layer, x, weight)
         and native.layers()
     )
 

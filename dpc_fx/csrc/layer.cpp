@@ -60,7 +60,8 @@ Tensor scalar_of(T v) {
 // native._Pool's policy for this path's float temporaries (the quantised input in forward;
 // the quantised gradient and dequantised input in backward): buffers of 64K elements or
 // more go back once the product has read them, to serve the next layer of the same size;
-// at most four are kept, and a pass's are let go when the other pass starts.
+// at most four are kept, and a pass's are let go when the other pass starts (a backward
+// pass's also when autograd's engine ends it: end_of_backward).
 class Pool {
  public:
   // Whether the pass starts here.
@@ -790,10 +791,10 @@ Tensor relu_(Tensor& x, double top) { return ReluInPlace::apply(x, top); }
 
 }  // namespace
 
-// What the calling thread's buffers hold between calls, and letting it go: the weight's
-// scratch, the pool's free buffers (the last pass's, until the other pass starts) and the
-// quantised or dequantised input the last layer shared. A step's memory counts them: they
-// are resident before it and it uses them.
+// What the calling thread's buffers hold, and letting it go: the weight's scratch, the
+// pool's free buffers and the quantised or dequantised input the last layer shared (after
+// an engine-run backward pass, only the scratch). A step's memory counts them: they are
+// resident before it and it uses them.
 int64_t held_bytes() {
   int64_t n = scratch.bytes() + pool.bytes();
   for (const Shared* s : {&forward_input, &backward_input})
