@@ -1166,8 +1166,8 @@ def main() -> int:
         "(`torch.ops.dpc_fx.product`) for a product of two activations; what is left per "
         "layer is the call, the few small "
         "ATen ops inside it (the running range's update, the random seed) and the products "
-        "themselves, which run slower beside the quantiser passes than alone (they share the "
-        "caches; docs/PROFILE.md, the ATen columns). Models of many small layers (MobileNet, "
+        "themselves, which can run a few milliseconds slower or faster beside the quantiser "
+        "passes than alone (docs/PROFILE.md, the ATen columns). Models of many small layers (MobileNet, "
         "EfficientNet, batch 2, the demo CNN) pay the fixed part most; large convolutions hide "
         "it. Layers that read the same tensor at the same bits (a transformer's q, k and v "
         "projections, its gate and up) quantise it once and keep one set of codes.",
@@ -1176,8 +1176,9 @@ def main() -> int:
         "inductor's kernels, keeping codes. A ReLU before them keeps a bit an element in an "
         "opaque call too (left to inductor, it would keep a one-byte mask, which inductor's "
         "code writes slowly on this CPU: docs/PROFILE.md). What the compiled demo pays beyond "
-        "fp32 is then mostly the quantiser loops inside the two layers' calls (the layer "
-        "operators column of docs/PROFILE.md).",
+        "fp32 is then the quantiser loops inside the two layers' calls (the layer operators "
+        "column of docs/PROFILE.md), the bit ReLUs, and a fixed cost per call: dynamo's "
+        "guards on each fused layer's quantiser settings, the opaque calls' wrappers.",
         "- *The copy floor* (the step and targets tables): fp32's step plus the time the passes a fused "
         "layer's quantisers make would take as plain ATen reductions (`aminmax`) and copies "
         "(`clone`) of the same tensors: what a DPC step would cost if its quantiser loops ran "
