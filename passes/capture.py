@@ -94,6 +94,7 @@ def capture(
     _drop_guards(gm)
     _check_constants(gm, args, kwargs, name)
     _causal_when_masked(gm)
+    _drop_full_slices(gm)
     _grouped_query(gm)
     _cache_sizes(gm)
     gm.graph.lint()
@@ -312,6 +313,18 @@ def _causal_when_masked(gm: fx.GraphModule) -> None:
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 aten = torch.ops.aten
+
+
+def _drop_full_slices(gm: fx.GraphModule) -> None:
+    """Read a tensor itself where export recorded a slice of the whole of it (``x[:, 0:]``,
+    a Hugging Face head's ``hidden_states[:, slice(-0, None), :]``), as eager indexing
+    does: each such slice is otherwise an op forward and, backward, a zero-filled copy of
+    its gradient (``slice_backward``)."""
+    for node in list(gm.graph.nodes):
+        source = _whole(node)
+        if source is not node:
+            node.replace_all_uses_with(source)
+            _erase_unused(gm.graph, node)
 
 
 def _grouped_query(gm: fx.GraphModule) -> None:

@@ -486,6 +486,37 @@ def test_attention_over_repeated_heads_reads_them_once_where_that_is_grouped_que
         torch.testing.assert_close(u, v)
 
 
+class Sliced(nn.Module):
+    """Slices of the whole tensor (as a Hugging Face head reads ``hidden[:, slice(-0,
+    None), :]``) beside slices of part of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        whole = x[:, 0:, :][0:]
+        half = x[:, :, 4:]
+        return self.head(whole) + self.head(torch.cat([half, -half], -1))
+
+
+def test_slices_of_a_whole_tensor_read_the_tensor_itself_and_the_rest_stay() -> None:
+    torch.manual_seed(0)
+    model, x = Sliced(), torch.randn(3, 5, 8)
+    gm = capture(model, (x,))
+    slices = [n for n in gm.graph.nodes if n.target is torch.ops.aten.slice.Tensor]
+    assert [n.args[1:3] for n in slices] == [(2, 4)]  # export records four; one is of part
+    outs = []
+    for m in (model, gm):
+        m.zero_grad()
+        x_ = x.clone().requires_grad_()
+        y = m(x_)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append([y.detach(), x_.grad, *(p.grad for p in m.parameters())])
+    for u, v in zip(*outs, strict=True):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ torch.compile, CLI
 
 

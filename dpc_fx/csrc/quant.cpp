@@ -318,6 +318,38 @@ inline U mix(U index, uint32_t seed) {
   return h >> 8;
 }
 
+// floor, lane by lane.
+inline v8f floor_of(v8f q) {
+  for (int k = 0; k < 8; ++k) q[k] = std::floor(q[k]);
+  return q;
+}
+
+#if defined(__AVX512F__)
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+
+inline v16f floor_of(v16f q) {
+  __m512 r;
+  std::memcpy(&r, &q, sizeof r);
+  r = _mm512_roundscale_ps(r, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  std::memcpy(&q, &r, sizeof q);
+  return q;
+}
+#endif
+
+// The stochastic levels of the lanes v, elements `index`: floor((v - lo) / scale + u), u the
+// noise of their index, kept at or below top. For a lane type F of float (I: int32, U:
+// uint32, the same width).
+template <class F, class I, class U>
+inline F stochastic_lanes(F v, U index, uint32_t seed, F lo, F scale, F top) {
+  const F u = __builtin_convertvector(reinterpret_cast<I>(mix(index, seed)), F) *
+              (1.0f / 16777216.0f);
+  const F q = floor_of((v - lo) / scale + u);
+  const F one = F{} + 1.0f;
+  return q - reinterpret_cast<F>(reinterpret_cast<I>(q > top) & reinterpret_cast<I>(one));
+}
+
 // Stochastic rounding of x[begin, end) onto the levels of [lo, lo + top * scale]: each
 // element's level floor((v - lo) / scale + u), kept at or below top, handed to
 // `eight(i, q)` eight elements at a time and to `one(i, q)` for the last few. Eight lanes by
@@ -328,19 +360,14 @@ inline U mix(U index, uint32_t seed) {
 template <class Eight, class One>
 inline void stochastic_levels(const float* x, float lo, float scale, float top,
                               uint32_t seed, int64_t begin, int64_t end, Eight eight, One one) {
-  const v8f lo8 = splat(lo), scale8 = splat(scale), top8 = splat(top), one8 = splat(1.0f);
+  const v8f lo8 = splat(lo), scale8 = splat(scale), top8 = splat(top);
   v8u index;
   for (int k = 0; k < 8; ++k) index[k] = static_cast<uint32_t>(begin + k);
   int64_t i = begin;
   for (; i + 8 <= end; i += 8, index += 8u) {
-    v8f u = __builtin_convertvector(reinterpret_cast<v8i>(mix(index, seed)), v8f) *
-            (1.0f / 16777216.0f);
     v8f v;
     std::memcpy(&v, x + i, sizeof v);
-    v8f q = (v - lo8) / scale8 + u;
-    for (int k = 0; k < 8; ++k) q[k] = std::floor(q[k]);
-    eight(i, q - reinterpret_cast<v8f>(reinterpret_cast<v8i>(q > top8) &
-                                       reinterpret_cast<v8i>(one8)));
+    eight(i, stochastic_lanes<v8f, v8i>(v, index, seed, lo8, scale8, top8));
   }
   for (; i < end; ++i) {
     float u = static_cast<float>(static_cast<int32_t>(mix(static_cast<uint32_t>(i), seed))) *
@@ -350,9 +377,25 @@ inline void stochastic_levels(const float* x, float lo, float scale, float top,
   }
 }
 
-// out may be x (in place): element i is written only after it is read.
+// out may be x (in place): element i is written only after it is read. Sixteen lanes at a
+// time where the CPU has AVX-512: the noise's three 32-bit multiplies are most of the loop's
+// work, and a 512-bit multiply does twice the lanes of a 256-bit one in about the same time
+// (about a fifth off the loop on one core, its data in cache; the same values).
 void stochastic_span(const float* x, float* out, float lo, float scale, float top,
                      uint32_t seed, int64_t begin, int64_t end) {
+#if defined(__AVX512F__)
+  {
+    const v16f lo16 = lo + v16f{}, scale16 = scale + v16f{}, top16 = top + v16f{};
+    v16u index;
+    for (int k = 0; k < 16; ++k) index[k] = static_cast<uint32_t>(begin + k);
+    for (; begin + 16 <= end; begin += 16, index += 16u) {
+      v16f v;
+      std::memcpy(&v, x + begin, sizeof v);
+      v = stochastic_lanes<v16f, v16i>(v, index, seed, lo16, scale16, top16) * scale16 + lo16;
+      std::memcpy(out + begin, &v, sizeof v);
+    }
+  }
+#endif
   const v8f lo8 = splat(lo), scale8 = splat(scale);
   stochastic_levels(
       x, lo, scale, top, seed, begin, end,
