@@ -3,7 +3,7 @@
     python tools/profile_step.py    # ResNet-18, MobileNetV2, EfficientNet-B0 at batch 32
                                     # and 2, MobileNetV3-Large at batch 32, a Transformer
                                     # block, a Llama-style decoder, the demo CNN eager and
-                                    # under torch.compile (6-7 min)
+                                    # under torch.compile (7-8 min)
 
 For each model, fp32 and dpc_fx (default config) steps run interleaved in one process (the
 step columns: medians, no profiler). Then a few steps of each run under
@@ -29,6 +29,11 @@ step columns: medians, no profiler). Then a few steps of each run under
   on this machine. (Inductor then compiles a profiler record into every kernel, on both
   sides, for the step columns too.)
 
+Where Linux ``perf`` runs, a second table splits each step's CPU time by the code that
+spends it (perf's samples by shared object): the quantiser loops, ATen (torch, oneDNN,
+MKL), the OpenMP runtime (threads waiting), the kernel (page faults, scheduling), Python,
+the C library. Where it cannot, the file says why.
+
 The profiler adds a little to every op it records, on both sides alike. Read the loops
 against docs/BENCHMARKS.md's kernel table, which puts each quantiser against a range pass
 and a copy of its tensor: the floor of a quantiser whose range depends on the whole tensor.
@@ -39,10 +44,16 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import math
 import os
 import platform
+import re
+import select
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -158,6 +169,126 @@ def profile(
     return statistics.median(ta), statistics.median(tb), parts["b"], parts["a"], layers
 
 
+# Where the CPU time goes by the code that spends it: Linux perf's samples, by the shared
+# object they fell in. (name, test on the object's name); the first that matches counts.
+PLACES: list[tuple[str, Callable[[str], bool]]] = [
+    ("quantiser loops (dpc_fx's native code)", lambda d: bool(re.match(r"(layer|quant)-\w+\.so", d))),
+    ("ATen: torch, oneDNN, MKL", lambda d: d.startswith(("libtorch", "libc10", "[JIT]", "libmkl", "libdnnl"))),
+    ("OpenMP runtime (threads waiting)", lambda d: d.startswith(("libgomp", "libiomp"))),
+    ("kernel (page faults, scheduling)", lambda d: d.startswith("[kernel")),
+    ("Python", lambda d: d.startswith(("libpython", "python"))),
+    ("C library (malloc, memcpy)", lambda d: d.startswith(("libc.so", "libc-", "libm.so", "libstdc++"))),
+]  # fmt: skip
+ELSEWHERE = "elsewhere"
+_PERF_HZ = 999
+
+
+class _Perf:
+    """``perf record`` on this process, its sampling switched on and off from here (perf's
+    control fifos), so that only the steps are sampled. Raises OSError where perf cannot
+    run."""
+
+    def __init__(self, where: Path) -> None:
+        self.data, ctl, ack = where / "perf.data", where / "ctl", where / "ack"
+        os.mkfifo(ctl)
+        os.mkfifo(ack)
+        self.proc = subprocess.Popen(
+            ["perf", "record", "-q", "-F", str(_PERF_HZ), "-D", "-1",
+             "--control", f"fifo:{ctl},{ack}", "-p", str(os.getpid()), "-o", str(self.data)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        # read-write, so that opening neither end waits for perf's
+        self.ctl, self.ack = os.open(ctl, os.O_RDWR), os.open(ack, os.O_RDWR)
+        self._say("ping")
+
+    def _say(self, command: str) -> None:
+        os.write(self.ctl, f"{command}\n".encode())
+        if not select.select([self.ack], [], [], 30)[0]:
+            _, err = (
+                self.proc.communicate(timeout=5) if self.proc.poll() is not None else (b"", b"")
+            )
+            raise OSError(f"perf did not answer: {err.decode(errors='replace').strip()[-300:]}")
+        os.read(self.ack, 64)
+
+    def on(self) -> None:
+        self._say("enable")
+
+    def off(self) -> None:
+        self._say("disable")
+
+    def samples(self) -> dict[str, int]:
+        """Stop recording; the samples by shared object."""
+        self._say("stop")
+        self.proc.wait(timeout=60)
+        os.close(self.ctl)
+        os.close(self.ack)
+        report = subprocess.run(
+            ["perf", "report", "-i", str(self.data), "--no-children", "--sort", "dso",
+             "--stdio", "-F", "sample,dso", "--field-separator=;", "-q", "-g", "none"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        counts: dict[str, int] = {}
+        for line in report.splitlines():
+            count, _, dso = line.partition(";")
+            if count.strip().isdigit():
+                counts[dso.strip()] = counts.get(dso.strip(), 0) + int(count)
+        return counts
+
+
+def _places(counts: dict[str, int], steps: int) -> dict[str, float]:
+    """CPU seconds per step (all threads) by place, from perf's samples by shared object."""
+    spent = dict.fromkeys([*(name for name, _ in PLACES), ELSEWHERE], 0.0)
+    for dso, n in counts.items():
+        place = next((name for name, match in PLACES if match(dso)), ELSEWHERE)
+        spent[place] += n / _PERF_HZ / steps
+    return spent
+
+
+def perf_split(
+    model: nn.Module,
+    x: Tensor | dict[str, Any],
+    config: DPCConfig | None = None,
+    compiled: bool = False,
+    rounds: int = 3,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """fp32's and DPC's CPU time per step by place (:data:`PLACES`), from ``perf record``:
+    ``rounds`` rounds of about a second of steps on each side, alternating. Raises OSError
+    where perf cannot run here."""
+    if shutil.which("perf") is None:
+        raise OSError("perf is not installed")
+    if isinstance(x, Tensor):
+        dpc: nn.Module = dpc_fx.compile(copy.deepcopy(model), x, config=config)
+    else:
+        dpc = dpc_fx.compile(copy.deepcopy(model), example_kwargs=x, config=config)
+    if compiled:
+        model, dpc = torch.compile(model), torch.compile(dpc)  # type: ignore[assignment]
+    sides = {"fp32": _step(model, x), "dpc": _step(dpc, x)}
+    for step in sides.values():
+        for _ in range(5 if compiled else 3):
+            step()
+    start = time.perf_counter()
+    sides["fp32"]()
+    steps = max(3, math.ceil(1.0 / (time.perf_counter() - start)))
+    with tempfile.TemporaryDirectory() as where:
+        perfs: dict[str, _Perf] = {}
+        try:
+            for side in sides:
+                (Path(where) / side).mkdir()
+                perfs[side] = _Perf(Path(where) / side)
+            for _ in range(rounds):
+                for side, step in sides.items():
+                    perfs[side].on()
+                    for _ in range(steps):
+                        step()
+                    perfs[side].off()
+            split = {side: _places(perf.samples(), steps * rounds) for side, perf in perfs.items()}
+        finally:
+            for perf in perfs.values():
+                if perf.proc.poll() is None:
+                    perf.proc.kill()
+    return split["fp32"], split["dpc"]
+
+
 def _mask_store() -> str:
     """What writing a one-byte mask costs inductor's CPU code here: ReLU and its mask
     compiled, against ReLU alone compiled and the two in eager ATen, on the demo CNN's first
@@ -267,6 +398,30 @@ def main() -> int:
                 f"{(dpc - fp32) / layers * 1e6:.0f} us",
             ]
         )
+    perf_rows, perf_note = [], ""
+    for label, build, x, _, config, compiled in cases:
+        console.print(f"perf: {label}")
+        torch.manual_seed(0)
+        try:
+            fp32_at, dpc_at = perf_split(build().train(), x, config, compiled)
+        except (OSError, subprocess.SubprocessError) as e:
+            perf_note = f"Not made here: {e}."
+            console.print(f"perf: {perf_note}")
+            break
+        places = [*(name for name, _ in PLACES), ELSEWHERE]
+        perf_rows.append(
+            [
+                label,
+                f"{_ms(sum(fp32_at.values()))} / {_ms(sum(dpc_at.values()))}",
+                *(f"{_ms(fp32_at[p])} / {_ms(dpc_at[p])}" for p in places),
+            ]
+        )
+    perf_header = [
+        "model",
+        "CPU time per step, fp32 / DPC",
+        *(name for name, _ in PLACES),
+        ELSEWHERE,
+    ]
     mask_note = _mask_store()
     console.print(mask_note)
     ops_note = _dispatched_ops()
@@ -310,6 +465,30 @@ def main() -> int:
         f"On this machine: {mask_note}",
         "",
         ops_note,
+        "",
+        "## Where the CPU time goes, by the code that spends it",
+        "",
+        "Linux `perf record` on the same process, sampling every thread "
+        f"{_PERF_HZ} times a second of its CPU time, switched on only while the steps run: "
+        "about a second of steps on each side, three rounds, alternating, after the runs "
+        "above. CPU time per step, all threads together (two threads: up to twice the "
+        "step's wall time), fp32 / DPC, by the shared object each sample fell in. What "
+        "`torch.profiler` counts as an op's own time splits here by where it is spent: the "
+        "quantiser loops are the operators' own work; the OpenMP runtime's share is a thread "
+        "waiting, at the end of a parallel loop for the other to finish its part, or between "
+        "loops for the next one; the kernel's is mostly page faults on memory newly "
+        "allocated (its first write) and scheduling. Each figure moves by a few per cent "
+        "from run to run.",
+        "",
+        *(
+            [
+                "| " + " | ".join(perf_header) + " |",
+                "|" + " --- |" * len(perf_header),
+                *("| " + " | ".join(r) + " |" for r in perf_rows),
+            ]
+            if perf_rows
+            else [perf_note]
+        ),
         "",
     ]
     Path(args.out).write_text("\n".join(lines))
