@@ -127,6 +127,13 @@ def _step(m: nn.Module, x: Tensor | dict[str, Any]) -> Callable[[], None]:
     return step_of(m, x) if isinstance(x, Tensor) else loss_step(m, x)
 
 
+def _dpc(model: nn.Module, x: Tensor | dict[str, Any], config: DPCConfig | None) -> nn.Module:
+    """``model`` compiled by dpc_fx (a copy) on the input, or on the keyword inputs."""
+    if isinstance(x, Tensor):
+        return dpc_fx.compile(copy.deepcopy(model), x, config=config)
+    return dpc_fx.compile(copy.deepcopy(model), example_kwargs=x, config=config)
+
+
 def profile(
     model: nn.Module,
     x: Tensor | dict[str, Any],
@@ -137,10 +144,7 @@ def profile(
     """(fp32 step median, DPC step median, DPC's and fp32's self time per step by part, fused
     layers); ``x``: the input, or the keyword inputs; ``compiled``: both under
     ``torch.compile``."""
-    if isinstance(x, Tensor):
-        dpc: nn.Module = dpc_fx.compile(copy.deepcopy(model), x, config=config)
-    else:
-        dpc = dpc_fx.compile(copy.deepcopy(model), example_kwargs=x, config=config)
+    dpc = _dpc(model, x, config)
     layers = sum(isinstance(m, (fused.FusedLayer, fused.FusedAttention)) for m in dpc.modules())
     if compiled:
         model, dpc = torch.compile(model), torch.compile(dpc)  # type: ignore[assignment]
@@ -256,10 +260,7 @@ def perf_split(
     where perf cannot run here."""
     if shutil.which("perf") is None:
         raise OSError("perf is not installed")
-    if isinstance(x, Tensor):
-        dpc: nn.Module = dpc_fx.compile(copy.deepcopy(model), x, config=config)
-    else:
-        dpc = dpc_fx.compile(copy.deepcopy(model), example_kwargs=x, config=config)
+    dpc = _dpc(model, x, config)
     if compiled:
         model, dpc = torch.compile(model), torch.compile(dpc)  # type: ignore[assignment]
     sides = {"fp32": _step(model, x), "dpc": _step(dpc, x)}
