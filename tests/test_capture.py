@@ -461,6 +461,20 @@ class Repeated(nn.Module):
         return x[:, None].expand(b, 2, h, t, e).reshape(b, 2 * h, t, e)
 
 
+def _same_step(model: nn.Module, gm: nn.Module, x: Tensor, exact: bool = False) -> None:
+    """The eager module and its capture give the same output and gradients (input's and
+    parameters') for a weighted sum of the output; ``exact``: bit for bit."""
+    outs = []
+    for m in (model, gm):
+        m.zero_grad()
+        x_ = x.clone().requires_grad_()
+        y = m(x_)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append([y.detach(), x_.grad, *(p.grad for p in m.parameters())])
+    for u, v in zip(*outs, strict=True):
+        torch.testing.assert_close(u, v, **({"rtol": 0, "atol": 0} if exact else {}))
+
+
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("how", ["interleave", "tile"])
 def test_attention_over_repeated_heads_reads_them_once_where_that_is_grouped_query(
@@ -475,15 +489,7 @@ def test_attention_over_repeated_heads_reads_them_once_where_that_is_grouped_que
     assert [a.meta["val"].shape[1] for a in call.args[1:3]] == [2, 2] if grouped else [4, 4]
     repeats = [n for n in gm.graph.nodes if n.target is torch.ops.aten.expand.default]
     assert len([n for n in repeats if n.meta["val"].dim() == 5]) == (0 if grouped else 2)
-    outs = []
-    for m in (model, gm):
-        m.zero_grad()
-        x_ = x.clone().requires_grad_()
-        y = m(x_)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        outs.append([y.detach(), x_.grad, *(p.grad for p in m.parameters())])
-    for u, v in zip(*outs, strict=True):
-        torch.testing.assert_close(u, v)
+    _same_step(model, gm, x)
 
 
 class Sliced(nn.Module):
@@ -506,15 +512,7 @@ def test_slices_of_a_whole_tensor_read_the_tensor_itself_and_the_rest_stay() -> 
     gm = capture(model, (x,))
     slices = [n for n in gm.graph.nodes if n.target is torch.ops.aten.slice.Tensor]
     assert [n.args[1:3] for n in slices] == [(2, 4)]  # export records four; one is of part
-    outs = []
-    for m in (model, gm):
-        m.zero_grad()
-        x_ = x.clone().requires_grad_()
-        y = m(x_)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        outs.append([y.detach(), x_.grad, *(p.grad for p in m.parameters())])
-    for u, v in zip(*outs, strict=True):
-        torch.testing.assert_close(u, v, rtol=0, atol=0)
+    _same_step(model, gm, x, exact=True)
 
 
 # ------------------------------------------------------------------ torch.compile, CLI

@@ -342,6 +342,15 @@ def _dispatched_ops() -> str:
     )
 
 
+def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines."""
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms" if seconds < 0.01 else f"{seconds * 1e3:.1f} ms"
 
@@ -452,9 +461,7 @@ def main() -> int:
         "generated code, the quantisers' kernels among it on DPC's side. The profiler adds a "
         "little to every op it records, on both sides.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + " --- |" * len(header),
-        *("| " + " | ".join(r) + " |" for r in rows),
+        *_markdown(header, rows),
         "",
         "Under `torch.compile` a fused layer is an opaque call that keeps its input's codes. "
         "Where that input is a ReLU's output and nothing else keeps it, the ReLU keeps a bit "
@@ -481,15 +488,7 @@ def main() -> int:
         "allocated (its first write) and scheduling. Each figure moves by a few per cent "
         "from run to run.",
         "",
-        *(
-            [
-                "| " + " | ".join(perf_header) + " |",
-                "|" + " --- |" * len(perf_header),
-                *("| " + " | ".join(r) + " |" for r in perf_rows),
-            ]
-            if perf_rows
-            else [perf_note]
-        ),
+        *(_markdown(perf_header, perf_rows) if perf_rows else [perf_note]),
         "",
     ]
     Path(args.out).write_text("\n".join(lines))
