@@ -485,8 +485,9 @@ def main() -> int:
         "quantiser loops are the operators' own work; the OpenMP runtime's share is a thread "
         "waiting, at the end of a parallel loop for the other to finish its part, or between "
         "loops for the next one; the kernel's is mostly page faults on memory newly "
-        "allocated (its first write) and scheduling. Each figure moves by a few per cent "
-        "from run to run.",
+        "allocated (its first write) and scheduling. Every figure moves from run to run, "
+        "the kernel's the most, with what the C library's allocator hands back to the "
+        "system between steps.",
         "",
         *(_markdown(perf_header, perf_rows) if perf_rows else [perf_note]),
         "",
