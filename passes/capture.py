@@ -407,17 +407,18 @@ def _size_only(node: fx.Node, sized: set[fx.Node]) -> bool:
 
 def _repeated(node: Any) -> tuple[fx.Node, int] | None:
     """``(x, n)`` where ``node`` is ``x`` (``(B, H, L, E)``) with each head repeated ``n``
-    times in place (``reshape(expand(unsqueeze(x, 2), (B, H, n, L, E)), (B, H*n, L, E))``,
-    full slices allowed between), else ``None``."""
+    times in place (``reshape(expand(unsqueeze(x, 2), (B, H, n, L, E)), (B, H*n, L, E))``),
+    else ``None``. (Export's full slices between, ``x[:, :, None]``, were dropped first:
+    :func:`_drop_full_slices`.)"""
     if not _calls(node, aten.reshape.default, aten.view.default, aten._unsafe_view.default):
         return None
     expand = node.args[0]
     if not _calls(expand, aten.expand.default):
         return None
-    unsqueeze = _whole(expand.args[0])
+    unsqueeze = expand.args[0]
     if not _calls(unsqueeze, aten.unsqueeze.default) or unsqueeze.args[1] not in (2, -3):
         return None
-    source = _whole(unsqueeze.args[0])
+    source = unsqueeze.args[0]
     shapes = [_shape(n) for n in (source, expand, node)]
     if shapes[0] is None or shapes[1] is None or shapes[2] is None:
         return None
@@ -483,7 +484,6 @@ _VIEWS = {
     aten._unsafe_view.default,
     aten.expand.default,
     aten.unsqueeze.default,
-    aten.slice.Tensor,
 }
 
 

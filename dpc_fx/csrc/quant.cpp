@@ -380,7 +380,7 @@ inline void stochastic_levels(const float* x, float lo, float scale, float top,
 // out may be x (in place): element i is written only after it is read. Sixteen lanes at a
 // time where the CPU has AVX-512: the noise's three 32-bit multiplies are most of the loop's
 // work, and a 512-bit multiply does twice the lanes of a 256-bit one in about the same time
-// (about a fifth off the loop on one core, its data in cache; the same values).
+// (the same values).
 void stochastic_span(const float* x, float* out, float lo, float scale, float top,
                      uint32_t seed, int64_t begin, int64_t end) {
 #if defined(__AVX512F__)
